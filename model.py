@@ -1,0 +1,468 @@
+"""A single-file Llama / Mistral / Qwen2 / Qwen3 that reads Hugging Face checkpoints directly.
+
+    model, tok = load_model()                          # embedded SmolLM2-135M-Instruct, offline
+    model, tok = load_model("/path/to/checkpoint")     # a local folder in the Hugging Face layout
+    model, tok = load_model("Qwen/Qwen3-0.6B")         # a hub id (needs the network)
+    print(generate(model, tok, "The capital of France is", max_new_tokens=8))
+
+The four families differ only in a few switches of one decoder: q/k/v bias (Qwen2), per-head
+q/k RMSNorm (Qwen3), a sliding window (Mistral), RoPE scaling (Llama 3.1/3.2). Keys are cached
+after RoPE. `Model.prefill` runs full attention over a prompt and keeps, per layer, what the
+eviction scorers need (see cache.Prefill); eviction itself lives in cache.py and laprox.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cache import KVCache, Prefill
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    model_type: str
+    vocab_size: int
+    dim: int                  # d, the residual stream width
+    n_layers: int
+    n_heads: int              # H query heads
+    n_kv_heads: int           # H_kv key/value heads (GQA: H_kv < H)
+    head_dim: int             # D
+    hidden_dim: int           # MLP width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear", ...}
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False    # Qwen2
+    qk_norm: bool = False     # Qwen3
+    sliding_window: int | None = None  # Mistral
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "Config":
+        """Read a Hugging Face config.json dict."""
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
+        # Newer configs put theta and scaling in `rope_parameters`; older ones use
+        # `rope_theta` and `rope_scaling`.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}: supported are default, llama3, linear")
+        window = cfg.get("sliding_window")
+        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen configs carry a window they do not use
+        eos = cfg.get("eos_token_id")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None,
+            max_position=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=mt == "qwen2" or cfg.get("attention_bias", False), qk_norm=mt == "qwen3",
+            sliding_window=window, bos_id=cfg.get("bos_token_id"),
+            eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+        )
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_frequencies(cfg: Config) -> Tensor:
+    """Inverse frequencies (D/2,) float32, with Llama-3 or linear scaling when configured."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor = s["factor"]
+    if s.get("rope_type", s.get("type")) == "linear":
+        return inv_freq / factor
+    # llama3: leave high frequencies alone, divide low ones by `factor`, blend in between.
+    old_len = s["original_max_position_embeddings"]
+    low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate x: (B, h, T, D) at positions (T,), rotate-half layout (as HF checkpoints store q/k)."""
+    angles = positions[:, None].float() * inv_freq[None, :]          # (T, D/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)    # (T, D)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+# ----------------------------------------------------------------------------- the network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of the T newest positions. q: (1|B, h_q, T, D); k, v: (B, h_kv, S, D)
+    with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t."""
+    T, S = q.shape[2], k.shape[2]
+    mask = None
+    if T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
+        self.cfg = cfg
+
+    def qkv(self, x: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, d) -> q (B, H, T, D), k and v (B, H_kv, T, D); q and k after RoPE."""
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x: (B, T, d) -> (B, T, d). With a cache (B = 1) the new keys are appended to it and
+        attention reads every entry it holds, per head when eviction left heads uneven."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, positions, inv_freq)
+        if cache is None:
+            y = attention(q, k, v)
+        else:
+            parts = cache.update(layer, k, v)  # one (keys, values) pair per group of heads
+            y = torch.cat([attention(qg, kg, vg) for qg, (kg, vg) in zip(q.chunk(len(parts), 1), parts)], 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._inv_freq: Tensor | None = None
+
+    def inv_freq(self, device) -> Tensor:
+        if self._inv_freq is None or self._inv_freq.device != torch.device(device):
+            self._inv_freq = rope_frequencies(self.config).to(device)
+        return self._inv_freq
+
+    def check_length(self, n: int):
+        c = self.config
+        if n > c.max_position:
+            raise ValueError(f"context of {n} tokens is longer than the model allows ({c.max_position}); "
+                             "shorten the prompt or use a model with a longer context")
+        if c.sliding_window is not None and n > c.sliding_window:
+            raise ValueError(f"context of {n} tokens exceeds the sliding window ({c.sliding_window}) of this "
+                             "checkpoint, which this reference does not implement; use a shorter prompt")
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """input_ids: (B, T) -> logits (B, T, vocab) float32. Without a cache the T tokens are a
+        whole sequence (positions 0..T-1); with one (B = 1) they continue it from cache.pos."""
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.pos
+        self.check_length(start + T)
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        inv_freq = self.inv_freq(input_ids.device)
+        x = self.embed(input_ids)
+        for i, blk in enumerate(self.layers):
+            x = x + blk.attn(blk.attn_norm(x), positions, inv_freq, cache, i)
+            x = x + blk.mlp(blk.mlp_norm(x))
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, window: int = 32, h2o: bool = False, h2o_chunk: int = 512) -> Prefill:
+        """Full-attention forward over a prompt that keeps what eviction scorers need.
+
+        input_ids: (1, n). window: w, the last w prompt tokens whose queries stand in for
+        future ones (clamped to n). h2o: also accumulate, per layer, the attention each key
+        receives from all n queries (H2O's score), `h2o_chunk` queries at a time so that no
+        n x n matrix is ever held. Returns a cache.Prefill.
+        """
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"prefill takes one sequence, input_ids of shape (1, n); got {tuple(input_ids.shape)}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        n = input_ids.shape[1]
+        self.check_length(n)
+        w = min(window, n)
+        positions = torch.arange(n, device=input_ids.device)
+        inv_freq = self.inv_freq(input_ids.device)
+        keys, values, queries, o_proj, resid, out, cols = [], [], [], [], [], [], []
+        x = self.embed(input_ids)
+        for blk in self.layers:
+            q, k, v = blk.attn.qkv(blk.attn_norm(x), positions, inv_freq)
+            y = blk.attn.o_proj(attention(q, k, v).transpose(1, 2).reshape(1, n, -1))  # (1, n, d)
+            x = x + y
+            keys.append(k); values.append(v); queries.append(q[:, :, n - w:].clone())
+            o_proj.append(blk.attn.o_proj.weight)
+            out.append(y[0, n - w:].float().norm()); resid.append(x[0, n - w:].float().norm())
+            if h2o:
+                cols.append(attention_column_means(q, k, h2o_chunk))
+            x = x + blk.mlp(blk.mlp_norm(x))
+        logits = self.lm_head(self.norm(x[:, -1:])).float()[:, 0]
+        return Prefill(keys=keys, values=values, queries=queries, o_proj=o_proj,
+                       resid_norm=torch.stack(resid).cpu(), out_norm=torch.stack(out).cpu(),
+                       h2o=cols if h2o else None, logits=logits, window=w)
+
+
+def attention_column_means(q: Tensor, k: Tensor, chunk: int) -> Tensor:
+    """H2O's accumulated attention: q (1, H, n, D), k (1, H_kv, n, D) -> (1, H, n) float32, the
+    causal attention each key j receives summed over all queries, divided by the n - j queries
+    that can see it. Computed `chunk` queries at a time."""
+    _, H, n, D = q.shape
+    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, n, D)
+    total = torch.zeros(1, H, n, device=q.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        s = q[:, :, a:b].float() @ kf.transpose(-1, -2) / math.sqrt(D)  # (1, H, c, n)
+        causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
+        total += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
+    return total / torch.arange(n, 0, -1, device=q.device)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=(), logits: Tensor | None = None) -> list[int]:
+    """Greedy tokens continuing the sequence in `cache` (appended to it as they are made).
+    logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's)."""
+    logits = cache.last_logits if logits is None else logits
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        out.append(token)
+        if token in stop_ids or len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]], device=logits.device), cache)[:, -1]
+    return out
+
+
+def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache: KVCache | None = None,
+             max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
+    """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat)
+    or of an existing, possibly compressed, cache. Stops at the model's end-of-turn / eos tokens
+    or at the first of `stop_strings`; returns the new text without them."""
+    if (prompt is None) == (cache is None):
+        raise ValueError("pass exactly one of prompt= or cache=")
+    if cache is None:
+        ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
+        cache = KVCache.from_prefill(model.prefill(ids))
+    tokens = decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids))
+    if tokens and tokens[-1] in tok.eos_ids:
+        tokens = tokens[:-1]
+    text = tok.decode(tokens)
+    for s in stop_strings:
+        text = text.split(s)[0]
+    return text
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, plus the checkpoint's chat template."""
+
+    def __init__(self, folder: Path, cfg: Config):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        tc = _read_json(folder / "tokenizer_config.json")
+        gen = _read_json(folder / "generation_config.json")
+        self.chat_template = tc.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        if (folder / "chat_template.jinja").exists():
+            self.chat_template = (folder / "chat_template.jinja").read_text()
+        self.bos_token, self.eos_token = _token_str(tc.get("bos_token")), _token_str(tc.get("eos_token"))
+        eos = gen.get("eos_token_id", [])
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.eos_token and self.tk.token_to_id(self.eos_token) is not None:
+            eos.append(self.tk.token_to_id(self.eos_token))
+        self.eos_ids = sorted(set(eos + cfg.eos_ids))
+        self.bos_id = gen.get("bos_token_id", cfg.bos_id)
+        # Some checkpoints (Llama 2, Mistral) add bos in the tokenizer config, not in tokenizer.json.
+        self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens the checkpoint's bos (if any) comes first,
+        unless the text already starts with it (as a rendered chat template often does)."""
+        ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if len(ids) > 1 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's own chat template (jinja2, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template; pass plain text to the model instead")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_str(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_checkpoint(name_or_path: str | None) -> Path:
+    """A local folder, the embedded default (None or "smollm2-135m"), or a hub id."""
+    if name_or_path in (None, DEFAULT_MODEL):
+        return default_checkpoint_dir()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.count("/") != 1:
+        raise ValueError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id (owner/name); "
+                         f"pass a folder with config.json and *.safetensors, or {DEFAULT_MODEL!r}")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.jinja"]))
+    except Exception as e:
+        raise RuntimeError(f"could not download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                           f"Without the network, pass a local checkpoint folder or use the embedded default "
+                           f"load_model() / load_model({DEFAULT_MODEL!r})") from e
+
+
+def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`."""
+    folder = resolve_checkpoint(name_or_path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    cfg = Config.from_hf(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):  # no memory yet: each weight is created once, from the file
+        model = Model(cfg)
+    load_weights(model, folder, device, dtype)
+    return model.eval(), Tokenizer(folder, cfg)
+
+
+def hf_to_ours(name: str) -> str:
+    """Hugging Face tensor name -> ours (model.layers.3.self_attn.q_proj.weight -> layers.3.attn.q_proj.weight)."""
+    name = name.removeprefix("model.")
+    for a, b in (("embed_tokens", "embed"), ("self_attn", "attn"),
+                 ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
+        name = name.replace(a, b)
+    return name
+
+
+def load_weights(model: Model, folder: Path, device, dtype):
+    """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
+    into the meta-initialised model, so no second copy of the weights is ever held."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    expected = dict(model.named_parameters())
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    loaded = set()
+    for file in files:
+        with safe_open(str(folder / file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                name = hf_to_ours(hf_name)
+                if name not in expected:
+                    if "rotary_emb" in name or (name == "lm_head.weight" and model.config.tie_embeddings):
+                        continue  # recomputed / tied: not needed
+                    raise ValueError(f"unexpected tensor {hf_name!r} in {file}: does config.json match the weights?")
+                t = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+                if t.shape != expected[name].shape:
+                    raise ValueError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
+                module_name, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {folder} is missing {len(missing)} tensors: {', '.join(missing[:10])}"
+                         + (" ..." if len(missing) > 10 else ""))
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+def default_checkpoint_dir() -> Path:
+    raise NotImplementedError
