@@ -1,5 +1,5 @@
-"""Run Triton kernels in its CPU interpreter unless a GPU is there. Set before anything
-imports triton, which reads the variable once."""
+"""Tests run on the CPU: Triton kernels go through its interpreter (set before anything
+imports triton, which reads the variable once), and nothing touches the network."""
 import os
 import sys
 from pathlib import Path
