@@ -1,0 +1,94 @@
+"""KVCache: decoding over uneven, evicted heads equals full attention with the evicted entries
+masked out (a naive float64 reference written here), and memory shrinks for real."""
+import math
+
+import pytest
+import torch
+
+from cache import KVCache
+from test_model import BASE, make_checkpoint
+from model import load_model
+
+
+def random_kept(n, n_layers, n_kv, window, gen):
+    """Uneven random kept sets: per (layer, head) a random count and subset, window always kept."""
+    kept = []
+    for _ in range(n_layers):
+        layer = []
+        for _ in range(n_kv):
+            k = int(torch.randint(1, n - window, (1,), generator=gen))
+            body = torch.randperm(n - window, generator=gen)[:k]
+            layer.append(torch.cat([body, torch.arange(n - window, n)]).sort().values)
+        kept.append(layer)
+    return kept
+
+
+@torch.no_grad()
+def masked_reference_step(model, x_ids, pos, prompt_kv, kept, new_kv):
+    """One decode step with naive float64 attention over (kept prompt entries + generated ones).
+
+    prompt_kv: per layer (k, v) of the full prefill (1, H_kv, n, D); kept: per layer per head
+    indices; new_kv: per layer list of (k, v) of generated tokens so far (appended here)."""
+    cfg = model.config
+    G = cfg.n_heads // cfg.n_kv_heads
+    x = model.embed(x_ids)
+    positions = torch.tensor([pos])
+    for l, blk in enumerate(model.layers):
+        q, k, v = blk.attn.qkv(blk.attn_norm(x), positions, model.inv_freq("cpu"))
+        new_kv[l].append((k, v))
+        heads = []
+        for h in range(cfg.n_heads):
+            g = h // G
+            keys = torch.cat([prompt_kv[l][0][0, g, kept[l][g]]] + [kk[0, g] for kk, _ in new_kv[l]]).double()
+            vals = torch.cat([prompt_kv[l][1][0, g, kept[l][g]]] + [vv[0, g] for _, vv in new_kv[l]]).double()
+            p = (q[0, h, 0].double() @ keys.T / math.sqrt(cfg.head_dim)).softmax(-1)
+            heads.append(p @ vals)
+        y = torch.cat(heads).float()[None, None]
+        x = x + blk.attn.o_proj(y)
+        x = x + blk.mlp(blk.mlp_norm(x))
+    return model.lm_head(model.norm(x))[:, -1].float()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
+def test_decode_over_evicted_cache_equals_masked_full_attention(tmp_path, family):
+    _, folder = make_checkpoint(tmp_path, family, seed=11)
+    model, _ = load_model(str(folder))
+    gen = torch.Generator().manual_seed(12)
+    n, w = 50, 6
+    ids = torch.randint(0, BASE["vocab_size"], (1, n), generator=gen)
+    prefill = model.prefill(ids, window=w)
+    kept = random_kept(n, model.config.n_layers, model.config.n_kv_heads, w, gen)
+    cache = KVCache.from_prefill(prefill, kept)
+    assert not all(bool((l == cache.lengths[0, 0]).all()) for l in cache.lengths)  # really uneven
+    prompt_kv = list(zip(prefill.keys, prefill.values))
+    new_kv = [[] for _ in model.layers]
+    token = int(prefill.logits.argmax())
+    for step in range(70):  # past the 64-row reserve, so the repacking path runs too
+        ours = model(torch.tensor([[token]]), cache)[:, -1]
+        ref = masked_reference_step(model, torch.tensor([[token]]), n + step, prompt_kv, kept, new_kv)
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+        token = int(torch.randint(0, BASE["vocab_size"], (1,), generator=gen))  # fresh inputs each step
+    assert torch.equal(cache.lengths, torch.tensor([[len(i) + 70 for i in layer] for layer in kept]))
+
+
+def test_memory_is_freed_and_counted(tmp_path):
+    _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=13)
+    model, _ = load_model(str(folder))
+    gen = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, BASE["vocab_size"], (1, 200), generator=gen)
+    prefill = model.prefill(ids, window=8)
+    full = KVCache.from_prefill(prefill)
+    kept = random_kept(200, 3, 2, 8, gen)
+    small = KVCache.from_prefill(prefill, kept)
+    entries = sum(len(i) for layer in kept for i in layer)
+    D, elt = model.config.head_dim, 4
+    assert full.nbytes() == 2 * 3 * 2 * 200 * D * elt
+    assert small.nbytes() == 2 * entries * D * elt  # exactly what was kept: packed, no padding
+    assert small.kept_fraction() == pytest.approx(entries / (3 * 2 * 200))
+    assert full.kept_fraction() == 1.0
+    # the kept entries are the prefill's own keys, in order
+    for l in range(3):
+        for g in range(2):
+            k, v = small.head(l, g)
+            assert torch.equal(k, prefill.keys[l][0, g, kept[l][g]])
+            assert torch.equal(v, prefill.values[l][0, g, kept[l][g]])
