@@ -160,3 +160,374 @@ class KVCache:
     def kept_fraction(self) -> float:
         """Prompt entries kept / prompt entries in the full cache (L x H_kv x n)."""
         return float(self.prompt_lengths.sum()) / (self.n_layers * self.n_kv_heads * self.prompt_len)
+
+
+# ---- SELECTION : scores + budget -> kept prompt indices per (layer, KV head) ----
+#
+# A scorer (baselines.py, laprox.py) gives, per layer, a (1, H_kv, n) float32 tensor: higher
+# means keep. A selection rule turns those scores and a budget into, per layer, a list over
+# KV heads of sorted int64 index tensors. Conventions shared by every rule:
+#   * k = resolve_budget(budget, n, window) is the number of entries a head keeps ON AVERAGE;
+#     the total kept by the model is always L * H_kv * k (pyramid, AdaKV and model-wide rules
+#     move entries between heads and layers, they never change the total).
+#   * The observation window (last `window` tokens) and the first `sinks` tokens are kept in
+#     every head and count toward the budget ("forced" entries). A budget smaller than them is an
+#     error (see resolve_budget), so no head ever ends up with fewer than window + sinks entries.
+#   * Ties are broken deterministically toward the lower flat index: the earlier token, then the
+#     lower head, then the shallower layer (stable descending sort), so results are reproducible
+#     and a naive loop can reproduce them exactly.
+
+import math
+import numbers
+from fractions import Fraction
+
+import torch.nn.functional as F
+
+
+def resolve_budget(budget: float | int, n: int, window: int, *, sinks: int = 0) -> int:
+    """Turn a budget into k, the number of entries each KV head keeps on average.
+
+    budget: a float in (0, 1] is a fraction of the prompt's KV entries (0.05 keeps 5% of
+        L x H_kv x n), giving k = round(budget * n); an int >= 1 is tokens per head directly.
+    n: prompt length. window: observation-window length w. sinks: leading tokens always kept.
+    Returns k with window + sinks <= k <= n.
+
+    A budget that would keep fewer than window + sinks tokens per head is an ERROR, not a clamp:
+    the window is always kept and counts toward the budget, so such a budget cannot be honoured,
+    and silently clamping would report every method at the same window-only cache.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a float in (0, 1] (fraction of the KV entries) or an int >= 1 "
+                        f"(tokens per head), got {budget!r} of type {type(budget).__name__}")
+    if n < 1 or window < 0 or sinks < 0:
+        raise ValueError(f"need n >= 1, window >= 0, sinks >= 0; got n={n}, window={window}, sinks={sinks}")
+    if isinstance(budget, numbers.Integral):
+        k = int(budget)
+        if k < 1:
+            raise ValueError(f"int budget {k} must be >= 1 token per head (use a float for a fraction)")
+        if k > n:
+            raise ValueError(f"int budget {k} tokens per head exceeds the prompt length n={n}; "
+                             f"use budget=1.0 (or method='full') to keep everything")
+        what = f"budget={k} tokens per head"
+    else:
+        budget = float(budget)
+        if not 0.0 < budget <= 1.0:  # also rejects nan
+            raise ValueError(f"float budget {budget} must be in (0, 1] (a fraction of the KV entries); "
+                             f"for tokens per head pass an int")
+        k = round(budget * n)
+        what = f"budget={budget} keeps round({budget} * {n}) = {k} tokens per head"
+    floor = window + sinks
+    if k < max(floor, 1):
+        hint = " (did you mean 1.0, keep everything?)" if isinstance(budget, numbers.Integral) and k == 1 else ""
+        raise ValueError(f"{what}, fewer than the {window} window + {sinks} sink tokens that every head always "
+                         f"keeps{hint}. Raise the budget to at least {max(floor, 1)} tokens per head "
+                         f"(fraction {max(floor, 1) / n:.4f}), or prefill with a smaller window.")
+    return k
+
+
+def pool_scores(scores: Tensor, kernel: int, *, window: int = 0) -> Tensor:
+    """1-D max pooling of scores over the token axis, stride 1, same length.
+
+    scores: (..., n), e.g. (1, H_kv, n) for one layer; each row is pooled on its own.
+    kernel: odd window size (7 for SnapKV and LaProx); 0 or 1 turns pooling off.
+    window: the last `window` positions (the observation window, always kept anyway) are left
+        as they are and do not spread into the tokens before them, as in SnapKV, which pools
+        only the prefix scores[..., :-window].
+    Returns (..., n): out[j] = max(scores[j - kernel//2 : j + kernel//2 + 1]) within the prefix.
+    """
+    if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 0:
+        raise ValueError(f"pool kernel must be an int >= 0 (0 or 1 = off), got {kernel!r}")
+    if kernel > 1 and kernel % 2 == 0:
+        raise ValueError(f"pool kernel must be odd so the output stays centred on each token, got {kernel}; use {kernel + 1}")
+    n = scores.shape[-1]
+    if not 0 <= window <= n:
+        raise ValueError(f"window {window} must be in [0, n={n}]")
+    if kernel <= 1 or window == n:
+        return scores
+    prefix = scores[..., : n - window].reshape(-1, 1, n - window)
+    pooled = F.max_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)  # pads with -inf
+    pooled = pooled.reshape(*scores.shape[:-1], n - window)
+    return torch.cat([pooled, scores[..., n - window:]], dim=-1)
+
+
+def stack_scores(scores: list[Tensor]) -> Tensor:
+    """Check per-layer scores and stack them: list over L of (1, H_kv, n) -> (L, H_kv, n) float32."""
+    if not isinstance(scores, (list, tuple)) or len(scores) == 0:
+        raise ValueError("scores must be a non-empty list over layers of (1, H_kv, n) tensors")
+    shape = scores[0].shape
+    for l, s in enumerate(scores):
+        if s.dim() != 3 or s.shape[0] != 1 or s.shape != shape:
+            raise ValueError(f"scores[{l}] has shape {tuple(s.shape)}; every layer must be (1, H_kv, n) = {tuple(shape)}")
+    s = torch.cat([t.float() for t in scores], dim=0)
+    if torch.isnan(s).any() or torch.isposinf(s).any():
+        raise ValueError("scores contain NaN or +inf; a scorer must return finite values (or -inf for 'never keep')")
+    return s
+
+
+def forced_mask(n: int, window: int, sinks: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """(n,) bool on `device`: True for the tokens every head keeps, the first `sinks` and the last `window`."""
+    if window < 0 or sinks < 0 or window + sinks > n:
+        raise ValueError(f"need window >= 0, sinks >= 0 and window + sinks <= n; got window={window}, sinks={sinks}, n={n}")
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[:sinks] = True
+    mask[n - window:] = True
+    return mask
+
+
+def _check_k(k: int, n: int, window: int, sinks: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not window + sinks <= k <= n:
+        raise ValueError(f"k={k!r} tokens per head must be an int in [window + sinks, n] = [{window + sinks}, {n}]; "
+                         f"get it from resolve_budget(budget, n, window)")
+
+
+def _top(key: Tensor, count: int) -> Tensor:
+    """Indices of the `count` largest entries along the last axis, ties to the lower index.
+    key: (..., m) -> (..., count) int64."""
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def _mask_to_kept(mask: Tensor) -> list[list[Tensor]]:
+    """(L, H_kv, n) bool -> per layer, a list over KV heads of sorted int64 index tensors."""
+    return [[row.nonzero().squeeze(1) for row in layer] for layer in mask]
+
+
+def _uniform_mask(s: Tensor, k: int, forced: Tensor) -> Tensor:
+    """Per-head top-k with forced entries first. s: (L, H_kv, n); forced: (n,) bool -> (L, H_kv, n) bool."""
+    key = s.masked_fill(forced, math.inf)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    return mask.scatter_(-1, _top(key, k), True)
+
+
+def select_uniform(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -> list[list[Tensor]]:
+    """Per-head top-k (SnapKV's allocation): every (layer, KV head) keeps exactly k entries.
+
+    scores: per layer (1, H_kv, n). k: entries per head, window + sinks <= k <= n.
+    Returns per layer a list over H_kv heads of sorted int64 indices, each of length k.
+    """
+    s = stack_scores(scores)
+    _check_k(k, s.shape[-1], window, sinks)
+    return _mask_to_kept(_uniform_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device)))
+
+
+def pyramid_budgets(free: int, n_layers: int, room: int, beta: float = 20) -> list[int]:
+    """PyramidKV's per-layer budgets (Cai et al. 2024, "PyramidKV: Dynamic KV Cache Compression
+    based on Pyramidal Information Funneling"), for the entries beyond the forced ones.
+
+    free: entries per head a uniform rule would choose (k - window - sinks). room: n - window - sinks,
+    the most a head can choose. As in the reference code (KVCache-Factory, pyramidkv_utils.py,
+    PyramidKVCluster.update_kv):
+        min = free / beta,  max = 2 * free - min;   if max >= room: max = room, min = 2 * free - max
+        budget(l) = max - l * (max - min) / (L - 1),  l = 0 (first layer, largest) .. L - 1.
+    The reference code floors min and the step, which makes the layers sum to slightly more than
+    L * free; here the schedule is exact (rational arithmetic) and rounded by largest remainder
+    (ties to the shallower layer), so the layers sum to exactly L * free and each layer stays in [0, room].
+    Returns a list of L ints.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 1:
+        raise ValueError(f"pyramid beta must be a number >= 1 (20 in PyramidKV); got {beta!r}")
+    if not 0 <= free <= room or n_layers < 1:
+        raise ValueError(f"need 0 <= free <= room and n_layers >= 1; got free={free}, room={room}, n_layers={n_layers}")
+    if n_layers == 1:
+        return [free]
+    lo = Fraction(free) / Fraction(beta)
+    hi = 2 * free - lo
+    if hi >= room:
+        hi = Fraction(room)
+        lo = 2 * free - hi
+    step = (hi - lo) / (n_layers - 1)
+    exact = [hi - l * step for l in range(n_layers)]
+    out = [math.floor(x) for x in exact]
+    extra = n_layers * free - sum(out)  # = sum of the fractional parts, an int < n_layers
+    by_remainder = sorted(range(n_layers), key=lambda l: (-(exact[l] - out[l]), l))
+    for l in by_remainder[:extra]:
+        out[l] += 1
+    return out
+
+
+def select_pyramid(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, beta: float = 20) -> list[list[Tensor]]:
+    """PyramidKV (Cai et al. 2024): per-head top-k with a per-layer budget that falls linearly with
+    depth (see pyramid_budgets), averaging k; layer l's heads each keep window + sinks + budget(l).
+
+    scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
+    Total kept: exactly L * H_kv * k.
+    """
+    s = stack_scores(scores)
+    L, _, n = s.shape
+    _check_k(k, n, window, sinks)
+    f = window + sinks
+    forced = forced_mask(n, window, sinks, s.device)
+    budgets = pyramid_budgets(k - f, L, n - f, beta)
+    return [_mask_to_kept(_uniform_mask(s[l:l + 1], f + b, forced))[0] for l, b in enumerate(budgets)]
+
+
+def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
+    """AdaKV allocation (Feng et al. 2024): each head first keeps its forced entries and its top
+    floor(alpha * (k - forced)) other entries (the safeguard), then the rest of the layer's
+    H_kv * k entries go to the highest scores over all heads of the layer.
+    s: (L, H_kv, n); forced: (n,) bool. Returns (L, H_kv, n) bool, H_kv * k True per layer."""
+    L, H, n = s.shape
+    f = int(forced.sum())
+    safe = int(alpha * (k - f))
+    key = s.masked_fill(forced, math.inf)
+    key.scatter_(-1, _top(key, f + safe), math.inf)  # forced entries rank first, then the safeguard
+    flat = _top(key.reshape(L, H * n), H * k)
+    return torch.zeros(L, H * n, dtype=torch.bool, device=s.device).scatter_(-1, flat, True).reshape(L, H, n)
+
+
+def _check_fraction(name: str, x: float) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= x <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
+
+
+def select_adakv(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, alpha: float = 0.2) -> list[list[Tensor]]:
+    """AdaKV (Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"):
+    one top-k across all KV heads of a layer, layer total H_kv * k, after a safeguard.
+
+    Every head keeps its window + sinks, then its top floor(alpha * (k - window - sinks)) other
+    entries (AdaKV's floor_alpha applies to the budget beyond the window, as in its code); the
+    layer's remaining entries go to the highest scores of any head. alpha = 0 is plain layer-wise
+    top-k; alpha = 1 is select_uniform.
+    scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
+    """
+    _check_fraction("alpha", alpha)
+    s = stack_scores(scores)
+    _check_k(k, s.shape[-1], window, sinks)
+    return _mask_to_kept(_adakv_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device), alpha))
+
+
+def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -> list[list[Tensor]]:
+    """Model-wide selection (LaProx): one top-k over every (layer, KV head, token) entry of the
+    model, total L * H_kv * k, after the forced entries of every head. Meaningful only when
+    scores are comparable across layers (LaProx's normalised scores).
+
+    scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
+    A head may keep as few as window + sinks entries, or all n.
+    """
+    s = stack_scores(scores)
+    L, H, n = s.shape
+    _check_k(k, n, window, sinks)
+    key = s.masked_fill(forced_mask(n, window, sinks, s.device), math.inf).reshape(-1)
+    mask = torch.zeros(L * H * n, dtype=torch.bool, device=s.device).scatter_(0, _top(key, L * H * k), True)
+    return _mask_to_kept(mask.reshape(L, H, n))
+
+
+SCOPES = ("model", "layer", "head")
+
+
+def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = "model", sinks: int = 0) -> list[list[Tensor]]:
+    """LaProx's rule: the same scores selected model-wide (one top-k over the model, default),
+    layer-wise (one top-k per layer, no safeguard: select_adakv with alpha = 0) or per head
+    (uniform per-head budget, select_uniform). scores: per layer (1, H_kv, n)."""
+    if selection == "model":
+        return select_model(scores, k, window, sinks=sinks)
+    if selection == "layer":
+        return select_adakv(scores, k, window, sinks=sinks, alpha=0.0)
+    if selection == "head":
+        return select_uniform(scores, k, window, sinks=sinks)
+    raise ValueError(f"selection must be one of {SCOPES}, got {selection!r}")
+
+
+def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: list[Tensor], sinks: int = 0,
+                      alpha: float = 0.2, eps: float = 1e-4, first_stage: float = 0.5) -> list[list[Tensor]]:
+    """CriticalKV with AdaKV allocation (Feng et al. 2025, "Identify Critical KV Cache in LLM
+    Inference from an Output Perturbation Perspective"; as in the authors' CriticalAdaKVPress).
+
+    scores: per layer (1, H_kv, n), SnapKV scores a (pooled). weights: per layer (1, H_kv, n),
+    ||v_j W_O^h||_1 averaged over the GQA group (baselines.projected_value_l1).
+    Per layer:
+      1. allocation: AdaKV on a (safeguard alpha) gives each head g a count c_g (layer total H_kv * k);
+         b_g = c_g - window - sinks is what head g chooses.
+      2. stage 1: head g keeps its top floor(first_stage * b_g) entries by a (plus the safeguard).
+      3. stage 2: head g fills up to c_g entries by (a + eps) * weights.
+    Returns per layer a list over H_kv heads of sorted int64 indices; total L * H_kv * k.
+    """
+    _check_fraction("alpha", alpha)
+    _check_fraction("first_stage", first_stage)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    s, wts = stack_scores(scores), stack_scores(weights)
+    if wts.shape != s.shape:
+        raise ValueError(f"weights {tuple(wts.shape)} and scores {tuple(s.shape)} must have the same (L, H_kv, n)")
+    L, H, n = s.shape
+    _check_k(k, n, window, sinks)
+    forced = forced_mask(n, window, sinks, s.device)
+    f = int(forced.sum())
+    counts = _adakv_mask(s, k, forced, alpha).sum(-1)  # (L, H_kv), c_g
+    safe = int(alpha * (k - f))
+    stage2 = (s + eps) * wts
+    mask = torch.zeros(L, H, n, dtype=torch.bool, device=s.device)
+    key1 = s.masked_fill(forced, math.inf)
+    order1 = torch.sort(key1, dim=-1, descending=True, stable=True).indices
+    for l in range(L):
+        for g in range(H):
+            c = int(counts[l, g])
+            sure = order1[l, g, : f + max(safe, int(first_stage * (c - f)))]  # forced + safeguard + stage 1
+            key2 = stage2[l, g].clone()
+            key2[sure] = math.inf
+            mask[l, g, _top(key2, c)] = True
+    return _mask_to_kept(mask)
+
+
+def kept_counts(kept: list[list[Tensor]]) -> Tensor:
+    """(L, H_kv) int64: how many prompt entries each (layer, KV head) keeps."""
+    return torch.tensor([[len(i) for i in layer] for layer in kept], dtype=torch.long)
+
+
+def _method(method: str):
+    """Look a method up in baselines.METHODS (imported here: baselines imports this module)."""
+    import baselines
+    if method not in baselines.METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(baselines.METHODS)}")
+    return baselines.METHODS[method]
+
+
+def _split_flags(method: str, m, flags: dict) -> tuple[dict, dict, int]:
+    """Route user flags to the scorer, the selection rule, or the pooling kernel; unknown -> error."""
+    known = {**m.score_flags, **m.select_flags, "pool": m.pool}
+    for name in flags:
+        if name == "window":
+            raise ValueError("window is fixed by the prefill (its captured queries); prefill with window=... instead")
+        if name not in known:
+            raise ValueError(f"unknown flag {name!r} for method {method!r}; its flags (defaults): {known}")
+    score = {key: flags.get(key, v) for key, v in m.score_flags.items()}
+    select_ = {key: flags.get(key, v) for key, v in m.select_flags.items()}
+    return score, select_, flags.get("pool", m.pool)
+
+
+def method_scores(prefill: Prefill, method: str = "laprox", **flags) -> list[Tensor]:
+    """The method's scores after pooling: per layer (1, H_kv, n) float32, what the rule selects from.
+    Flags as in select (the selection flags are accepted and ignored here)."""
+    m = _method(method)
+    if m.scorer is None:
+        raise ValueError(f"method {method!r} keeps everything and has no scores")
+    score_flags, _, pool = _split_flags(method, m, flags)
+    return [pool_scores(s, pool, window=prefill.window) for s in m.scorer(prefill, **score_flags)]
+
+
+def select(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05, **flags) -> list[list[Tensor]]:
+    """Which prompt tokens each (layer, KV head) keeps under `method` at `budget`.
+
+    prefill: the full-attention prefill (window = prefill.window). method: a key of baselines.METHODS.
+    budget: see resolve_budget ("full" ignores it). flags: the method's flags (baselines.METHODS[m]:
+    scorer flags, selection flags, `pool` kernel); an unknown flag is an error.
+    Returns per layer a list over H_kv heads of sorted int64 indices (kept_counts gives the sizes).
+    """
+    m = _method(method)
+    score_flags, select_flags, pool = _split_flags(method, m, flags)
+    n, window = prefill.n, prefill.window
+    if m.scorer is None:  # full
+        return [[torch.arange(n, device=prefill.keys[0].device) for _ in range(prefill.n_kv_heads)] for _ in range(prefill.n_layers)]
+    k = resolve_budget(budget, n, window, sinks=select_flags.get("sinks", 0))
+    scores = [pool_scores(s, pool, window=window) for s in m.scorer(prefill, **score_flags)]
+    extra = {} if m.weights is None else {"weights": m.weights(prefill)}
+    return m.rule(scores, k, window, **select_flags, **extra)
+
+
+def compress(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05, **flags) -> "KVCache":
+    """Evict once after prefill: score, pool, select, and build the KVCache of what is kept.
+    Arguments as in select. Report cache.kept_fraction(), the fraction actually achieved."""
+    m = _method(method)
+    if m.scorer is None:  # full: nothing to select, but still reject unknown flags
+        _split_flags(method, m, flags)
+        return KVCache.from_prefill(prefill, kept=None)
+    return KVCache.from_prefill(prefill, kept=select(prefill, method, budget, **flags))
