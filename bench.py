@@ -1,0 +1,208 @@
+"""What eviction buys and what it costs, measured side by side in one process.
+
+    python bench.py                       # default model, CPU: the figures quoted in the README
+    python bench.py --device cuda         # the same on a GPU, plus Triton vs PyTorch scoring
+
+1. load      the default model's load time: first conversion from the GGUF, then cached
+2. overhead  per method, scoring + compression time relative to the prefill of the same prompt
+3. decode    tokens/s and KV bytes, full cache vs compressed, after a long prompt; the ratios
+4. shared    one prefill shared by every method (what eval_niah.py does) vs one prefill each
+5. kernel    (cuda) Triton vs PyTorch LaProx scoring on a Llama-3.1-8B-shaped layer x 32 layers
+
+Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
+slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cache import compress
+from eval_niah import NEEDLE, build_prompt, haystack_ids, read_haystack
+from model import DEFAULT_MODEL, decode_greedy, load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm")
+NIAH_METHODS = ("full", "laprox", "snapkv", "pyramidkv", "adakv", "criticalkv", "streamingllm")
+
+
+def clock(device) -> float:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed(fn, device, repeats: int = 1):
+    """(median seconds, last result) of fn() over `repeats` runs."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = clock(device)
+        out = fn()
+        times.append(clock(device) - t)
+    return statistics.median(times), out
+
+
+def prompt_ids(tok, hay: list[int], n: int, device) -> torch.Tensor:
+    """A NIAH prompt of n tokens (needle in the middle): realistic text for every figure."""
+    return torch.tensor([build_prompt(tok, hay, n, 0.5)["ids"]], device=device)
+
+
+def bench_load(name) -> dict:
+    """Load time of the default model: converting the GGUF into a fresh cache folder, then cached."""
+    if name not in (None, DEFAULT_MODEL):
+        t, _ = timed(lambda: load_model(name), "cpu")
+        return {"cached_s": t}
+    old = os.environ.get("LAPROX_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LAPROX_CACHE"] = tmp
+        try:
+            first, _ = timed(lambda: load_model(), "cpu")
+            cached, _ = timed(lambda: load_model(), "cpu")
+        finally:
+            os.environ.pop("LAPROX_CACHE") if old is None else os.environ.__setitem__("LAPROX_CACHE", old)
+    return {"first_s": first, "cached_s": cached}
+
+
+def bench_overhead(model, ids, budget, window, repeats, device) -> dict:
+    """Prefill time of `ids` and, per method, compress time and its ratio to the prefill."""
+    t_prefill, prefill = timed(lambda: model.prefill(ids, window=window), device, repeats)
+    row = {"n": ids.shape[1], "prefill_s": t_prefill, "prefill_tok_s": ids.shape[1] / t_prefill}
+    for m in OVERHEAD_METHODS:
+        t, _ = timed(lambda: compress(prefill, m, budget), device, repeats)
+        row[m] = {"compress_s": t, "ratio_to_prefill": t / t_prefill}
+    row["laprox_vs_snapkv"] = row["laprox"]["compress_s"] / row["snapkv"]["compress_s"]
+    return row
+
+
+def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> dict:
+    """Tokens/s and KV bytes for `new_tokens` greedy steps, full cache vs laprox at each budget."""
+    prefill = model.prefill(ids, window=window)
+    out = {"n": ids.shape[1], "new_tokens": new_tokens}
+    for label, method, budget in [("full", "full", None)] + [(f"laprox@{b}", "laprox", b) for b in budgets]:
+        def run():
+            cache = compress(prefill, method, budget) if budget else compress(prefill, "full")
+            nbytes = cache.nbytes()
+            t = clock(device)
+            decode_greedy(model, cache, new_tokens)  # no stop token: always new_tokens steps
+            return nbytes, clock(device) - t
+        runs = [run() for _ in range(repeats)]
+        t = statistics.median(r[1] for r in runs)
+        out[label] = {"kv_bytes": runs[0][0], "tok_s": new_tokens / t}
+    for b in budgets:
+        r = out[f"laprox@{b}"]
+        r["bytes_ratio"] = r["kv_bytes"] / out["full"]["kv_bytes"]
+        r["speedup"] = r["tok_s"] / out["full"]["tok_s"]
+    return out
+
+
+def bench_shared_prefill(model, ids, budget, window, new_tokens, device) -> dict:
+    """One NIAH cell, every default method: one shared prefill vs a prefill per method."""
+    def evaluate(prefill, method):
+        cache = compress(prefill, method, budget)
+        decode_greedy(model, cache, new_tokens)
+
+    def shared():
+        prefill = model.prefill(ids, window=window)
+        for m in NIAH_METHODS:
+            evaluate(prefill, m)
+
+    def separate():
+        for m in NIAH_METHODS:
+            evaluate(model.prefill(ids, window=window), m)
+
+    t_shared, _ = timed(shared, device)
+    t_separate, _ = timed(separate, device)
+    return {"n": ids.shape[1], "methods": len(NIAH_METHODS), "shared_s": t_shared,
+            "per_method_s": t_separate, "ratio": t_separate / t_shared}
+
+
+def bench_kernel(ns, repeats) -> list[dict]:
+    """Triton vs PyTorch LaProx scoring for one Llama-3.1-8B-shaped layer (random bf16), x 32 layers."""
+    import bench_kernels
+    from kernels import laprox_scores_triton
+    from laprox import laprox_scores
+    rows = []
+    for n in ns:
+        q, k, v, o = bench_kernels.make_inputs(n, 32, 8, 128, 32, 4096, torch.bfloat16, "cuda")
+        t_tri, _ = bench_kernels.time_cuda(lambda: laprox_scores_triton(q, k, v, o), repeats)
+        t_pt, _ = bench_kernels.time_cuda(lambda: laprox_scores(q, k, v, o), repeats)
+        rows.append({"n": n, "triton_model_ms": 32 * t_tri, "pytorch_model_ms": 32 * t_pt, "speedup": t_pt / t_tri})
+    return rows
+
+
+def table(res: dict, budget: float) -> str:
+    lines = []
+    if "load" in res:
+        lines.append("load: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["load"].items()))
+    lines.append(f"scoring + compression at budget {budget}, relative to the prefill:")
+    lines.append("  n      prefill(tok/s) " + " ".join(f"{m:>12s}" for m in OVERHEAD_METHODS) + "  laprox/snapkv")
+    for r in res["overhead"]:
+        lines.append(f"  {r['n']:<6d} {r['prefill_s']:6.1f}s ({r['prefill_tok_s']:4.0f}) "
+                     + " ".join(f"{100 * r[m]['ratio_to_prefill']:11.2f}%" for m in OVERHEAD_METHODS)
+                     + f"  {r['laprox_vs_snapkv']:.2f}x")
+    d = res["decode"]
+    lines.append(f"decode after {d['n']} tokens, {d['new_tokens']} new tokens:")
+    lines.append(f"  full        {d['full']['tok_s']:6.2f} tok/s  {d['full']['kv_bytes'] / 2**20:8.1f} MiB")
+    for k, r in d.items():
+        if k.startswith("laprox@"):
+            lines.append(f"  {k:11s} {r['tok_s']:6.2f} tok/s  {r['kv_bytes'] / 2**20:8.1f} MiB  "
+                         f"speedup {r['speedup']:.2f}x  bytes {100 * r['bytes_ratio']:.1f}% of full")
+    s = res["shared"]
+    lines.append(f"NIAH cell of {s['n']} tokens, {s['methods']} methods: shared prefill {s['shared_s']:.1f}s, "
+                 f"a prefill per method {s['per_method_s']:.1f}s: {s['ratio']:.2f}x")
+    for r in res.get("kernel", []):
+        lines.append(f"kernel n={r['n']}: Triton {r['triton_model_ms']:.1f} ms, PyTorch {r['pytorch_model_ms']:.1f} ms "
+                     f"(32 layers): {r['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths for the overhead figures")
+    ap.add_argument("--decode-length", type=int, default=7500)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--budget", type=float, default=0.05, help="budget of the overhead and shared-prefill figures")
+    ap.add_argument("--decode-budgets", default="0.05,0.2")
+    ap.add_argument("--niah-length", type=int, default=2000)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kernel-lengths", default="32768,131072")
+    ap.add_argument("--skip-load", action="store_true", help="do not time the first conversion")
+    ap.add_argument("--out", default="results/bench.json")
+    a = ap.parse_args(argv)
+    res: dict = {"args": vars(a)}
+    if not a.skip_load:
+        res["load"] = bench_load(a.model)
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
+    lengths = [int(x) for x in a.lengths.split(",")]
+    hay = haystack_ids(tok, read_haystack(), max(lengths + [a.decode_length, a.niah_length]) + 100)
+    model.prefill(prompt_ids(tok, hay, min(lengths), a.device), window=a.window)  # warm-up
+    res["overhead"] = [bench_overhead(model, prompt_ids(tok, hay, n, a.device), a.budget, a.window, a.repeats, a.device)
+                       for n in lengths]
+    res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device),
+                                 [float(b) for b in a.decode_budgets.split(",")], a.window, a.new_tokens,
+                                 a.repeats, a.device)
+    res["shared"] = bench_shared_prefill(model, prompt_ids(tok, hay, a.niah_length, a.device), a.budget,
+                                         a.window, len(NEEDLE.split()) + 8, a.device)
+    if a.device.startswith("cuda"):
+        res["kernel"] = bench_kernel([int(x) for x in a.kernel_lengths.split(",")], a.repeats)
+    res["table"] = table(res, a.budget)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    print(res["table"])
+    print(f"full figures: {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
