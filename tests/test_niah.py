@@ -1,0 +1,225 @@
+"""eval_niah.py: context builder, scorer, argument checks, reports, and a small end-to-end run."""
+import json
+import re
+
+import pytest
+
+import eval_niah as E
+
+
+class WordTok:
+    """Stand-in tokenizer: a token is a word with the whitespace before it (decode(encode(x)) == x)."""
+
+    def __init__(self):
+        self.ids, self.pieces = {}, []
+
+    def encode(self, text):
+        out = []
+        for piece in re.findall(r"\s*\S+|\s+", text):
+            if piece not in self.ids:
+                self.ids[piece] = len(self.pieces)
+                self.pieces.append(piece)
+            out.append(self.ids[piece])
+        return out
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def _missing_pipeline():
+    """Why the end-to-end run cannot happen yet (modules being written), or None."""
+    try:
+        from baselines import METHODS  # noqa: F401
+        from cache import compress  # noqa: F401
+        from model import generate, load_model  # noqa: F401
+    except ImportError as e:
+        return f"pipeline not importable yet ({e}): needs cache.compress, model.load_model/generate, baselines.METHODS"
+    return None
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """(model, tok) of the embedded default checkpoint, or a skip while model.py cannot load it."""
+    try:
+        from model import load_model
+        return load_model()
+    except (ImportError, NotImplementedError) as e:
+        pytest.skip(f"model.load_model() not available yet ({type(e).__name__}: {e})")
+
+
+@pytest.fixture(params=["stub", "default"])
+def tok(request):
+    """The stand-in tokenizer always; the real default one when model.py can load it."""
+    if request.param == "stub":
+        return WordTok()
+    return request.getfixturevalue("default_model")[1]
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    return E.read_haystack()
+
+
+# ----------------------------------------------------------------------------- context builder
+
+@pytest.mark.parametrize("length", [600, 2000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_prompt_length_needle_depth_and_real_text(tok, haystack, length, depth):
+    hay = E.haystack_ids(tok, haystack, length)
+    p = E.build_prompt(tok, hay, length, depth)
+    assert abs(len(p["ids"]) - length) <= 3, "prompt length should be within a few tokens of the request"
+    assert p["text"].endswith(E.ANSWER_PREFIX) and E.QUESTION in p["text"]
+    ctx, nc = p["context"], p["needle_char"]
+    assert ctx[nc:nc + len(E.NEEDLE)] == E.NEEDLE
+    assert tok.decode(p["ids"][p["needle_start"]:p["needle_start"] + 3]).strip().startswith("The best")
+    # the context is real haystack text, cut only to insert the needle
+    before, after = ctx[:nc].rstrip(), ctx[nc + len(E.NEEDLE):].strip()
+    assert haystack.startswith(before)
+    if depth < 1:
+        assert after[:300] in haystack
+    else:
+        assert after == ""
+    # the needle sits at a sentence boundary, within one sentence before the requested depth
+    if 0 < depth < 1:
+        assert E.SENTENCE_END.search(before[-3:] + "X"), "needle not at a sentence end"
+    k = p["target"] - p["context_start"]
+    target_text = tok.decode(hay[:k])
+    assert len(before) <= len(target_text)
+    assert not E.SENTENCE_END.search(target_text[len(before):-1]), "a whole sentence between needle and target"
+    gap = p["target"] - p["needle_start"]
+    assert 0 <= gap <= 100
+    if depth == 0:
+        assert p["needle_start"] == p["context_start"]
+
+
+def test_haystack_repeats_when_short(tok, tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("One short sentence. Another one here.")
+    text = E.read_haystack(f)
+    p = E.build_prompt(tok, E.haystack_ids(tok, text, 400), 400, 0.5)
+    assert abs(len(p["ids"]) - 400) <= 3 and p["context"].count("Another one here.") > 5
+
+
+def test_haystack_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        E.read_haystack(tmp_path / "empty.txt")
+    (tmp_path / "no_text").mkdir()
+    with pytest.raises(ValueError, match="no .txt"):
+        E.read_haystack(tmp_path / "no_text")
+    with pytest.raises(FileNotFoundError):
+        E.read_haystack(tmp_path / "missing.txt")
+    assert E.default_haystack_dir().name == "PaulGrahamEssays"
+    with pytest.raises(ValueError, match="too short"):
+        E.build_prompt(WordTok(), list(range(100)), 20, 0.5)
+
+
+# ----------------------------------------------------------------------------- scorer
+
+ANSWER = "eat a sandwich and sit in dolores park on a sunny day"
+
+
+def test_answer_is_needle_after_the_prefix():
+    assert E.answer_of(E.NEEDLE, E.ANSWER_PREFIX) == ANSWER
+    assert E.answer_of("The code is 42.", "Something else") == "the code is 42"
+
+
+@pytest.mark.parametrize("response, score, exact", [
+    ("eat a sandwich and sit in Dolores Park on a sunny day.", 1.0, True),
+    ("  Eat a sandwich, and sit in DOLORES PARK on a sunny day!  ", 1.0, True),
+    ("to eat a sandwich and sit in Dolores Park on a sunny day, says Paul.", 1.0, True),
+    ("eat a sandwich", 3 / 12, False),
+    ("sit in Dolores Park and eat a sandwich on a sunny day", 1.0, False),  # all words, wrong order
+    ("a a a a", 2 / 12, False),  # clipped: "a" counts at most twice
+    ("go to the Golden Gate Bridge.", 0.0, False),
+    ("", 0.0, False),
+])
+def test_recall_and_exact(response, score, exact):
+    assert E.recall_score(ANSWER, response) == pytest.approx(score)
+    assert E.exact_match(ANSWER, response) is exact
+
+
+def test_rouge1_and_response_cleaning():
+    assert E.rouge1_f(E.NEEDLE, f"{E.ANSWER_PREFIX} eat a sandwich and sit in Dolores Park on a sunny day.") == 1.0
+    assert E.rouge1_f(E.NEEDLE, "unrelated words only") == 0.0
+    half = E.rouge1_f("a b c d", "a b")  # P = 1, R = 1/2
+    assert half == pytest.approx(2 / 3)
+    assert E.clean_response(" eat a sandwich.\nUser: next question") == "eat a sandwich."
+    assert E.exact_match("sit", "sitting") is False  # whole words only
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def test_grid_and_length_checks():
+    known = ["full", "laprox", "snapkv"]
+    ok = dict(lengths=[600], depths=[0.0, 1.0], methods=["full", "snapkv"], budgets=[0.05],
+              known=known, window=32, max_new_tokens=24)
+    E.check_grid(**ok)
+    for bad, match in [(dict(methods=["nope"]), "unknown method"), (dict(depths=[1.5]), r"\[0, 1\]"),
+                       (dict(budgets=[0.0]), r"\(0, 1\]"), (dict(budgets=[2.0]), r"\(0, 1\]"),
+                       (dict(lengths=[-5]), "positive"), (dict(window=0), "window")]:
+        with pytest.raises(ValueError, match=match):
+            E.check_grid(**{**ok, **bad})
+    E.check_lengths([2000, 7500], 8192, 24, min_length=120)
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        E.check_lengths([9000], 8192, 24)
+    with pytest.raises(ValueError, match="too short"):
+        E.check_lengths([50], 8192, 24, min_length=120)
+    assert E.parse_list("0.01, 0.05,0.01", float, "budget") == [0.01, 0.05]
+    with pytest.raises(ValueError, match="--depths"):
+        E.parse_list("0,half", float, "depths")
+
+
+# ----------------------------------------------------------------------------- reports
+
+def test_reports_from_rows(tmp_path):
+    rows = [dict(method=m, budget=b, length=l, depth=d, score=s, exact=s == 1.0, rouge1=s, kept_fraction=b)
+            for m, b, s in [("full", 1.0, 1.0), ("snapkv", 0.05, 0.5), ("snapkv", 0.2, 0.75)]
+            for l in (600, 1200) for d in (0.0, 0.5, 1.0)]
+    rows.append(dict(rows[0], length=9999))  # outside the grid: ignored
+    meta = dict(model="m", window=32, config="c")
+    s = E.write_reports(rows, tmp_path, [600, 1200], [0.0, 0.5, 1.0], ["full", "snapkv"], [0.05, 0.2], meta)
+    assert s["score"]["snapkv"] == {"0.05": 0.5, "0.2": 0.75}
+    assert s["score"]["full"] == {"0.05": 1.0, "0.2": 1.0} and s["n"]["full"]["0.05"] == 6
+    for name in ("heatmap_full.png", "heatmap_snapkv_0.05.png", "heatmap_snapkv_0.2.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "summary.json").read_text())["exact"]["full"]["0.2"] == 1.0
+    assert "full (no eviction)" in (tmp_path / "summary.md").read_text()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.skipif(_missing_pipeline() is not None, reason=str(_missing_pipeline()))
+def test_end_to_end_small_grid_resumes(default_model, tmp_path, capsys):
+    model, tok = default_model
+    argv = ["--lengths", "600", "--depths", "0,1", "--methods", "full,snapkv", "--budget", "0.2",
+            "--max-new-tokens", "4", "--out", str(tmp_path)]
+    rows = E.run(E.build_parser().parse_args(argv), model, tok)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(rows) == len(lines) == 4
+    for r in map(json.loads, lines):
+        assert {"method", "budget", "length", "depth", "score", "exact", "kept_fraction", "answer",
+                "prefill_s", "compress_s", "decode_s"} <= set(r)
+        assert r["length"] == 600 and r["depth"] in (0.0, 1.0) and 0 <= r["score"] <= 1
+        if r["method"] == "full":
+            assert r["budget"] == 1.0 and r["kept_fraction"] == pytest.approx(1.0)
+        else:
+            assert r["budget"] == 0.2 and 0.1 < r["kept_fraction"] < 0.35
+    for name in ("heatmap_full.png", "heatmap_snapkv_0.2.png", "summary.md", "summary.json"):
+        assert (tmp_path / name).exists()
+    assert "full (no eviction)" in capsys.readouterr().out
+    assert E.run(E.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_budgets_below_the_window_are_skipped_for_every_method():
+    from eval_niah import below_window
+    skipped = below_window([2000, 4000, 7500], ["full", "laprox", "streamingllm"], [0.01, 0.05], 32)
+    assert skipped == {(0.01, 2000)}  # 20 tokens < 32; 40 and 75 fit; 5% always fits
+    # streamingllm's 4 sinks count too: 0.01 * 3500 = 35 < 32 + 4
+    assert below_window([3500], ["snapkv"], [0.01], 32) == set()
+    assert below_window([3500], ["streamingllm"], [0.01], 32) == {(0.01, 3500)}
