@@ -1,0 +1,281 @@
+"""laprox.py against naive float64 references that materialise every T_{g,j} with loops.
+
+The references never call laprox: attention is a per-row softmax loop, T_{g,j} is built
+from outer products, and its Frobenius norm is taken directly (spec sections 1-3).
+"""
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import laprox  # noqa: E402
+
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------ random layers
+
+def make_layer(seed, B=1, H_kv=2, G=1, w=8, n=67, D=64, d=48, q_scale=1.5):
+    """Random float32 layer: queries (B, H, w, D), keys/values (B, H_kv, n, D), o_proj (d, H*D)."""
+    gen = torch.Generator().manual_seed(seed)
+    H = H_kv * G
+    q = torch.randn(B, H, w, D, generator=gen) * q_scale
+    k = torch.randn(B, H_kv, n, D, generator=gen)
+    v = torch.randn(B, H_kv, n, D, generator=gen) + 0.3       # non-zero mean: centring matters
+    o = torch.randn(d, H * D, generator=gen) / math.sqrt(H * D)
+    return q, k, v, o
+
+
+# ---------------------------------------------------------------- naive references
+
+def naive_attention(q, k):
+    """q (H, w, D), k (H_kv, n, D) -> (H, w, n) float64, one softmax row at a time."""
+    q, k = q.to(F64), k.to(F64)
+    H, w, D = q.shape
+    H_kv, n, _ = k.shape
+    G = H // H_kv
+    A = torch.zeros(H, w, n, dtype=F64)
+    for h in range(H):
+        for t in range(w):
+            last = n - w + t                                   # causal: keys 0..last
+            logits = (k[h // G, : last + 1] @ q[h, t]) / math.sqrt(D)
+            m = logits.max()
+            e = torch.exp(logits - m)
+            A[h, t, : last + 1] = e / e.sum()
+    return A
+
+
+def head_weight(o, h, D):
+    """W_h (d, D): the columns of o_proj that head h writes through."""
+    return o.to(F64)[:, h * D:(h + 1) * D]
+
+
+def naive_terms(q, k, v, o):
+    """All T_{g,j} (w x d) of batch element 0 as a dict {(g, j): T}, float64."""
+    H, w, D = q.shape
+    H_kv, n, _ = k.shape
+    G = H // H_kv
+    A = naive_attention(q, k)
+    V = v.to(F64)
+    T = {}
+    for g in range(H_kv):
+        for j in range(n):
+            t_gj = torch.zeros(w, o.shape[0], dtype=F64)
+            for a in range(G):
+                h = g * G + a
+                u = head_weight(o, h, D) @ V[g, j]             # projected value u_{h,j} (d,)
+                t_gj += torch.outer(A[h, :, j], u)
+            T[g, j] = t_gj
+    return T, A
+
+
+def naive_scores(q, k, v, o, group="exact", center=False):
+    """(B, H_kv, n) float64 scores straight from the definitions."""
+    B, H, w, D = q.shape
+    _, H_kv, n, _ = k.shape
+    G = H // H_kv
+    out = torch.zeros(B, H_kv, n, dtype=F64)
+    for b in range(B):
+        A = naive_attention(q[b], k[b])
+        V = v[b].to(F64)
+        U = [V[h // G] @ head_weight(o, h, D).T for h in range(H)]     # (n, d) per head
+        O = [A[h] @ U[h] for h in range(H)]                            # (w, d) head outputs o_{h,t}
+        for g in range(H_kv):
+            for j in range(n):
+                parts = []
+                for a in range(G):
+                    h = g * G + a
+                    if center:   # sum_t p_{h,t,j} e_t (u_{h,j} - o_{h,t})^T
+                        parts.append(A[h, :, j, None] * (U[h][j][None, :] - O[h]))
+                    else:        # a_{h,j} u_{h,j}^T
+                        parts.append(torch.outer(A[h, :, j], U[h][j]))
+                if group == "exact":
+                    out[b, g, j] = torch.linalg.norm(sum(parts))
+                else:
+                    out[b, g, j] = sum(torch.linalg.norm(p) for p in parts)
+    return out
+
+
+def assert_scores_close(got, ref, rtol=1e-4):
+    assert got.dtype == torch.float32
+    assert got.shape == ref.shape
+    err = (got.double() - ref).abs().max().item()
+    assert err <= rtol * ref.abs().max().item(), f"max abs err {err:.3e} vs max {ref.abs().max().item():.3e}"
+
+
+# ---------------------------------------------------------------------- the tests
+
+SHAPES = [  # (G, H_kv, D, n, w, B)
+    (1, 3, 64, 67, 8, 1),      # MHA
+    (1, 2, 128, 131, 32, 1),
+    (2, 2, 64, 131, 32, 1),
+    (3, 2, 128, 67, 8, 2),
+    (4, 1, 64, 67, 32, 1),
+    (7, 1, 128, 67, 5, 1),
+    (7, 2, 64, 41, 16, 1),
+]
+
+
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", SHAPES)
+def test_exact_scores_match_naive_T_norms(G, H_kv, D, n, w, B):
+    q, k, v, o = make_layer(seed=G * 100 + D + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    got = laprox.laprox_scores(q, k, v, o)
+    assert_scores_close(got, naive_scores(q, k, v, o))
+
+
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]])
+def test_group_sum_matches_naive_and_bounds_exact(G, H_kv, D, n, w, B):
+    q, k, v, o = make_layer(seed=11 + G, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    s_sum = laprox.laprox_scores(q, k, v, o, group="sum")
+    assert_scores_close(s_sum, naive_scores(q, k, v, o, group="sum"))
+    s_exact = laprox.laprox_scores(q, k, v, o, group="exact")
+    assert (s_sum >= s_exact * (1 - 1e-5)).all()
+    if G == 1:
+        torch.testing.assert_close(s_sum, s_exact, rtol=1e-5, atol=1e-7)
+    else:
+        assert (s_sum > s_exact * (1 + 1e-4)).any()            # the bound is not tight for GQA
+
+
+@pytest.mark.parametrize("group", ["exact", "sum"])
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]])
+def test_center_matches_naive(G, H_kv, D, n, w, B, group):
+    q, k, v, o = make_layer(seed=23 + G, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    got = laprox.laprox_scores(q, k, v, o, group=group, center=True)
+    assert_scores_close(got, naive_scores(q, k, v, o, group=group, center=True))
+    assert not torch.allclose(got, laprox.laprox_scores(q, k, v, o, group=group), rtol=1e-2)
+
+
+def test_center_is_first_order_renormalised_eviction():
+    """MHA: evicting key j and renormalising moves row t by p/(1-p) (u_j - o_t), so
+    score_c <= ||Y - Y'_{-j}||_F <= score_c / (1 - max_t p_{t,j})."""
+    q, k, v, o = make_layer(seed=5, H_kv=2, G=1, w=8, n=40, D=64)
+    sc = laprox.laprox_scores(q, k, v, o, center=True)[0].double()
+    q, k, v = q[0].to(F64), k[0].to(F64), v[0].to(F64)
+    H, w, D = q.shape
+    n = k.shape[1]
+    A = naive_attention(q, k)
+    for h in range(H):
+        W = head_weight(o, h, D)
+        Y = A[h] @ v[h] @ W.T
+        for j in (0, 3, 17, n - w, n - 2, n - 1):
+            logits = q[h] @ k[h].T / math.sqrt(D)
+            vis = torch.arange(n)[None, :] <= (n - w + torch.arange(w))[:, None]
+            vis[:, j] = False                                  # evict key j
+            A2 = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
+            dY = torch.linalg.norm(Y - A2 @ v[h] @ W.T).item()
+            pmax = A[h, :, j].max().item()
+            s = sc[h, j].item()
+            assert s <= dY * (1 + 1e-4) + 1e-9
+            assert dY <= s / (1 - pmax) * (1 + 1e-4) + 1e-9
+
+
+@pytest.mark.parametrize("G,H_kv,D,n,w", [(1, 2, 64, 67, 8), (3, 2, 64, 41, 8), (7, 1, 128, 37, 5)])
+def test_error_bound_holds_for_random_subsets(G, H_kv, D, n, w):
+    q, k, v, o = make_layer(seed=31 + G, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    T, A = naive_terms(q[0], k[0], v[0], o)
+    # the decomposition (3): Y = sum_h A_h V_g W_O^h equals the sum of all T_{g,j}
+    Y = sum(A[h] @ v[0, h // G].double() @ head_weight(o, h, D).T for h in range(H_kv * G))
+    torch.testing.assert_close(sum(T.values()), Y, rtol=1e-10, atol=1e-10)
+    scores = laprox.laprox_scores(q, k, v, o)[0].double()
+    gen = torch.Generator().manual_seed(G)
+    for keep_frac in (0.1, 0.5, 0.9):
+        for _ in range(5):
+            keep = torch.rand(H_kv, n, generator=gen) < keep_frac
+            Y_S = sum(T[g, j] for g in range(H_kv) for j in range(n) if keep[g, j])
+            err = torch.linalg.norm(Y - Y_S).item()
+            bound = scores[~keep].sum().item()
+            assert err <= bound * (1 + 1e-5), (err, bound)
+
+
+def test_window_attention_matches_naive_and_is_causal():
+    q, k, _, _ = make_layer(seed=3, B=2, H_kv=2, G=3, w=8, n=30, D=64)
+    A = laprox.window_attention(q, k)
+    assert A.shape == (2, 6, 8, 30) and A.dtype == torch.float32
+    for b in range(2):
+        torch.testing.assert_close(A[b].double(), naive_attention(q[b], k[b]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(A.sum(-1), torch.ones(2, 6, 8))
+    for t in range(8):
+        assert (A[:, :, t, 30 - 8 + t + 1:] == 0).all()
+
+
+def test_value_gram_matrices_give_projected_value_dots():
+    _, _, v, o = make_layer(seed=4, H_kv=2, G=3, D=64, n=10)
+    M = laprox.value_gram_matrices(o, 6, 64, 2)
+    assert M.shape == (2, 3, 3, 64, 64) and M.dtype == torch.float32
+    for g in range(2):
+        for a in range(3):
+            for c in range(3):
+                vj = v[0, g, 5].double()
+                want = (head_weight(o, g * 3 + a, 64) @ vj) @ (head_weight(o, g * 3 + c, 64) @ vj)
+                got = vj @ M[g, a, c].double() @ vj
+                assert abs(got - want) <= 1e-4 * abs(want) + 1e-6
+
+
+def test_low_precision_inputs_are_scored_in_float32():
+    q, k, v, o = make_layer(seed=9, H_kv=2, G=2, n=33, D=64)
+    bf = [t.to(torch.bfloat16) for t in (q, k, v, o)]
+    got = laprox.laprox_scores(*bf)
+    ref = laprox.laprox_scores(*[t.float() for t in bf])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref)
+
+
+def test_argument_checks():
+    q, k, v, o = make_layer(seed=1, H_kv=2, G=2, w=8, n=20, D=64)
+    with pytest.raises(ValueError, match="multiple"):
+        laprox.laprox_scores(q[:, :3], k, v, o[:, :3 * 64])
+    with pytest.raises(ValueError, match="group"):
+        laprox.laprox_scores(q, k, v, o, group="mean")
+    with pytest.raises(ValueError, match="o_proj_weight"):
+        laprox.laprox_scores(q, k, v, o[:, :-1])
+    with pytest.raises(ValueError, match="window"):
+        laprox.laprox_scores(q, k[:, :, :4], v[:, :, :4], o)
+    with pytest.raises(ValueError, match="same shape"):
+        laprox.laprox_scores(q, k, v[:, :, :-1], o)
+    with pytest.raises(ValueError, match="head dim"):
+        laprox.laprox_scores(q, k[..., :32], v[..., :32], o)
+    with pytest.raises(ValueError, match="pass use_triton=False"):
+        laprox.laprox_scores_auto(q, k, v, o, center=True, use_triton=True)
+
+
+def test_normalize_scores_modes():
+    gen = torch.Generator().manual_seed(2)
+    scores = [torch.rand(1, 2, 10, generator=gen) + 0.1 for _ in range(3)]
+    resid = torch.tensor([2.0, 4.0, 8.0])
+    out = torch.tensor([0.5, 1.0, 3.0])
+    for mode, norms in (("residual", resid), ("output", out)):
+        got = laprox.normalize_scores(scores, resid, out, mode)
+        for s, g, nrm in zip(scores, got, norms):
+            torch.testing.assert_close(g, s / nrm)
+    got = laprox.normalize_scores(scores, resid, out, "none")
+    for s, g in zip(scores, got):
+        torch.testing.assert_close(g, s)
+    with pytest.raises(ValueError, match="normalize mode"):
+        laprox.normalize_scores(scores, resid, out, "layer")
+    with pytest.raises(ValueError, match="3 layers"):
+        laprox.normalize_scores(scores, resid[:2], out, "residual")
+    with pytest.raises(ValueError, match="> 0"):
+        laprox.normalize_scores(scores, resid, torch.tensor([1.0, 0.0, 1.0]), "output")
+
+
+def test_laprox_scorer_on_a_prefill():
+    layers = [make_layer(seed=40 + l, H_kv=2, G=3, w=8, n=35, D=64) for l in range(3)]
+    prefill = SimpleNamespace(
+        queries=[q for q, _, _, _ in layers], keys=[k for _, k, _, _ in layers],
+        values=[v for _, _, v, _ in layers], o_proj=[o for _, _, _, o in layers],
+        resid_norm=torch.tensor([3.0, 5.0, 7.0]), out_norm=torch.tensor([1.0, 2.0, 0.5]))
+    for normalize, norms in (("residual", prefill.resid_norm), ("output", prefill.out_norm),
+                             ("none", torch.ones(3))):
+        got = laprox.laprox_scorer(prefill, normalize=normalize)
+        assert len(got) == 3
+        for (q, k, v, o), s, nrm in zip(layers, got, norms):
+            assert s.shape == (1, 2, 35) and s.dtype == torch.float32
+            torch.testing.assert_close(s, laprox.laprox_scores(q, k, v, o) / nrm)
+    got = laprox.laprox_scorer(prefill, group="sum", center=True, normalize="none")
+    torch.testing.assert_close(got[1], laprox.laprox_scores(*layers[1], group="sum", center=True))
+    with pytest.raises(ValueError, match="normalize"):
+        laprox.laprox_scorer(prefill, normalize="max")
