@@ -134,12 +134,13 @@ def window_attention(queries, keys):
     This is the one place the window attention is computed (baselines reuse it).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, keys)
-    q = queries.float().reshape(B, H_kv, G, w, D)            # heads of a group side by side
-    k = keys.float().unsqueeze(2)                            # (B, H_kv, 1, n, D), shared by the group
-    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)   # (B, H_kv, G, w, n)
-    rows = torch.arange(w, device=keys.device).unsqueeze(1) + (n - w)   # absolute position of row i
-    cols = torch.arange(n, device=keys.device).unsqueeze(0)
-    logits = logits.masked_fill(cols > rows, float("-inf"))  # causal inside the window
+    q = queries.float().reshape(B, H_kv, G * w, D) / math.sqrt(D)    # the group's rows side by side
+    logits = torch.matmul(q, keys.float().transpose(-1, -2))         # (B, H_kv, G*w, n)
+    logits = logits.view(B, H_kv, G, w, n)
+    # causal inside the window: row i (position n-w+i) must not see the window keys after it;
+    # only the last w columns can be in the future, so only they are masked
+    future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., n - w:].masked_fill_(future, float("-inf"))
     return torch.softmax(logits, dim=-1).reshape(B, H, w, n)
 
 
@@ -171,8 +172,14 @@ def attention_column_gram(attn, n_kv_heads):
     attn: (B, H, w, n). Returns (B, H_kv, G, G, n): [b, g, a, a', j] = a_{h,j} . a_{h',j}.
     """
     B, H, w, n = attn.shape
-    P = attn.reshape(B, n_kv_heads, H // n_kv_heads, w, n)
-    return torch.einsum("bgatn,bgctn->bgacn", P, P)
+    G = H // n_kv_heads
+    P = attn.reshape(B, n_kv_heads, G, w, n)
+    out = P.new_empty(B, n_kv_heads, G, G, n)
+    for a in range(G):
+        for c in range(a, G):                                   # symmetric in (h, h')
+            out[:, :, a, c] = (P[:, :, a] * P[:, :, c]).sum(2)  # dot over the w window rows
+            out[:, :, c, a] = out[:, :, a, c]
+    return out
 
 
 def projected_value_gram(values, M):
@@ -180,16 +187,17 @@ def projected_value_gram(values, M):
 
     values: (B, H_kv, n, D); M: (H_kv, G, G, D, D).
     Returns (B, H_kv, G, G, n) float32: [b, g, a, a', j] = v_j^T M_{hh'} v_j = u_{h,j} . u_{h',j}.
+    Only pairs a <= a' are computed: M_{h'h} = M_{hh'}^T gives the same number.
     """
     B, H_kv, n, D = values.shape
     G = M.shape[1]
-    V = values.float()
-    out = V.new_zeros(B, H_kv, G, G, n)
+    V = values.float().transpose(0, 1).reshape(H_kv, B * n, D)        # one batch per KV head
+    out = V.new_empty(B, H_kv, G, G, n)
     for a in range(G):
-        for c in range(a, G):                                   # symmetric: M_{h'h} = M_{hh'}^T
-            VM = torch.einsum("bgnd,gde->bgne", V, M[:, a, c])  # v_j^T M_{hh'}, (B, H_kv, n, D)
-            out[:, :, a, c] = (VM * V).sum(-1)
-            out[:, :, c, a] = out[:, :, a, c]
+        for c in range(a, G):
+            VM = torch.bmm(V, M[:, a, c])                                # v_j^T M_{hh'}, (H_kv, B*n, D)
+            vMv = torch.linalg.vecdot(VM, V).view(H_kv, B, n).transpose(0, 1)
+            out[:, :, a, c] = out[:, :, c, a] = vMv
     return out
 
 
