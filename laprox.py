@@ -274,6 +274,25 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="exact", c
     return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
 
 
+# ---------------------------------------------------------- (4) what the bound bounds
+
+def eviction_error(queries, keys, values, o_proj_weight, keep):
+    """||Y - Y_S||_F of step (4): how far the layer's window output moves when only the entries
+    in `keep` stay (no renormalisation), i.e. the norm of the sum of the evicted terms T_{g,j}.
+
+    queries: (B, H, w, D); keys, values: (B, H_kv, n, D); o_proj_weight: (d, H*D);
+    keep: (B, H_kv, n) bool. Returns (B,) float32. Used to compare kept sets of different
+    methods by what LaProx minimises a bound of.
+    """
+    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
+    A = window_attention(queries, keys)                                     # (B, H, w, n)
+    evicted = (~keep).float().repeat_interleave(G, dim=1).unsqueeze(2)      # (B, H, 1, n)
+    V = values.float().repeat_interleave(G, dim=1)                          # (B, H, n, D)
+    heads = torch.matmul(A * evicted, V)                                    # (B, H, w, D)
+    dY = heads.transpose(1, 2).reshape(B, w, H * D) @ o_proj_weight.float().T   # (B, w, d)
+    return dY.flatten(1).norm(dim=1)
+
+
 # ------------------------------------------------------------- (7) across-layer scaling
 
 def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="residual"):
@@ -314,3 +333,62 @@ def laprox_scorer(prefill, *, group="exact", center=False, normalize="residual",
     scores = [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
               for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]
     return normalize_scores(scores, prefill.resid_norm, prefill.out_norm, normalize)
+
+
+# ------------------------------------------------------------------- a look at a real model
+
+def layer_errors(prefill, kept):
+    """eviction_error of every layer for kept sets from cache.select: (L,) float32."""
+    errs = []
+    for l, (q, k, v, o) in enumerate(zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)):
+        keep = torch.zeros(1, k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
+        for g, idx in enumerate(kept[l]):
+            keep[0, g, idx] = True
+        errs.append(eviction_error(q, k, v, o, keep)[0])
+    return torch.stack(errs).cpu()
+
+
+def compare_with_snapkv(prefill, budget=0.05):
+    """Per layer ||Y - Y_S||_F for LaProx's and SnapKV's kept sets at the same budget, both
+    unpooled; LaProx selects within each layer (selection="layer") so that both keep the
+    same number of entries per layer. Returns (laprox_errors, snapkv_errors), each (L,)."""
+    from cache import select
+    ours = select(prefill, "laprox", budget, pool=0, selection="layer")
+    snap = select(prefill, "snapkv", budget, pool=0)
+    return layer_errors(prefill, ours), layer_errors(prefill, snap)
+
+
+def main():
+    """python laprox.py [--length 4000] [--budget 0.05]: on the default model and a NIAH prompt,
+    the per-layer kept fractions of model-wide selection, and LaProx vs SnapKV by ||Y - Y_S||_F."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--length", type=int, default=4000)
+    ap.add_argument("--budget", type=float, default=0.05)
+    a = ap.parse_args()
+    from cache import kept_counts, select
+    from eval_niah import build_prompt, haystack_ids, read_haystack
+    from model import load_model
+    model, tok = load_model(a.model)
+    ids = build_prompt(tok, haystack_ids(tok, read_haystack(), a.length + 100), a.length, 0.5)["ids"]
+    with torch.no_grad():
+        prefill = model.prefill(torch.tensor([ids]))
+        fractions = kept_counts(select(prefill, "laprox", a.budget)).float() / prefill.n  # (L, H_kv)
+        ours, snap = compare_with_snapkv(prefill, a.budget)
+    print(f"n = {prefill.n}, budget {a.budget}: LaProx model-wide kept fraction per layer (mean over KV heads, "
+          f"and per head)")
+    print("layer  kept    heads")
+    for l, row in enumerate(fractions):
+        print(f"{l:5d}  {row.mean():.3f}  " + " ".join(f"{x:.3f}" for x in row))
+    print(f"overall {fractions.mean():.4f}")
+    won = int((ours < snap).sum())
+    print(f"\n||Y - Y_S||_F per layer, same per-layer budget, unpooled: LaProx mean {ours.mean():.4f}, "
+          f"SnapKV mean {snap.mean():.4f}; LaProx smaller on {won} of {len(ours)} layers")
+    print("layer  laprox    snapkv")
+    for l, (x, y) in enumerate(zip(ours, snap)):
+        print(f"{l:5d}  {x:.4f}  {y:.4f}")
+
+
+if __name__ == "__main__":
+    main()
