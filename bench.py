@@ -25,12 +25,19 @@ from pathlib import Path
 import torch
 
 from cache import compress
-from eval_niah import NEEDLE, build_prompt, haystack_ids, read_haystack
+from eval_niah import METHODS, build_parser, build_prompt, haystack_ids, read_haystack, run_cell
 from model import DEFAULT_MODEL, decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm")
-NIAH_METHODS = ("full", "laprox", "snapkv", "pyramidkv", "adakv", "criticalkv", "streamingllm")
+OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
+                    "random", "h2o")
+NIAH_METHODS = tuple(METHODS.split(","))  # eval_niah.py's default methods and answer length
+NIAH_NEW_TOKENS = build_parser().get_default("max_new_tokens")
+
+
+def step(msg: str):
+    """Progress: each figure takes seconds to minutes on a CPU."""
+    print(f"[bench] {msg}", flush=True)
 
 
 def clock(device) -> float:
@@ -71,12 +78,15 @@ def bench_load(name) -> dict:
 
 
 def bench_overhead(model, ids, budget, window, repeats, device) -> dict:
-    """Prefill time of `ids` and, per method, compress time and its ratio to the prefill."""
+    """Prefill time of `ids` and, per method, compress time and its ratio to the prefill. H2O's
+    score is accumulated during the prefill, so its cost is the extra prefill time plus compress."""
     t_prefill, prefill = timed(lambda: model.prefill(ids, window=window), device, repeats)
+    t_h2o, prefill_h2o = timed(lambda: model.prefill(ids, window=window, h2o=True), device, 1)
     row = {"n": ids.shape[1], "prefill_s": t_prefill, "prefill_tok_s": ids.shape[1] / t_prefill}
     for m in OVERHEAD_METHODS:
-        t, _ = timed(lambda: compress(prefill, m, budget), device, repeats)
-        row[m] = {"compress_s": t, "ratio_to_prefill": t / t_prefill}
+        p, extra = (prefill_h2o, max(t_h2o - t_prefill, 0.0)) if m == "h2o" else (prefill, 0.0)
+        t, _ = timed(lambda: compress(p, m, budget), device, repeats)
+        row[m] = {"compress_s": t + extra, "ratio_to_prefill": (t + extra) / t_prefill}
     row["laprox_vs_snapkv"] = row["laprox"]["compress_s"] / row["snapkv"]["compress_s"]
     return row
 
@@ -102,24 +112,15 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
     return out
 
 
-def bench_shared_prefill(model, ids, budget, window, new_tokens, device) -> dict:
-    """One NIAH cell, every default method: one shared prefill vs a prefill per method."""
-    def evaluate(prefill, method):
-        cache = compress(prefill, method, budget)
-        decode_greedy(model, cache, new_tokens)
-
-    def shared():
-        prefill = model.prefill(ids, window=window)
-        for m in NIAH_METHODS:
-            evaluate(prefill, m)
-
-    def separate():
-        for m in NIAH_METHODS:
-            evaluate(model.prefill(ids, window=window), m)
-
-    t_shared, _ = timed(shared, device)
-    t_separate, _ = timed(separate, device)
-    return {"n": ids.shape[1], "methods": len(NIAH_METHODS), "shared_s": t_shared,
+def bench_shared_prefill(model, tok, ids, budget, window, device) -> dict:
+    """One NIAH cell, every default method, run exactly as eval_niah.py runs it (run_cell: prefill,
+    then per method compress and decode the answer): one shared prefill vs a prefill per method."""
+    cases = [(m, budget) for m in NIAH_METHODS]
+    ids = ids[0].tolist()
+    t_shared, _ = timed(lambda: list(run_cell(model, tok, ids, cases, window, NIAH_NEW_TOKENS, device)), device)
+    t_separate, _ = timed(lambda: [list(run_cell(model, tok, ids, [c], window, NIAH_NEW_TOKENS, device))
+                                   for c in cases], device)
+    return {"n": len(ids), "methods": len(cases), "shared_s": t_shared,
             "per_method_s": t_separate, "ratio": t_separate / t_shared}
 
 
@@ -142,10 +143,10 @@ def table(res: dict, budget: float) -> str:
     if "load" in res:
         lines.append("load: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["load"].items()))
     lines.append(f"scoring + compression at budget {budget}, relative to the prefill:")
-    lines.append("  n      prefill(tok/s) " + " ".join(f"{m:>12s}" for m in OVERHEAD_METHODS) + "  laprox/snapkv")
+    lines.append("  n      prefill (tok/s)  " + " ".join(f"{m:>8s}" for m in OVERHEAD_METHODS) + "  laprox/snapkv")
     for r in res["overhead"]:
-        lines.append(f"  {r['n']:<6d} {r['prefill_s']:6.1f}s ({r['prefill_tok_s']:4.0f}) "
-                     + " ".join(f"{100 * r[m]['ratio_to_prefill']:11.2f}%" for m in OVERHEAD_METHODS)
+        lines.append(f"  {r['n']:<6d} {r['prefill_s']:6.1f}s ({r['prefill_tok_s']:4.0f})  "
+                     + " ".join(f"{100 * r[m]['ratio_to_prefill']:7.2f}%" for m in OVERHEAD_METHODS)
                      + f"  {r['laprox_vs_snapkv']:.2f}x")
     d = res["decode"]
     lines.append(f"decode after {d['n']} tokens, {d['new_tokens']} new tokens:")
@@ -173,7 +174,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budget", type=float, default=0.05, help="budget of the overhead and shared-prefill figures")
     ap.add_argument("--decode-budgets", default="0.05,0.2")
-    ap.add_argument("--niah-length", type=int, default=2000)
+    ap.add_argument("--niah-length", type=int, default=4000, help="the middle length of eval_niah.py's grid")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernel-lengths", default="32768,131072")
@@ -182,19 +183,26 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     res: dict = {"args": vars(a)}
     if not a.skip_load:
+        step("load time (first conversion, then cached)")
         res["load"] = bench_load(a.model)
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
     lengths = [int(x) for x in a.lengths.split(",")]
     hay = haystack_ids(tok, read_haystack(), max(lengths + [a.decode_length, a.niah_length]) + 100)
     model.prefill(prompt_ids(tok, hay, min(lengths), a.device), window=a.window)  # warm-up
-    res["overhead"] = [bench_overhead(model, prompt_ids(tok, hay, n, a.device), a.budget, a.window, a.repeats, a.device)
-                       for n in lengths]
+    res["overhead"] = []
+    for n in lengths:
+        step(f"scoring overhead at {n} tokens")
+        res["overhead"].append(bench_overhead(model, prompt_ids(tok, hay, n, a.device), a.budget, a.window,
+                                              a.repeats, a.device))
+    step(f"decode after {a.decode_length} tokens")
     res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device),
                                  [float(b) for b in a.decode_budgets.split(",")], a.window, a.new_tokens,
                                  a.repeats, a.device)
-    res["shared"] = bench_shared_prefill(model, prompt_ids(tok, hay, a.niah_length, a.device), a.budget,
-                                         a.window, len(NEEDLE.split()) + 8, a.device)
+    step(f"shared vs per-method prefill at {a.niah_length} tokens")
+    res["shared"] = bench_shared_prefill(model, tok, prompt_ids(tok, hay, a.niah_length, a.device), a.budget,
+                                         a.window, a.device)
     if a.device.startswith("cuda"):
+        step("Triton vs PyTorch scoring")
         res["kernel"] = bench_kernel([int(x) for x in a.kernel_lengths.split(",")], a.repeats)
     res["table"] = table(res, a.budget)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import torch
 
 import baselines
 import cache
+import test_selection
 import laprox
 from cache import Prefill, compress, kept_counts, select
 
@@ -14,19 +15,7 @@ L, H, D, d = 3, 6, 16, 48
 
 
 def make_prefill(H_kv=2, n=60, w=8, seed=0, h2o=True) -> Prefill:
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g)
-    return Prefill(
-        keys=[rnd(1, H_kv, n, D) for _ in range(L)],
-        values=[rnd(1, H_kv, n, D) for _ in range(L)],
-        queries=[2 * rnd(1, H, w, D) for _ in range(L)],
-        o_proj=[rnd(d, H * D) / math.sqrt(H * D) for _ in range(L)],
-        resid_norm=torch.rand(L, generator=g) + 1.0,
-        out_norm=torch.rand(L, generator=g) + 0.1,
-        h2o=[torch.rand(1, H, n, generator=g) for _ in range(L)] if h2o else None,
-        logits=rnd(1, 50),
-        window=w,
-    )
+    return test_selection.make_prefill(L=L, H=H, H_kv=H_kv, n=n, w=w, D=D, d=d, seed=seed, h2o=h2o)
 
 
 def naive_attention_row(p, l, h, i):
