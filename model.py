@@ -280,10 +280,10 @@ def attention_column_means(q: Tensor, k: Tensor, chunk: int) -> Tensor:
     kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, n, D)
     total = torch.zeros(1, H, n, device=q.device)
     for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        s = q[:, :, a:b].float() @ kf.transpose(-1, -2) / math.sqrt(D)  # (1, H, c, n)
-        causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
-        total += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
+        b = min(a + chunk, n)  # queries a..b-1 see keys 0..b-1 at most: the rest is never computed
+        s = q[:, :, a:b].float() @ kf[:, :, :b].transpose(-1, -2) / math.sqrt(D)  # (1, H, c, b)
+        causal = torch.arange(b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
+        total[..., :b] += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
     return total / torch.arange(n, 0, -1, device=q.device)
 
 

@@ -104,7 +104,7 @@ def test_prefill_captures(tmp_path):
     model, _ = load_model(str(folder))
     ids = torch.randint(0, BASE["vocab_size"], (1, 33), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        p = model.prefill(ids, window=8, h2o=True)
+        p = model.prefill(ids, window=8, h2o=True, h2o_chunk=7)  # several chunks, the last one short
         out = hf(ids, output_hidden_states=True, use_cache=True)
     torch.testing.assert_close(p.logits, out.logits[:, -1], atol=1e-5, rtol=1e-5)
     for l in range(3):

@@ -30,25 +30,11 @@ class WordTok:
         return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-def _missing_pipeline():
-    """Why the end-to-end run cannot happen yet (modules being written), or None."""
-    try:
-        from baselines import METHODS  # noqa: F401
-        from cache import compress  # noqa: F401
-        from model import generate, load_model  # noqa: F401
-    except ImportError as e:
-        return f"pipeline not importable yet ({e}): needs cache.compress, model.load_model/generate, baselines.METHODS"
-    return None
-
-
 @pytest.fixture(scope="module")
 def default_model():
-    """(model, tok) of the embedded default checkpoint, or a skip while model.py cannot load it."""
-    try:
-        from model import load_model
-        return load_model()
-    except (ImportError, NotImplementedError) as e:
-        pytest.skip(f"model.load_model() not available yet ({type(e).__name__}: {e})")
+    """(model, tok) of the embedded default checkpoint."""
+    from model import load_model
+    return load_model()
 
 
 @pytest.fixture(params=["stub", "default"])
@@ -193,7 +179,6 @@ def test_reports_from_rows(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.mark.skipif(_missing_pipeline() is not None, reason=str(_missing_pipeline()))
 def test_end_to_end_small_grid_resumes(default_model, tmp_path, capsys):
     model, tok = default_model
     argv = ["--lengths", "600", "--depths", "0,1", "--methods", "full,snapkv", "--budget", "0.2",
