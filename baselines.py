@@ -1,7 +1,7 @@
 """The prior KV-cache eviction methods LaProx is compared against, and the registry of all methods.
 
 Every method is a scorer plus a selection rule over the same prefill, so that two methods
-differ only in what the method itself decides (see /work/shared/baselines.md):
+differ only in what the method itself decides (the table in shared/baselines.md):
 
     scores = scorer(prefill, **score_flags)        # per layer (1, H_kv, n) float32, higher = keep
     scores = pool_scores(scores, pool)             # optional max pooling over tokens (cache.py)

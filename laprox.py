@@ -1,6 +1,6 @@
 """LaProx: score each cached KV entry by how much the layer's output would move without it.
 
-Reference implementation, written to be read next to /work/shared/laprox-spec.md.
+Reference implementation of the method as the project defines it (shared/laprox-spec.md).
 The fused GPU kernel lives in kernels.py and must agree with the functions here.
 
 The derivation, one step per numbered line; the code below cites these numbers.
