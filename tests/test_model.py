@@ -154,3 +154,18 @@ def test_context_longer_than_model_allows(tmp_path):
     model, _ = load_model(str(folder))
     with pytest.raises(ValueError, match="longer than the model allows"):
         model(torch.zeros(1, 513, dtype=torch.long) + 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_loading(tmp_path, dtype):
+    """Weights go straight into the requested dtype; logits stay close to the float32 model's."""
+    _, folder = make_checkpoint(tmp_path, "qwen2-bias", seed=9)
+    ref, _ = load_model(str(folder))
+    low, _ = load_model(str(folder), dtype=dtype)
+    assert all(p.dtype == dtype for p in low.parameters())
+    ids = torch.randint(0, BASE["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        a, b = ref(ids), low(ids)
+        p = low.prefill(ids, window=4)
+    assert b.dtype == torch.float32 and p.keys[0].dtype == dtype
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
