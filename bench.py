@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from cache import compress
-from eval_niah import METHODS, build_parser, build_prompt, haystack_ids, read_haystack, run_cell
+from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, haystack_ids, read_haystack, run_cell
 from model import DEFAULT_MODEL, decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
                     "random", "h2o")
-NIAH_METHODS = tuple(METHODS.split(","))  # eval_niah.py's default methods and answer length
+NIAH_METHODS = tuple(DEFAULT_METHODS.split(","))  # eval_niah.py's default methods and answer length
 NIAH_NEW_TOKENS = build_parser().get_default("max_new_tokens")
 
 
@@ -73,7 +73,10 @@ def bench_load(name) -> dict:
             first, _ = timed(lambda: load_model(), "cpu")
             cached, _ = timed(lambda: load_model(), "cpu")
         finally:
-            os.environ.pop("LAPROX_CACHE") if old is None else os.environ.__setitem__("LAPROX_CACHE", old)
+            if old is None:
+                del os.environ["LAPROX_CACHE"]
+            else:
+                os.environ["LAPROX_CACHE"] = old
     return {"first_s": first, "cached_s": cached}
 
 

@@ -5,9 +5,13 @@ prompt tokens, so two sequences would not share a shape. Evaluations run one pro
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -23,6 +27,7 @@ class Prefill:
     h2o: per layer (1, H, n) column sums of the causal prefill attention over all queries,
         each divided by the number of queries that see the key (n - j); None unless asked for.
     logits: (1, vocab) next-token logits, so decoding can start without re-reading the prompt.
+    window: w, the observation window (the prefill's `window`, clamped to n).
     """
     keys: list[Tensor]
     values: list[Tensor]
@@ -176,12 +181,6 @@ class KVCache:
 #   * Ties are broken deterministically toward the lower flat index: the earlier token, then the
 #     lower head, then the shallower layer (stable descending sort), so results are reproducible
 #     and a naive loop can reproduce them exactly.
-
-import math
-import numbers
-from fractions import Fraction
-
-import torch.nn.functional as F
 
 
 def resolve_budget(budget: float | int, n: int, window: int, *, sinks: int = 0) -> int:
@@ -437,7 +436,7 @@ def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: lis
     Per layer:
       1. allocation: AdaKV on a (safeguard alpha) gives each head g a count c_g (layer total H_kv * k);
          b_g = c_g - window - sinks is what head g chooses.
-      2. stage 1: head g keeps its top floor(first_stage * b_g) entries by a (plus the safeguard).
+      2. stage 1: head g keeps its top max(safeguard, floor(first_stage * b_g)) entries by a.
       3. stage 2: head g fills up to c_g entries by (a + eps) * weights.
     Returns per layer a list over H_kv heads of sorted int64 indices; total L * H_kv * k.
     """
@@ -513,14 +512,28 @@ def select(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05,
     Returns per layer a list over H_kv heads of sorted int64 indices (kept_counts gives the sizes).
     """
     m = _method(method)
-    score_flags, select_flags, pool = _split_flags(method, m, flags)
+    _, select_flags, _ = _split_flags(method, m, flags)
     n, window = prefill.n, prefill.window
     if m.scorer is None:  # full
         return [[torch.arange(n, device=prefill.keys[0].device) for _ in range(prefill.n_kv_heads)] for _ in range(prefill.n_layers)]
-    k = resolve_budget(budget, n, window, sinks=select_flags.get("sinks", 0))
-    scores = [pool_scores(s, pool, window=window) for s in m.scorer(prefill, **score_flags)]
+    k = resolve_budget(budget, n, window, sinks=select_flags.get("sinks", 0))  # before any scoring
+    scores = method_scores(prefill, method, **flags)
     extra = {} if m.weights is None else {"weights": m.weights(prefill)}
     return m.rule(scores, k, window, **select_flags, **extra)
+
+
+def budget_fits(method: str, budget: float | int, n: int, window: int) -> bool:
+    """Whether `budget` leaves every head of `method` at least its window + sinks on an n-token
+    prompt, as select requires ("full" always fits). Evaluators use it to skip such cases for
+    every method alike instead of failing mid-run."""
+    m = _method(method)
+    if m.scorer is None:
+        return True
+    try:
+        resolve_budget(budget, n, min(window, n), sinks=m.select_flags.get("sinks", 0))
+        return True
+    except ValueError:
+        return False
 
 
 def compress(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05, **flags) -> "KVCache":

@@ -220,22 +220,18 @@ def score_prediction(task: str, pred: str, answers: list[str], all_classes) -> f
 
 # ---- data ----
 
-def cache_dir() -> Path:
-    """Where downloads go: $LAPROX_CACHE, default ~/.cache/laprox."""
-    return Path(os.environ.get("LAPROX_CACHE", "~/.cache/laprox")).expanduser()
-
-
 def fetch_data() -> Path:
     """The folder of official jsonl files, downloaded once from the hub (THUDM/LongBench,
-    data.zip, as the official README offers) and unpacked under cache_dir()/longbench."""
-    root = cache_dir() / "longbench"
+    data.zip, as the official README offers) and unpacked under $LAPROX_CACHE/longbench."""
+    from model import cache_root
+    root = cache_root() / "longbench"
     found = sorted(root.rglob("narrativeqa.jsonl")) if root.is_dir() else []
     if found:
         return found[0].parent
     try:
         from huggingface_hub import hf_hub_download
         archive = hf_hub_download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset",
-                                  cache_dir=str(cache_dir() / "hub"))
+                                  cache_dir=str(root.parent / "hub"))
     except Exception as e:
         raise RuntimeError(
             f"could not download the LongBench data ({HUB_FILE} of the dataset {HUB_REPO}) from the "
@@ -335,6 +331,14 @@ def read_predictions(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"warning: skipping an unreadable line of {path}", file=sys.stderr)
     return lines
+
+
+def run_config(args) -> str:
+    """Hash of what changes the predictions (checkpoint, dtype, window, truncation, prompts): lines
+    of another configuration in the same predictions file are neither skipped nor scored."""
+    from eval_niah import fingerprint
+    return fingerprint(dict(checkpoint=args.model, dtype=args.dtype, window=args.window,
+                            max_length=args.max_length, prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN))
 
 
 def run_key(task: str, index: int, method: str, budget) -> tuple:
@@ -486,15 +490,17 @@ def main(argv=None) -> list[dict]:
     except (ValueError, RuntimeError) as e:
         sys.exit(f"eval_longbench.py: error: {e}")
 
-    from model import DEFAULT_MODEL
-    model_name = Path(args.model or DEFAULT_MODEL).name
+    from eval_niah import DEFAULT_MODEL_NAME
+    model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
     out = args.out or Path("results") / "longbench" / model_name
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     if not args.resume and pred_path.exists():
         print(f"--no-resume: starting {pred_path} afresh")
         pred_path.unlink()
-    done = {run_key(x["task"], x["index"], x["method"], x["budget"]) for x in read_predictions(pred_path)}
+    config = run_config(args)
+    previous = [x for x in read_predictions(pred_path) if x.get("config") == config]
+    done = {run_key(x["task"], x["index"], x["method"], x["budget"]) for x in previous}
 
     work = [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
     todo = [(task, s, runs) for task, s in work if (runs := pending_runs(s, task, methods, budgets, done))]
@@ -502,6 +508,7 @@ def main(argv=None) -> list[dict]:
     if todo:
         import torch
         from tqdm import tqdm
+        from cache import budget_fits
         from model import load_model
         model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
         with open(pred_path, "a", encoding="utf-8") as f:
@@ -510,17 +517,24 @@ def main(argv=None) -> list[dict]:
             for task, s, runs in tqdm(todo, desc="LongBench"):
                 max_length = args.max_length or default_max_length(model, tok, task)
                 ids = build_prompt_ids(tok, s, task, max_length)
-                for r in run_sample(model, tok, ids, task, runs, args.window, args.device):
+                fits = [(m, b) for m, b in runs if b is None or budget_fits(m, b, len(ids), args.window)]
+                if len(fits) < len(runs):
+                    print(f"note: {task} sample {s['index']} ({len(ids)} tokens) is too short for "
+                          f"{sorted({b for m, b in runs if (m, b) not in fits})} (below the {args.window}-token "
+                          f"window + sinks): skipped for those budgets")
+                if not fits:
+                    continue
+                for r in run_sample(model, tok, ids, task, fits, args.window, args.device):
                     line = {"task": task, "_id": s.get("_id"), "index": s["index"], **r,
                             "answers": s["answers"], "all_classes": s["all_classes"],
-                            "length": s.get("length"), "prompt_tokens": len(ids)}
+                            "length": s.get("length"), "prompt_tokens": len(ids), "config": config}
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
 
     wanted = {(task, s["index"]) for task, s in work}
     runs_wanted = {(m, None if m == "full" else b) for m in methods for b in budgets}
     lines = [x for x in read_predictions(pred_path)
-             if (x["task"], x["index"]) in wanted and (x["method"], x["budget"]) in runs_wanted]
+             if x.get("config") == config and (x["task"], x["index"]) in wanted and (x["method"], x["budget"]) in runs_wanted]
     results = aggregate(lines)
     (out / "results.json").write_text(json.dumps(
         {"model": model_name, "tasks": tasks, "methods": methods, "budgets": budgets,

@@ -29,7 +29,7 @@ from pathlib import Path
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
 ANSWER_PREFIX = "The best thing to do in San Francisco is"
-METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
+DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The user turn: KVCache-Factory's / kvpress's "story book" wrapper, then the question.
 PROMPT = ("This is a very long story book: <book> {context} </book>.\n"
@@ -242,16 +242,8 @@ def below_window(lengths: list[int], methods: list[str], budgets: list[float], w
     """(budget, length) pairs at which some method would keep fewer tokens per head than the
     window (+ its sinks), which cache.py refuses (e.g. 1% of 2000 tokens = 20 < 32). Those cases
     are skipped for every method alike, with a note, so that budget's mean compares like with like."""
-    from baselines import METHODS as registry
-    from cache import resolve_budget
-
-    def fails(m, b, l):
-        try:
-            resolve_budget(b, l, window, sinks=registry[m].select_flags.get("sinks", 0))
-            return False
-        except ValueError:
-            return True
-    return {(b, l) for l in lengths for b in budgets if any(fails(m, b, l) for m in methods if m != "full")}
+    from cache import budget_fits
+    return {(b, l) for l in lengths for b in budgets if not all(budget_fits(m, b, l, window) for m in methods)}
 
 
 def check_lengths(lengths: list[int], max_position: int, max_new_tokens: int, min_length: int = 1):
@@ -294,7 +286,7 @@ def load_rows(path: Path, config: str) -> list[dict]:
 # ----------------------------------------------------------------------------- the model part
 
 def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window: int,
-             max_new_tokens: int, device: str):
+             max_new_tokens: int, device: str, seed: int = 0):
     """Prefill `ids` once, then for each (method, budget): compress, decode. Yields dicts with
     method, budget, generated, kept_fraction, cache_mb, prefill_s, compress_s, decode_s."""
     import torch
@@ -313,7 +305,8 @@ def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window:
         prefill_s = clock() - t0
         for method, budget in cases:
             t0 = clock()
-            cache = compress(prefill, method=method, budget=budget)
+            flags = {"seed": seed} if method == "random" else {}  # the only method that draws
+            cache = compress(prefill, method=method, budget=budget, **flags)
             t1 = clock()
             kept, mb = cache.kept_fraction(), cache.nbytes() / 2**20  # before decoding appends to it
             generated = generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
@@ -433,7 +426,8 @@ def run(args, model=None, tok=None) -> list[dict]:
     skipped = below_window(lengths, methods, budgets, args.window)
     for b, l in sorted(skipped):
         print(f"note: budget {b:g} at length {l} keeps {round(b * l)} tokens a head, fewer than the "
-              f"{args.window}-token window: not evaluated (lower --window to include it)")
+              f"{args.window}-token window (+ a method's sinks) always kept: not evaluated for any method "
+              f"(lower --window to include it)")
     haystack = read_haystack(args.haystack)
     model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
     out = Path(args.out or Path("results") / "niah" / model_name)
@@ -453,22 +447,23 @@ def run(args, model=None, tok=None) -> list[dict]:
     if any(todo for _, _, todo in cells):
         import torch
         from tqdm import tqdm
-        torch.manual_seed(args.seed)
+        from cache import budget_fits
         if model is None:
             from model import load_model
             model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
         min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
         check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length)
         hay = haystack_ids(tok, haystack, max(lengths))
-        out.mkdir(parents=True, exist_ok=True)
         n_done = sum(not todo for _, _, todo in cells)
         bar = tqdm(total=len(cells), initial=n_done, desc="NIAH cells", unit="cell")
         for length, depth, todo in cells:
             if not todo:
                 continue
             prompt = build_prompt(tok, hay, length, depth, args.needle, args.question, args.answer_prefix)
+            todo = [(m, b) for m, b in todo if budget_fits(m, b, len(prompt["ids"]), args.window)]  # exact length
             bar.set_postfix(length=length, depth=depth)
-            for r in run_cell(model, tok, prompt["ids"], todo, args.window, args.max_new_tokens, args.device):
+            for r in run_cell(model, tok, prompt["ids"], todo, args.window, args.max_new_tokens, args.device,
+                              args.seed):
                 response = clean_response(r["generated"])
                 row = dict(model=model_name, method=r["method"], budget=r["budget"], length=length, depth=depth,
                            score=recall_score(answer, response), exact=exact_match(answer, response),
@@ -483,6 +478,7 @@ def run(args, model=None, tok=None) -> list[dict]:
                 new.append(row)
             bar.update(1)
         bar.close()
+    out.mkdir(parents=True, exist_ok=True)
     summary = write_reports(load_rows(results, config), out, lengths, depths, methods, budgets, meta)
     print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out}\n")
     print(format_table(summary["score"], budgets))
@@ -497,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="0.05", help="fraction(s) of the prompt's KV entries kept, comma list")
     p.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths in tokens, comma list")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma list")
-    p.add_argument("--methods", default=METHODS, help="comma list; 'full' is evaluated once per cell")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; 'full' is evaluated once per cell")
     p.add_argument("--haystack", default=None, help="text file or folder of .txt (default: the PG essays)")
     p.add_argument("--needle", default=NEEDLE)
     p.add_argument("--question", default=QUESTION)

@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from laprox import GROUP_MODES, check_qkv, value_gram_matrices
+from laprox import _check_group, check_qkv, value_gram_matrices
 
 try:
     import triton
@@ -61,6 +61,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def triton_available():
     """True if triton imported; the kernel then runs on CUDA tensors (or any, when INTERPRET)."""
     return triton is not None
+
+
+def kernel_fits(head_dim: int) -> bool:
+    """The kernel tiles the head dim: it must be a power of two >= 16 (64 and 128 in practice)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 if triton is not None:
@@ -224,13 +229,12 @@ def laprox_scores_triton(queries, keys, values, o_proj_weight, *, group="exact",
     if center:
         raise NotImplementedError("center=True is not implemented in the Triton kernel; "
                                   "use laprox.laprox_scores(..., center=True)")
-    if group not in GROUP_MODES:
-        raise ValueError(f"group must be one of {GROUP_MODES}, got {group!r}")
+    _check_group(group)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     _require_triton(keys)
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
-    if D < 16 or D & (D - 1):
+    if not kernel_fits(D):
         raise ValueError(f"the kernel needs a power-of-two head dim >= 16 (64 and 128 are typical), got D={D}")
     for name, t in (("queries", queries), ("keys", keys), ("values", values)):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):

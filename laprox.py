@@ -260,16 +260,20 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="exact", c
                        use_triton=None):
     """laprox_scores on the best available path; same arguments and result.
 
-    use_triton=None: the Triton kernel (kernels.py) when the tensors are on CUDA and
-    center=False, the PyTorch path otherwise. True forces the kernel (on a CPU it then
-    needs TRITON_INTERPRET=1 set before triton is imported); False forces PyTorch.
+    use_triton=None: the Triton kernel (kernels.py) when the tensors are on CUDA, center=False,
+    triton is installed and the head dim suits the kernel; the PyTorch path otherwise. True
+    forces the kernel (on a CPU it then needs TRITON_INTERPRET=1 set before triton is
+    imported); False forces PyTorch.
     """
     if use_triton is None:
         use_triton = keys.is_cuda and not center
+        if use_triton:
+            from kernels import kernel_fits, triton_available   # lazy: triton is optional on a CPU
+            use_triton = triton_available() and kernel_fits(keys.shape[-1])
     if use_triton:
         if center:
             raise ValueError("center=True is only implemented in the PyTorch path; pass use_triton=False")
-        from kernels import laprox_scores_triton                # lazy: triton is optional on a CPU
+        from kernels import laprox_scores_triton
         return laprox_scores_triton(queries, keys, values, o_proj_weight, group=group)
     return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
 
@@ -320,7 +324,7 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="residual"):
 # ------------------------------------------------------------------- the Prefill scorer
 
 def laprox_scorer(prefill, *, group="exact", center=False, normalize="residual", use_triton=None):
-    """LaProx scores for every layer of a Prefill (see cache.py / INTERFACE.md).
+    """LaProx scores for every layer of a Prefill (cache.Prefill).
 
     prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)),
     o_proj (per layer (d, H*D)), resid_norm and out_norm ((L,) float32).
@@ -328,7 +332,7 @@ def laprox_scorer(prefill, *, group="exact", center=False, normalize="residual",
     by `normalize` (step (7)). Triton on CUDA, PyTorch otherwise (see laprox_scores_auto).
     """
     _check_group(group)
-    if normalize not in NORMALIZE_MODES:
+    if normalize not in NORMALIZE_MODES:  # checked again by normalize_scores, but before the work
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     scores = [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
               for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]

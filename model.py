@@ -294,8 +294,13 @@ def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=()
                   stop=None) -> list[int]:
     """Greedy tokens continuing the sequence in `cache` (appended to it as they are made).
     logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's).
-    Stops after a token in stop_ids, or when stop(tokens so far) is true."""
+    Stops after a token in stop_ids, or when stop(tokens so far) is true. The last token is
+    not fed back, so a cache answers once: compress the prefill again for another answer."""
     logits = cache.last_logits if logits is None else logits
+    if logits is None:
+        raise ValueError("this cache has been decoded from already (its last token was never fed back); "
+                         "build a new one from the prefill (compress / KVCache.from_prefill) for another answer")
+    cache.last_logits = None
     out = []
     for _ in range(max_new_tokens):
         token = int(logits[0].argmax())
@@ -397,6 +402,9 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint folder at {path}: pass a folder with config.json and "
+                                f"*.safetensors, a hub id (owner/name), or {DEFAULT_MODEL!r}")
     if path.exists() or name_or_path.count("/") != 1:
         raise ValueError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id (owner/name); "
                          f"pass a folder with config.json and *.safetensors, or {DEFAULT_MODEL!r}")
@@ -649,13 +657,17 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     return out_dir
 
 
+def cache_root() -> Path:
+    """Where converted models and downloaded data go: $LAPROX_CACHE, default ~/.cache/laprox."""
+    return Path(os.environ.get("LAPROX_CACHE") or "~/.cache/laprox").expanduser()
+
+
 def default_checkpoint_dir() -> Path:
     """Folder of the converted default model; converts the embedded GGUF on first use (~10 s).
 
     Location: $LAPROX_CACHE (default ~/.cache/laprox) / smollm2-135m-instruct.
     """
-    cache = Path(os.environ.get("LAPROX_CACHE") or "~/.cache/laprox").expanduser()
-    out = cache / "smollm2-135m-instruct"
+    out = cache_root() / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():  # the folder only appears complete (atomic rename)
         try:
             convert_gguf(find_default_gguf(), out)

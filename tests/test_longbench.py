@@ -304,9 +304,13 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
              fake_line("trec", 0, "full", None, "Animal", TREC),
              fake_line("trec", 0, "snapkv", 0.2, "Animal", TREC, kept=0.2),
              fake_line("trec", 1, "snapkv", 0.2, "Food", TREC, kept=0.2)]  # beyond --limit: not scored
-    (out / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"task": "tr')
-    results = lb.main(["--data-dir", str(data_dir), "--tasks", "hotpotqa,trec", "--limit", "1",
-                       "--methods", "full,snapkv", "--budget", "0.2", "--out", str(out)])
+    argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,trec", "--limit", "1",
+            "--methods", "full,snapkv", "--budget", "0.2", "--out", str(out)]
+    config = lb.run_config(lb.parse_args(argv))
+    other = dict(lines[0], config="another-configuration", pred="wrong")  # neither skipped nor scored
+    lines = [dict(x, config=config) for x in lines]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [other] + lines) + '{"task": "tr')
+    results = lb.main(argv)
     by = {r["method"]: r for r in results}
     assert by["full"]["avg"] == 100.0 and by["snapkv"]["tasks"] == {"hotpotqa": 0.0, "trec": 100.0}
     saved = json.loads((out / "results.json").read_text())

@@ -169,3 +169,14 @@ def test_low_precision_loading(tmp_path, dtype):
         p = low.prefill(ids, window=4)
     assert b.dtype == torch.float32 and p.keys[0].dtype == dtype
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_a_cache_answers_once_and_local_paths_are_not_hub_ids(tmp_path):
+    _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=12)
+    model, _ = load_model(str(folder))
+    cache = KVCache.from_prefill(model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
+    decode_greedy(model, cache, 3)
+    with pytest.raises(ValueError, match="decoded from already"):
+        decode_greedy(model, cache, 3)
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        load_model("./no_such/checkpoint")
