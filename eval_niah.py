@@ -222,12 +222,42 @@ def known_methods() -> list[str]:
     return list(registry)
 
 
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A --methods entry: a method name, optionally with flags for an ablation, e.g.
+    "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0})."""
+    name, *pairs = spec.split(":")
+    flags = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ValueError(f"method {spec!r}: flags are written key=value, e.g. laprox:selection=layer")
+        flags[key] = _flag_value(value)
+    return name, flags
+
+
+def _flag_value(text: str):
+    """'0' -> 0, '0.2' -> 0.2, 'true' -> True, anything else stays a string."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def check_grid(lengths: list[int], depths: list[float], methods: list[str], budgets: list[float],
                known: list[str], window: int, max_new_tokens: int):
     """Errors for a bad grid, before any model work."""
-    bad = [m for m in methods if m not in known]
+    bad = [m for m in methods if method_spec(m)[0] not in known]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(known)}")
+    from baselines import METHODS as registry
+    for m in methods:
+        name, flags = method_spec(m)
+        allowed = {**registry[name].score_flags, **registry[name].select_flags, "pool": registry[name].pool}
+        if set(flags) - set(allowed):
+            raise ValueError(f"method {m!r}: unknown flag(s) {sorted(set(flags) - set(allowed))}; "
+                             f"{name}'s flags (defaults): {allowed}")
     if any(l <= 0 for l in lengths):
         raise ValueError(f"--lengths must be positive token counts, got {lengths}")
     if any(not 0 <= d <= 1 for d in depths):
@@ -243,7 +273,8 @@ def below_window(lengths: list[int], methods: list[str], budgets: list[float], w
     window (+ its sinks), which cache.py refuses (e.g. 1% of 2000 tokens = 20 < 32). Those cases
     are skipped for every method alike, with a note, so that budget's mean compares like with like."""
     from cache import budget_fits
-    return {(b, l) for l in lengths for b in budgets if not all(budget_fits(m, b, l, window) for m in methods)}
+    return {(b, l) for l in lengths for b in budgets
+            if not all(budget_fits(method_spec(m)[0], b, l, window) for m in methods)}
 
 
 def check_lengths(lengths: list[int], max_position: int, max_new_tokens: int, min_length: int = 1):
@@ -301,12 +332,14 @@ def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window:
     with torch.inference_mode():
         t0 = clock()
         prefill = model.prefill(torch.tensor([ids], device=device), window=window,
-                                h2o=any(m == "h2o" for m, _ in cases))
+                                h2o=any(method_spec(m)[0] == "h2o" for m, _ in cases))
         prefill_s = clock() - t0
         for method, budget in cases:
             t0 = clock()
-            flags = {"seed": seed} if method == "random" else {}  # the only method that draws
-            cache = compress(prefill, method=method, budget=budget, **flags)
+            name, flags = method_spec(method)
+            if name == "random":  # the only method that draws
+                flags.setdefault("seed", seed)
+            cache = compress(prefill, method=name, budget=budget, **flags)
             t1 = clock()
             kept, mb = cache.kept_fraction(), cache.nbytes() / 2**20  # before decoding appends to it
             generated = generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
@@ -460,7 +493,8 @@ def run(args, model=None, tok=None) -> list[dict]:
             if not todo:
                 continue
             prompt = build_prompt(tok, hay, length, depth, args.needle, args.question, args.answer_prefix)
-            todo = [(m, b) for m, b in todo if budget_fits(m, b, len(prompt["ids"]), args.window)]  # exact length
+            todo = [(m, b) for m, b in todo  # the exact length
+                    if budget_fits(method_spec(m)[0], b, len(prompt["ids"]), args.window)]
             bar.set_postfix(length=length, depth=depth)
             for r in run_cell(model, tok, prompt["ids"], todo, args.window, args.max_new_tokens, args.device,
                               args.seed):
@@ -493,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="0.05", help="fraction(s) of the prompt's KV entries kept, comma list")
     p.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths in tokens, comma list")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma list")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; 'full' is evaluated once per cell")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list; 'full' is evaluated once per cell; name:flag=value:... for an ablation, "
+                        "e.g. laprox:selection=layer or laprox:pool=0")
     p.add_argument("--haystack", default=None, help="text file or folder of .txt (default: the PG essays)")
     p.add_argument("--needle", default=NEEDLE)
     p.add_argument("--question", default=QUESTION)

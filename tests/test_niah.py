@@ -208,3 +208,15 @@ def test_budgets_below_the_window_are_skipped_for_every_method():
     # streamingllm's 4 sinks count too: 0.01 * 3500 = 35 < 32 + 4
     assert below_window([3500], ["snapkv"], [0.01], 32) == set()
     assert below_window([3500], ["streamingllm"], [0.01], 32) == {(0.01, 3500)}
+
+
+def test_method_specs_carry_ablation_flags():
+    assert E.method_spec("laprox:selection=layer:pool=0:center=true:normalize=none") == (
+        "laprox", {"selection": "layer", "pool": 0, "center": True, "normalize": "none"})
+    assert E.method_spec("adakv:alpha=0.5") == ("adakv", {"alpha": 0.5}) and E.method_spec("full") == ("full", {})
+    known = E.known_methods()
+    E.check_grid([600], [0.5], ["full", "laprox:pool=0"], [0.2], known, 32, 4)
+    with pytest.raises(ValueError, match="unknown flag"):
+        E.check_grid([600], [0.5], ["laprox:colour=red"], [0.2], known, 32, 4)
+    with pytest.raises(ValueError, match="key=value"):
+        E.method_spec("laprox:pool")
