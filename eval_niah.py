@@ -476,6 +476,7 @@ def run(args, model=None, tok=None) -> list[dict]:
                      if case_key(m, b, l, d) not in done and (m == "full" or (b, l) not in skipped)])
              for l in lengths for d in depths]  # (length, depth, cases still to do)
     answer = answer_of(args.needle, args.answer_prefix)
+    out.mkdir(parents=True, exist_ok=True)
     new = []
     if any(todo for _, _, todo in cells):
         import torch
@@ -512,7 +513,6 @@ def run(args, model=None, tok=None) -> list[dict]:
                 new.append(row)
             bar.update(1)
         bar.close()
-    out.mkdir(parents=True, exist_ok=True)
     summary = write_reports(load_rows(results, config), out, lengths, depths, methods, budgets, meta)
     print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out}\n")
     print(format_table(summary["score"], budgets))

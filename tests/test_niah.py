@@ -181,10 +181,11 @@ def test_reports_from_rows(tmp_path):
 
 def test_end_to_end_small_grid_resumes(default_model, tmp_path, capsys):
     model, tok = default_model
-    argv = ["--lengths", "600", "--depths", "0,1", "--methods", "full,snapkv", "--budget", "0.2",
-            "--max-new-tokens", "4", "--out", str(tmp_path)]
+    out = tmp_path / "results" / "niah"  # not there yet: the run makes it
+    argv = ["--lengths", "600", "--depths", "0,1", "--methods", "full,snapkv:pool=0", "--budget", "0.2",
+            "--max-new-tokens", "4", "--out", str(out)]
     rows = E.run(E.build_parser().parse_args(argv), model, tok)
-    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    lines = (out / "results.jsonl").read_text().splitlines()
     assert len(rows) == len(lines) == 4
     for r in map(json.loads, lines):
         assert {"method", "budget", "length", "depth", "score", "exact", "kept_fraction", "answer",
@@ -194,11 +195,11 @@ def test_end_to_end_small_grid_resumes(default_model, tmp_path, capsys):
             assert r["budget"] == 1.0 and r["kept_fraction"] == pytest.approx(1.0)
         else:
             assert r["budget"] == 0.2 and 0.1 < r["kept_fraction"] < 0.35
-    for name in ("heatmap_full.png", "heatmap_snapkv_0.2.png", "summary.md", "summary.json"):
-        assert (tmp_path / name).exists()
+    for name in ("heatmap_full.png", "heatmap_snapkv:pool=0_0.2.png", "summary.md", "summary.json"):
+        assert (out / name).exists()
     assert "full (no eviction)" in capsys.readouterr().out
     assert E.run(E.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
-    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    assert (out / "results.jsonl").read_text().splitlines() == lines
 
 
 def test_budgets_below_the_window_are_skipped_for_every_method():
