@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import string
 import sys
