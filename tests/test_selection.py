@@ -342,3 +342,21 @@ def test_selection_on_cuda_matches_cpu_rule():
         scores = [s.cpu() for s in method_scores(pc, method)]
         extra = {} if m.weights is None else {"weights": [t.cpu() for t in m.weights(pc)]}
         assert as_lists(kept) == as_lists(m.rule(scores, 40, 8, **m.select_flags, **extra)), method
+
+
+def test_normalisation_moves_model_wide_budget_between_layers():
+    """Model-wide LaProx selection: a layer whose residual stream is larger gets a smaller share
+    under normalize="residual" (its scores are divided by that norm), "output" and "none" ignore
+    the residual norm, and the total is always the request."""
+    p = make_prefill(L=3, H=6, H_kv=2, n=300, w=8, seed=5)
+    p.resid_norm = torch.ones(3)
+    counts = lambda **f: kept_counts(select(p, "laprox", 0.1, pool=0, **f)).sum(1)  # (L,) kept per layer
+    base = counts(normalize="residual")
+    assert torch.equal(base, counts(normalize="none"))  # all norms 1: same scores
+    p.resid_norm = torch.tensor([1.0, 100.0, 1.0])
+    shrunk = counts(normalize="residual")
+    assert shrunk[1] < base[1] and shrunk[1] == 2 * 8  # only the window of its 2 heads is left
+    assert shrunk.sum() == base.sum() == 3 * 2 * 30 and (shrunk[[0, 2]] >= base[[0, 2]]).all()
+    assert torch.equal(counts(normalize="none"), base)
+    p.out_norm = torch.tensor([1.0, 1.0, 0.01])  # a small output: its entries count 100x more
+    assert counts(normalize="output")[2] > counts(normalize="none")[2]
