@@ -19,13 +19,12 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from cache import compress
-from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, haystack_ids, read_haystack, run_cell
+from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, read_haystack, run_cell
 from model import DEFAULT_MODEL, decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,12 +37,6 @@ NIAH_NEW_TOKENS = build_parser().get_default("max_new_tokens")
 def step(msg: str):
     """Progress: each figure takes seconds to minutes on a CPU."""
     print(f"[bench] {msg}", flush=True)
-
-
-def clock(device) -> float:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def timed(fn, device, repeats: int = 1):
@@ -129,15 +122,13 @@ def bench_shared_prefill(model, tok, ids, budget, window, device) -> dict:
 
 def bench_kernel(ns, repeats) -> list[dict]:
     """Triton vs PyTorch LaProx scoring for one Llama-3.1-8B-shaped layer (random bf16), x 32 layers."""
-    import bench_kernels
-    from kernels import laprox_scores_triton
-    from laprox import laprox_scores
+    from bench_kernels import compare_on_gpu
+    shape = dict(H=32, H_kv=8, D=128, w=32, d=4096)
     rows = []
     for n in ns:
-        q, k, v, o = bench_kernels.make_inputs(n, 32, 8, 128, 32, 4096, torch.bfloat16, "cuda")
-        t_tri, _ = bench_kernels.time_cuda(lambda: laprox_scores_triton(q, k, v, o), repeats)
-        t_pt, _ = bench_kernels.time_cuda(lambda: laprox_scores(q, k, v, o), repeats)
-        rows.append({"n": n, "triton_model_ms": 32 * t_tri, "pytorch_model_ms": 32 * t_pt, "speedup": t_pt / t_tri})
+        r = compare_on_gpu(n, torch.bfloat16, shape, repeats=repeats)
+        rows.append({"n": n, "triton_model_ms": 32 * r["triton_ms"], "pytorch_model_ms": 32 * r["torch_ms"],
+                     "speedup": r["torch_ms"] / r["triton_ms"], "max_rel_diff": r["max_rel_diff"]})
     return rows
 
 

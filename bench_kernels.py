@@ -49,6 +49,21 @@ def time_cuda(fn, repeats):
     return statistics.median(times), peak
 
 
+def compare_on_gpu(n, dtype, shape, group="exact", repeats=5) -> dict:
+    """One layer of `shape` (H, H_kv, D, w, d) with n keys on CUDA: median ms and peak MiB of the
+    PyTorch and Triton paths, and their largest relative difference."""
+    import kernels
+    q, k, v, o = make_inputs(n, dtype=dtype, device="cuda", **shape)
+    t_ref, m_ref = time_cuda(lambda: laprox.laprox_scores(q, k, v, o, group=group), repeats)
+    t_tri, m_tri = time_cuda(lambda: kernels.laprox_scores_triton(q, k, v, o, group=group), repeats)
+    ref = laprox.laprox_scores(q, k, v, o, group=group)
+    got = kernels.laprox_scores_triton(q, k, v, o, group=group)
+    rel = ((got - ref).abs() / ref.abs().clamp_min(1e-6 * ref.abs().max())).max().item()
+    del q, k, v, o, ref, got
+    torch.cuda.empty_cache()
+    return {"torch_ms": t_ref, "triton_ms": t_tri, "torch_mib": m_ref, "triton_mib": m_tri, "max_rel_diff": rel}
+
+
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -102,21 +117,12 @@ def main():
           + ", ".join(f"{k}={v}" for k, v in shape.items()))
 
     if cuda:
-        import kernels
         print(f"{'n':>8} {'torch ms':>10} {'triton ms':>10} {'speedup':>8} "
               f"{'torch MiB':>10} {'triton MiB':>11} {'max rel diff':>13}")
         for n in ns:
-            q, k, v, o = make_inputs(n, dtype=dtype, device=device, **shape)
-            t_ref, m_ref = time_cuda(lambda: laprox.laprox_scores(q, k, v, o, group=args.group), args.repeats)
-            t_tri, m_tri = time_cuda(lambda: kernels.laprox_scores_triton(q, k, v, o, group=args.group),
-                                     args.repeats)
-            ref = laprox.laprox_scores(q, k, v, o, group=args.group)
-            got = kernels.laprox_scores_triton(q, k, v, o, group=args.group)
-            rel = ((got - ref).abs() / ref.abs().clamp_min(1e-6 * ref.abs().max())).max().item()
-            print(f"{n:>8} {t_ref:>10.2f} {t_tri:>10.2f} {t_ref / t_tri:>7.1f}x "
-                  f"{m_ref:>10.0f} {m_tri:>11.0f} {rel:>13.2e}")
-            del q, k, v, o, ref, got
-            torch.cuda.empty_cache()
+            r = compare_on_gpu(n, dtype, shape, args.group, args.repeats)
+            print(f"{n:>8} {r['torch_ms']:>10.2f} {r['triton_ms']:>10.2f} {r['torch_ms'] / r['triton_ms']:>7.1f}x "
+                  f"{r['torch_mib']:>10.0f} {r['triton_mib']:>11.0f} {r['max_rel_diff']:>13.2e}")
         return
 
     print("No GPU: the Triton kernel needs one (under TRITON_INTERPRET=1 it would take hours at these "

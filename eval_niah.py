@@ -316,6 +316,14 @@ def load_rows(path: Path, config: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the model part
 
+def clock(device) -> float:
+    """time.perf_counter() once the device has finished its queued work (CUDA runs asynchronously)."""
+    if str(device).startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window: int,
              max_new_tokens: int, device: str, seed: int = 0):
     """Prefill `ids` once, then for each (method, budget): compress, decode. Yields dicts with
@@ -324,26 +332,21 @@ def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window:
     from cache import compress
     from model import generate
 
-    def clock():
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     with torch.inference_mode():
-        t0 = clock()
+        t0 = clock(device)
         prefill = model.prefill(torch.tensor([ids], device=device), window=window,
                                 h2o=any(method_spec(m)[0] == "h2o" for m, _ in cases))
-        prefill_s = clock() - t0
+        prefill_s = clock(device) - t0
         for method, budget in cases:
-            t0 = clock()
+            t0 = clock(device)
             name, flags = method_spec(method)
             if name == "random":  # the only method that draws
                 flags.setdefault("seed", seed)
             cache = compress(prefill, method=name, budget=budget, **flags)
-            t1 = clock()
+            t1 = clock(device)
             kept, mb = cache.kept_fraction(), cache.nbytes() / 2**20  # before decoding appends to it
             generated = generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
-            t2 = clock()
+            t2 = clock(device)
             yield dict(method=method, budget=budget, generated=generated, kept_fraction=kept, cache_mb=mb,
                        prefill_s=prefill_s, compress_s=t1 - t0, decode_s=t2 - t1)
             del cache
