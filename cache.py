@@ -359,6 +359,11 @@ def select_pyramid(scores: list[Tensor], k: int, window: int, *, sinks: int = 0,
     return [_mask_to_kept(_uniform_mask(s[l:l + 1], f + b, forced))[0] for l, b in enumerate(budgets)]
 
 
+def safeguard(k: int, forced: int, alpha: float) -> int:
+    """AdaKV's per-head floor beyond the forced entries: floor(alpha * (k - forced)), as in its code."""
+    return int(alpha * (k - forced))
+
+
 def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     """AdaKV allocation (Feng et al. 2024): each head first keeps its forced entries and its top
     floor(alpha * (k - forced)) other entries (the safeguard), then the rest of the layer's
@@ -366,7 +371,7 @@ def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     s: (L, H_kv, n); forced: (n,) bool. Returns (L, H_kv, n) bool, H_kv * k True per layer."""
     L, H, n = s.shape
     f = int(forced.sum())
-    safe = int(alpha * (k - f))
+    safe = safeguard(k, f, alpha)
     key = s.masked_fill(forced, math.inf)
     key.scatter_(-1, _top(key, f + safe), math.inf)  # forced entries rank first, then the safeguard
     flat = _top(key.reshape(L, H * n), H * k)
@@ -452,7 +457,7 @@ def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: lis
     forced = forced_mask(n, window, sinks, s.device)
     f = int(forced.sum())
     counts = _adakv_mask(s, k, forced, alpha).sum(-1)  # (L, H_kv), c_g
-    safe = int(alpha * (k - f))
+    safe = safeguard(k, f, alpha)
     stage2 = (s + eps) * wts
     mask = torch.zeros(L, H, n, dtype=torch.bool, device=s.device)
     key1 = s.masked_fill(forced, math.inf)
