@@ -1,13 +1,8 @@
-"""The prior KV-cache eviction methods LaProx is compared against, and the registry of all methods.
+"""The scorers of the prior KV-cache eviction methods LaProx is compared against.
 
-Every method is a scorer plus a selection rule over the same prefill, so that two methods
-differ only in what the method itself decides (the table in shared/baselines.md):
-
-    scores = scorer(prefill, **score_flags)        # per layer (1, H_kv, n) float32, higher = keep
-    scores = pool_scores(scores, pool)             # optional max pooling over tokens (cache.py)
-    kept   = rule(scores, k, window, **select_flags)   # per layer, per KV head, sorted indices
-
-cache.select / cache.compress run this pipeline from METHODS[name]. Conventions shared by the
+Each scorer maps a cache.Prefill to per-layer scores, (1, H_kv, n) float32, higher = keep; the
+selection rules live in cache.py and the registry that pairs scorers with rules, their flags and
+defaults (the table in shared/baselines.md) in methods.py. Conventions shared by the
 scorers: B = 1; H query heads, H_kv KV heads, G = H // H_kv, query head h reads KV head h // G;
 query-head scores are reduced to KV heads by the mean over the group; w = prefill.window.
 The window attention (softmax of the w window queries over the prompt, causal inside the
@@ -15,17 +10,11 @@ window, float32) is computed in one place, laprox.window_attention.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
-
 import torch
 from torch import Tensor
 
 import laprox
-from cache import select_adakv, select_criticalkv, select_pyramid, select_scope, select_uniform
-
-if TYPE_CHECKING:
-    from cache import Prefill
+from cache import Prefill
 
 
 def group_mean(x: Tensor, n_kv_heads: int) -> Tensor:
@@ -106,40 +95,3 @@ def projected_value_l1(prefill: Prefill) -> list[Tensor]:
                              for h in range(H)])  # (H, n)
         out.append(group_mean(norms[None], prefill.n_kv_heads))
     return out
-
-
-@dataclass(frozen=True)
-class Method:
-    """One entry of METHODS.
-
-    scorer: Prefill -> per layer (1, H_kv, n) scores (None: keep everything).
-    rule: (scores, k, window, **select_flags[, weights]) -> kept indices (cache.py selection rules).
-    score_flags, select_flags: the flags each accepts, with their defaults.
-    pool: default max-pooling kernel (0 = off); a flag of every method.
-    weights: Prefill -> per layer (1, H_kv, n), a second per-entry factor passed to the rule as
-        `weights=` (CriticalKV's projected value norm); None for the others.
-    """
-    scorer: Callable | None
-    rule: Callable | None
-    score_flags: dict
-    select_flags: dict
-    pool: int = 0
-    weights: Callable | None = None
-
-
-METHODS: dict[str, Method] = {
-    "full": Method(None, None, {}, {}),
-    "random": Method(random_scorer, select_uniform, {"seed": 0}, {"sinks": 0}),
-    "streamingllm": Method(recency_scorer, select_uniform, {}, {"sinks": 4}),
-    "h2o": Method(h2o_scorer, select_uniform, {}, {"sinks": 0}),
-    "tova": Method(tova_scorer, select_uniform, {}, {"sinks": 0}),
-    "knorm": Method(knorm_scorer, select_uniform, {}, {"sinks": 0}),
-    "snapkv": Method(snapkv_scorer, select_uniform, {}, {"sinks": 0}, pool=7),
-    "pyramidkv": Method(snapkv_scorer, select_pyramid, {}, {"sinks": 0, "beta": 20}, pool=7),
-    "adakv": Method(snapkv_scorer, select_adakv, {}, {"sinks": 0, "alpha": 0.2}, pool=7),
-    "criticalkv": Method(snapkv_scorer, select_criticalkv, {},
-                         {"sinks": 0, "alpha": 0.2, "eps": 1e-4, "first_stage": 0.5}, pool=7,
-                         weights=projected_value_l1),
-    "laprox": Method(laprox.laprox_scorer, select_scope, {"group": "exact", "center": False, "normalize": "residual", "use_triton": None},
-                     {"selection": "model", "sinks": 0}, pool=7),
-}

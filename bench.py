@@ -9,6 +9,12 @@
 4. shared    one prefill shared by every method (what eval_niah.py does) vs one prefill each
 5. kernel    (cuda) Triton vs PyTorch LaProx scoring on a Llama-3.1-8B-shaped layer x 32 layers
 
+    python bench.py --layers [--length 4000] [--budget 0.05]
+
+looks inside the model instead: on a NIAH prompt, the fraction each layer keeps under LaProx's
+model-wide selection, and, layer by layer, how far the window output moves (||Y - Y_S||_F,
+laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budget.
+
 Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
 slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
 """
@@ -23,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from cache import compress
+from cache import kept_counts
 from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, read_haystack, run_cell
+from laprox import eviction_error
+from methods import compress, select
 from model import DEFAULT_MODEL, decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,6 +140,48 @@ def bench_kernel(ns, repeats) -> list[dict]:
     return rows
 
 
+def layer_errors(prefill, kept) -> torch.Tensor:
+    """laprox.eviction_error of every layer for kept sets from methods.select: (L,) float32."""
+    errs = []
+    for l, (q, k, v, o) in enumerate(zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)):
+        keep = torch.zeros(1, k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
+        for g, idx in enumerate(kept[l]):
+            keep[0, g, idx] = True
+        errs.append(eviction_error(q, k, v, o, keep)[0])
+    return torch.stack(errs).cpu()
+
+
+def compare_with_snapkv(prefill, budget=0.05):
+    """Per layer ||Y - Y_S||_F for LaProx's and SnapKV's kept sets at the same budget, both
+    unpooled; LaProx selects within each layer (selection="layer") so that both keep the
+    same number of entries per layer. Returns (laprox_errors, snapkv_errors), each (L,)."""
+    ours = select(prefill, "laprox", budget, pool=0, selection="layer")
+    snap = select(prefill, "snapkv", budget, pool=0)
+    return layer_errors(prefill, ours), layer_errors(prefill, snap)
+
+
+def report_layers(model, tok, length: int, budget: float):
+    """Print, on a NIAH prompt of `length` tokens, the per-layer kept fractions of LaProx's
+    model-wide selection and LaProx vs SnapKV by ||Y - Y_S||_F (see compare_with_snapkv)."""
+    ids = build_prompt(tok, haystack_ids(tok, read_haystack(), length + 100), length, 0.5)["ids"]
+    with torch.no_grad():
+        prefill = model.prefill(torch.tensor([ids], device=next(model.parameters()).device))
+        fractions = kept_counts(select(prefill, "laprox", budget)).float() / prefill.n  # (L, H_kv)
+        ours, snap = compare_with_snapkv(prefill, budget)
+    print(f"n = {prefill.n}, budget {budget}: LaProx model-wide kept fraction per layer (mean over KV heads, "
+          f"and per head)")
+    print("layer  kept    heads")
+    for l, row in enumerate(fractions):
+        print(f"{l:5d}  {row.mean():.3f}  " + " ".join(f"{x:.3f}" for x in row))
+    print(f"overall {fractions.mean():.4f}")
+    won = int((ours < snap).sum())
+    print(f"\n||Y - Y_S||_F per layer, same per-layer budget, unpooled: LaProx mean {ours.mean():.4f}, "
+          f"SnapKV mean {snap.mean():.4f}; LaProx smaller on {won} of {len(ours)} layers")
+    print("layer  laprox    snapkv")
+    for l, (x, y) in enumerate(zip(ours, snap)):
+        print(f"{l:5d}  {x:.4f}  {y:.4f}")
+
+
 def table(res: dict, budget: float) -> str:
     lines = []
     if "load" in res:
@@ -174,7 +224,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--kernel-lengths", default="32768,131072")
     ap.add_argument("--skip-load", action="store_true", help="do not time the first conversion")
     ap.add_argument("--out", default="results/bench.json")
+    ap.add_argument("--layers", action="store_true", help="look inside the model instead (see the docstring)")
+    ap.add_argument("--length", type=int, default=4000, help="prompt length of --layers")
     a = ap.parse_args(argv)
+    if a.layers:
+        model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
+        report_layers(model, tok, a.length, a.budget)
+        return {}
     res: dict = {"args": vars(a)}
     if not a.skip_load:
         step("load time (first conversion, then cached)")

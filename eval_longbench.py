@@ -222,7 +222,7 @@ def score_prediction(task: str, pred: str, answers: list[str], all_classes) -> f
 def fetch_data() -> Path:
     """The folder of official jsonl files, downloaded once from the hub (THUDM/LongBench,
     data.zip, as the official README offers) and unpacked under $LAPROX_CACHE/longbench."""
-    from model import cache_root
+    from default_model import cache_root
     root = cache_root() / "longbench"
     found = sorted(root.rglob("narrativeqa.jsonl")) if root.is_dir() else []
     if found:
@@ -303,7 +303,7 @@ def run_sample(model, tok, ids: list[int], task: str, runs: list[tuple[str, floa
     decode greedily, and return {method, budget, pred, kept_fraction} per run.
     ids: prompt token ids (n,); the prefill takes them as a (1, n) tensor."""
     import torch
-    from cache import compress
+    from methods import compress
     from model import generate
     prefill = model.prefill(torch.tensor([ids], device=device), window=window,
                             h2o=any(m == "h2o" for m, _ in runs))
@@ -476,7 +476,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     """Check the arguments, run what is missing, write the predictions, tables and plot."""
     args = parse_args(argv)
-    from baselines import METHODS  # the methods cache.compress knows
+    from methods import METHODS  # the methods compress knows
     try:
         tasks = parse_list(args.tasks, TASKS, "task")
         methods = parse_list(args.methods, list(METHODS), "method")
@@ -507,7 +507,7 @@ def main(argv=None) -> list[dict]:
     if todo:
         import torch
         from tqdm import tqdm
-        from cache import budget_fits
+        from methods import budget_fits
         from model import load_model
         model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
         with open(pred_path, "a", encoding="utf-8") as f:

@@ -214,11 +214,11 @@ def parse_list(s: str, kind, name: str) -> list:
 
 
 def known_methods() -> list[str]:
-    """Method names cache.compress takes (the keys of baselines.METHODS)."""
+    """Method names methods.compress takes (the keys of methods.METHODS)."""
     try:
-        from baselines import METHODS as registry
+        from methods import METHODS as registry
     except ImportError as e:
-        raise ValueError(f"cannot list the eviction methods: importing baselines failed ({e})") from e
+        raise ValueError(f"cannot list the eviction methods: importing methods failed ({e})") from e
     return list(registry)
 
 
@@ -251,7 +251,7 @@ def check_grid(lengths: list[int], depths: list[float], methods: list[str], budg
     bad = [m for m in methods if method_spec(m)[0] not in known]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(known)}")
-    from baselines import METHODS as registry
+    from methods import METHODS as registry
     for m in methods:
         name, flags = method_spec(m)
         allowed = {**registry[name].score_flags, **registry[name].select_flags, "pool": registry[name].pool}
@@ -272,7 +272,7 @@ def below_window(lengths: list[int], methods: list[str], budgets: list[float], w
     """(budget, length) pairs at which some method would keep fewer tokens per head than the
     window (+ its sinks), which cache.py refuses (e.g. 1% of 2000 tokens = 20 < 32). Those cases
     are skipped for every method alike, with a note, so that budget's mean compares like with like."""
-    from cache import budget_fits
+    from methods import budget_fits
     return {(b, l) for l in lengths for b in budgets
             if not all(budget_fits(method_spec(m)[0], b, l, window) for m in methods)}
 
@@ -329,7 +329,7 @@ def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window:
     """Prefill `ids` once, then for each (method, budget): compress, decode. Yields dicts with
     method, budget, generated, kept_fraction, cache_mb, prefill_s, compress_s, decode_s."""
     import torch
-    from cache import compress
+    from methods import compress
     from model import generate
 
     with torch.inference_mode():
@@ -484,7 +484,7 @@ def run(args, model=None, tok=None) -> list[dict]:
     if any(todo for _, _, todo in cells):
         import torch
         from tqdm import tqdm
-        from cache import budget_fits
+        from methods import budget_fits
         if model is None:
             from model import load_model
             model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))

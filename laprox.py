@@ -19,7 +19,10 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
     D columns W_h = o_proj.weight[:, h*D:(h+1)*D] (d x D), i.e. W_O^h = W_h^T (D x d).
     Value j of KV head g, seen by head h, lands in model space as u_{h,j} = W_h v_{g,j}.
 
-(3) The attention output on the window is a sum of column-row products:
+(3) Y splits by head: o_proj takes the heads' outputs side by side, [head_1 | ... | head_H]
+    (w x H*D, head_h = A_h V_{g(h)}), and its weight is the columns [W_1 | ... | W_H], so
+        Y = [head_1 | ... | head_H] o_proj.weight^T = sum_h head_h W_h^T.
+    Writing out head_h, the attention output on the window is a sum of column-row products:
         Y = sum_h A_h V_{g(h)} W_O^h = sum_g sum_j T_{g,j},
         T_{g,j} = sum_{h in group g} a_{h,j} u_{h,j}^T            (a w x d matrix).
     Each KV entry (g, j) contributes exactly one term T_{g,j}.
@@ -30,7 +33,8 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
         || Y - Y_S ||_F = || sum_{(g,j) not in S} T_{g,j} ||_F
                         <= sum_{(g,j) not in S} || T_{g,j} ||_F.
     So the score of entry (g, j) is s_{g,j} = ||T_{g,j}||_F, and keeping the largest
-    scores minimises the bound.
+    scores minimises the bound. The bound is loose when evicted terms cancel (point in
+    opposite directions), so the error itself is measured too: eviction_error below.
 
 (5) Expand the squared norm of the group term. Since <x y^T, x' y'^T>_F = (x.x')(y.y'),
         ||T_{g,j}||_F^2 = sum_{h,h' in group g} (a_{h,j} . a_{h',j}) (u_{h,j} . u_{h',j}).
@@ -49,18 +53,23 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
 (7) Across layers. Within a layer every s_{g,j} is measured in units of the same Y, so
     heads compare directly. Layer l's Y_l is added to the residual stream and the next
     layer reads RMSNorm(x_l + Y_l): what matters is the perturbation relative to that
-    stream. normalize="residual" divides layer l's scores by ||x_l + Y_l||_F (window
-    rows); "output" divides by ||Y_l||_F; "none" leaves them as they are.
+    stream. Why relative: RMSNorm(x) = sqrt(d) x / ||x|| (times a gain), whose Jacobian
+    scales each row by sqrt(d) / ||x_row|| (and projects out the row's own direction), so
+    to first order a perturbation of a row matters in proportion to 1 / ||x_row||.
+    normalize="residual" divides layer l's scores by ||x_l + Y_l||_F over the window rows:
+    one Frobenius norm instead of a weight per row is our simplification. "output" divides
+    by ||Y_l||_F; "none" leaves them as they are.
 
 (8) Selection (pooling, budgets, top-k across the model) is cache.py's business.
 
 (9) Research flag center=True: renormalisation to first order. Write p_{h,t,j} for the
     entries of A_h and let obar_{h,t} = sum_j p_{h,t,j} v_j (D-dim head output before
-    W_O), so row t of head h's output is o_{h,t} = W_h obar_{h,t}. Evicting key j and
-    renormalising the rest changes that row by exactly
-        p_{h,t,j} / (1 - p_{h,t,j}) * (u_{h,j} - o_{h,t}),
-    whose first-order part is p_{h,t,j} (u_{h,j} - o_{h,t}): the value centred on the
-    output it feeds. The centred term is
+    W_O), so row t of head h's output is o_{h,t} = W_h obar_{h,t} = sum_i p_{h,t,i} u_{h,i}.
+    Evicting key j and renormalising the rest gives (o_{h,t} - p_{h,t,j} u_{h,j}) / (1 - p_{h,t,j}),
+    so the row changes by exactly
+        p_{h,t,j} / (1 - p_{h,t,j}) * (o_{h,t} - u_{h,j}),
+    whose first-order part is -p_{h,t,j} (u_{h,j} - o_{h,t}): the value centred on the
+    output it feeds (the sign does not change the norm). The centred term is
         T^c_{g,j} = sum_{h in group g} sum_t p_{h,t,j} e_t (u_{h,j} - o_{h,t})^T,
     and, with u_{h,j} - o_{h,t} = W_h (v_j - obar_{h,t}),
         ||T^c_{g,j}||_F^2 = sum_{h,h'} C_{hh',j},
@@ -337,62 +346,3 @@ def laprox_scorer(prefill, *, group="exact", center=False, normalize="residual",
     scores = [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
               for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]
     return normalize_scores(scores, prefill.resid_norm, prefill.out_norm, normalize)
-
-
-# ------------------------------------------------------------------- a look at a real model
-
-def layer_errors(prefill, kept):
-    """eviction_error of every layer for kept sets from cache.select: (L,) float32."""
-    errs = []
-    for l, (q, k, v, o) in enumerate(zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)):
-        keep = torch.zeros(1, k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
-        for g, idx in enumerate(kept[l]):
-            keep[0, g, idx] = True
-        errs.append(eviction_error(q, k, v, o, keep)[0])
-    return torch.stack(errs).cpu()
-
-
-def compare_with_snapkv(prefill, budget=0.05):
-    """Per layer ||Y - Y_S||_F for LaProx's and SnapKV's kept sets at the same budget, both
-    unpooled; LaProx selects within each layer (selection="layer") so that both keep the
-    same number of entries per layer. Returns (laprox_errors, snapkv_errors), each (L,)."""
-    from cache import select
-    ours = select(prefill, "laprox", budget, pool=0, selection="layer")
-    snap = select(prefill, "snapkv", budget, pool=0)
-    return layer_errors(prefill, ours), layer_errors(prefill, snap)
-
-
-def main():
-    """python laprox.py [--length 4000] [--budget 0.05]: on the default model and a NIAH prompt,
-    the per-layer kept fractions of model-wide selection, and LaProx vs SnapKV by ||Y - Y_S||_F."""
-    import argparse
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--length", type=int, default=4000)
-    ap.add_argument("--budget", type=float, default=0.05)
-    a = ap.parse_args()
-    from cache import kept_counts, select
-    from eval_niah import build_prompt, haystack_ids, read_haystack
-    from model import load_model
-    model, tok = load_model(a.model)
-    ids = build_prompt(tok, haystack_ids(tok, read_haystack(), a.length + 100), a.length, 0.5)["ids"]
-    with torch.no_grad():
-        prefill = model.prefill(torch.tensor([ids]))
-        fractions = kept_counts(select(prefill, "laprox", a.budget)).float() / prefill.n  # (L, H_kv)
-        ours, snap = compare_with_snapkv(prefill, a.budget)
-    print(f"n = {prefill.n}, budget {a.budget}: LaProx model-wide kept fraction per layer (mean over KV heads, "
-          f"and per head)")
-    print("layer  kept    heads")
-    for l, row in enumerate(fractions):
-        print(f"{l:5d}  {row.mean():.3f}  " + " ".join(f"{x:.3f}" for x in row))
-    print(f"overall {fractions.mean():.4f}")
-    won = int((ours < snap).sum())
-    print(f"\n||Y - Y_S||_F per layer, same per-layer budget, unpooled: LaProx mean {ours.mean():.4f}, "
-          f"SnapKV mean {snap.mean():.4f}; LaProx smaller on {won} of {len(ours)} layers")
-    print("layer  laprox    snapkv")
-    for l, (x, y) in enumerate(zip(ours, snap)):
-        print(f"{l:5d}  {x:.4f}  {y:.4f}")
-
-
-if __name__ == "__main__":
-    main()

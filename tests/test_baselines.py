@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import baselines
-import cache
+import methods
 import test_selection
 import laprox
-from cache import Prefill, compress, kept_counts, select
+from cache import Prefill, kept_counts
+from methods import compress, select
 
 L, H, D, d = 3, 6, 16, 48
 
@@ -116,24 +117,24 @@ def test_group_mean_rejects_bad_groups():
 
 
 def test_registry():
-    assert set(baselines.METHODS) == {"full", "random", "streamingllm", "h2o", "tova", "knorm", "snapkv",
+    assert set(methods.METHODS) == {"full", "random", "streamingllm", "h2o", "tova", "knorm", "snapkv",
                                       "pyramidkv", "adakv", "criticalkv", "laprox"}
-    lp = baselines.METHODS["laprox"]
+    lp = methods.METHODS["laprox"]
     assert lp.scorer is laprox.laprox_scorer and lp.pool == 7
     assert lp.select_flags["selection"] == "model" and lp.score_flags["normalize"] == "residual"
     for name in ("snapkv", "pyramidkv", "adakv", "criticalkv"):
-        m = baselines.METHODS[name]
+        m = methods.METHODS[name]
         assert m.scorer is baselines.snapkv_scorer and m.pool == 7
-    assert baselines.METHODS["pyramidkv"].select_flags["beta"] == 20
-    assert baselines.METHODS["adakv"].select_flags["alpha"] == 0.2
-    assert baselines.METHODS["streamingllm"].select_flags["sinks"] == 4
-    assert baselines.METHODS["criticalkv"].weights is baselines.projected_value_l1
+    assert methods.METHODS["pyramidkv"].select_flags["beta"] == 20
+    assert methods.METHODS["adakv"].select_flags["alpha"] == 0.2
+    assert methods.METHODS["streamingllm"].select_flags["sinks"] == 4
+    assert methods.METHODS["criticalkv"].weights is baselines.projected_value_l1
 
 
 def test_laprox_flags_reach_the_scorer():
     p = make_prefill(n=120)
-    a = cache.method_scores(p, "laprox", pool=0)
-    b = cache.method_scores(p, "laprox", pool=0, normalize="none")
+    a = methods.method_scores(p, "laprox", pool=0)
+    b = methods.method_scores(p, "laprox", pool=0, normalize="none")
     ratio = [(x / y).mean().item() for x, y in zip(a, b)]
     close(ratio, (1 / p.resid_norm).tolist(), tol=1e-4)
     with pytest.raises(ValueError, match="normalize"):

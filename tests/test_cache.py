@@ -97,7 +97,7 @@ def test_memory_is_freed_and_counted(tmp_path):
 def test_default_model_memory_at_5_percent_and_full_is_bit_identical():
     """On the default model at 4k tokens: budget 0.05 holds at most 7% of the full cache's bytes
     (packed storage: no padding), and budget 1.0 / method full decode exactly like no eviction."""
-    from cache import compress
+    from methods import compress
     from eval_niah import build_prompt, haystack_ids, read_haystack
     from model import decode_greedy, load_model
     model, tok = load_model()

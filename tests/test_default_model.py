@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from model import convert_gguf, find_default_gguf, generate, load_model
+from default_model import convert_gguf, find_default_gguf
+from model import generate, load_model
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +119,9 @@ def test_default_model_knows_paris(ckpt):
 
 def test_default_model_loads_from_user_cache(tmp_path, monkeypatch):
     """load_model() converts once into $LAPROX_CACHE and reads the folder afterwards."""
-    import model as model_py
+    import default_model
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
-    folder = model_py.default_checkpoint_dir()
+    folder = default_model.default_checkpoint_dir()
     assert folder == tmp_path / "smollm2-135m-instruct" and (folder / "model.safetensors").exists()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     model, _ = load_model("smollm2-135m")

@@ -150,7 +150,7 @@ def test_center_matches_naive(G, H_kv, D, n, w, B, group):
 
 
 def test_center_is_first_order_renormalised_eviction():
-    """MHA: evicting key j and renormalising moves row t by p/(1-p) (u_j - o_t), so
+    """MHA: evicting key j and renormalising moves row t by p/(1-p) (o_t - u_j), so
     score_c <= ||Y - Y'_{-j}||_F <= score_c / (1 - max_t p_{t,j})."""
     q, k, v, o = make_layer(seed=5, H_kv=2, G=1, w=8, n=40, D=64)
     sc = laprox.laprox_scores(q, k, v, o, center=True)[0].double()
@@ -296,12 +296,13 @@ def test_eviction_error_is_the_norm_of_the_evicted_terms(G, H_kv, D, n, w):
 def test_laprox_beats_snapkv_on_the_bound_it_minimises_on_the_default_model():
     """On a real prompt, LaProx's kept set moves each layer's window output less than SnapKV's
     at the same per-layer budget (both unpooled) on most layers."""
+    import bench
     from eval_niah import build_prompt, haystack_ids, read_haystack
     from model import load_model
     model, tok = load_model()
     ids = build_prompt(tok, haystack_ids(tok, read_haystack(), 1600), 1500, 0.5)["ids"]
     with torch.no_grad():
-        ours, snap = laprox.compare_with_snapkv(model.prefill(torch.tensor([ids])), budget=0.05)
+        ours, snap = bench.compare_with_snapkv(model.prefill(torch.tensor([ids])), budget=0.05)
     won = int((ours < snap).sum())
     print(f"LaProx mean {ours.mean():.4f}, SnapKV mean {snap.mean():.4f}, LaProx smaller on {won}/{len(ours)} layers")
     assert won > len(ours) // 2 and ours.mean() < snap.mean()

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import baselines
-from cache import (Prefill, kept_counts, method_scores, pool_scores, pyramid_budgets, resolve_budget, select,
+import methods
+from cache import (Prefill, kept_counts, pool_scores, pyramid_budgets, resolve_budget,
                    select_adakv, select_criticalkv, select_model, select_pyramid, select_scope, select_uniform)
+from methods import method_scores, select
 
 
 def make_prefill(L=3, H=6, H_kv=2, n=300, w=8, D=16, d=48, seed=0, h2o=True) -> Prefill:
@@ -278,11 +280,11 @@ def prefill_for(name):
     return _PREFILLS[name]
 
 
-@pytest.mark.parametrize("method", [m for m in baselines.METHODS if m != "full"])
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m != "full"])
 @pytest.mark.parametrize("config, budget", [(c, b) for c, (_, bs) in CONFIGS.items() for b in bs])
 def test_method_matches_naive(method, config, budget):
     p = prefill_for(config)
-    m = baselines.METHODS[method]
+    m = methods.METHODS[method]
     L, H_kv, n, w = p.n_layers, p.n_kv_heads, p.n, p.window
     kept = select(p, method, budget)
     k = round(budget * n)
@@ -302,7 +304,7 @@ def test_method_matches_naive(method, config, budget):
 
 def test_below_window_budgets_raise_for_every_method():
     p = prefill_for("gqa2_w32")  # n = 330, w = 32: 0.05 keeps 16 < 32
-    for method in baselines.METHODS:
+    for method in methods.METHODS:
         if method == "full":
             continue
         with pytest.raises(ValueError, match="window"):
@@ -335,8 +337,8 @@ def test_selection_on_cuda_matches_cpu_rule():
     p = make_prefill(n=400, w=8, seed=3)
     pc = Prefill(**{f: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda() if torch.is_tensor(v) else v)
                     for f, v in vars(p).items()})
-    for method in [m for m in baselines.METHODS if m != "full"]:
-        m = baselines.METHODS[method]
+    for method in [m for m in methods.METHODS if m != "full"]:
+        m = methods.METHODS[method]
         kept = select(pc, method, 0.1)
         assert all(idx.is_cuda for layer in kept for idx in layer)
         scores = [s.cpu() for s in method_scores(pc, method)]

@@ -1,0 +1,133 @@
+"""The house rules: imports point one way (no cycles, modules never import scripts), and the
+README's "Add your own eviction method" guide runs exactly as written."""
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import baselines
+import eval_niah
+import methods
+from cache import Prefill
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Top-level project modules that `path` imports anywhere (also inside functions)."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            deps.add(node.module.split(".")[0])
+    return {d for d in deps if d in MODULES and d != path.stem}
+
+
+GRAPH = {m: project_imports(p) for m, p in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search with an explicit path)."""
+    done = set()
+
+    def visit(m, path):
+        if m in path:
+            return path[path.index(m):] + [m]
+        if m in done:
+            return None
+        for d in sorted(graph[m]):
+            if cycle := visit(d, path + [m]):
+                return cycle
+        done.add(m)
+        return None
+
+    for m in sorted(graph):
+        if cycle := visit(m, []):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle():
+    print("\n".join(f"{m} -> {', '.join(sorted(d)) or '(nothing)'}" for m, d in sorted(GRAPH.items())))
+    assert find_cycle(GRAPH) is None, f"import cycle: {' -> '.join(find_cycle(GRAPH))}"
+
+
+def test_modules_never_import_scripts():
+    for m, deps in GRAPH.items():
+        if m not in SCRIPTS:
+            assert not deps & SCRIPTS, f"module {m} imports the script(s) {sorted(deps & SCRIPTS)}"
+
+
+def test_the_bottom_of_the_house():
+    assert GRAPH["cache"] == set(), "cache.py holds the data and the rules; it imports nothing of the project"
+    assert GRAPH["kernels"] == set(), "kernels.py takes what it needs as arguments"
+    assert "model" not in GRAPH["default_model"] and "model" not in GRAPH["laprox"]
+
+
+# ----------------------------------------------------------------------------- the README guide
+
+def readme_guide() -> tuple[str, str]:
+    """The two python blocks of the README section: the scorer and the registry line."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Add your own eviction method", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the guide has a scorer block and a registry-entry block"
+    return blocks[0], blocks[1]
+
+
+@pytest.fixture
+def guide_method(monkeypatch):
+    """Paste the README's scorer into baselines and its entry into METHODS, for this test only."""
+    scorer_code, entry_code = readme_guide()
+    assert len(scorer_code.splitlines()) + len(entry_code.splitlines()) <= 15
+    namespace = dict(vars(baselines))
+    exec(scorer_code, namespace)
+    (name,) = set(namespace) - set(vars(baselines))
+    monkeypatch.setattr(baselines, name, namespace[name], raising=False)
+    entry = eval("{" + entry_code.strip().rstrip(",") + "}", vars(methods))
+    ((method, spec),) = entry.items()
+    monkeypatch.setitem(methods.METHODS, method, spec)
+    return method
+
+
+def test_readme_guide_method_compresses(guide_method):
+    """The guide's method works through compress, and scores what its docstring says."""
+    gen = torch.Generator().manual_seed(7)
+    L, H, H_kv, n, w, D, d = 2, 6, 2, 120, 8, 16, 48
+    prefill = Prefill(
+        keys=[torch.randn(1, H_kv, n, D, generator=gen) for _ in range(L)],
+        values=[torch.randn(1, H_kv, n, D, generator=gen) for _ in range(L)],
+        queries=[torch.randn(1, H, w, D, generator=gen) for _ in range(L)],
+        o_proj=[torch.randn(d, H * D, generator=gen) for _ in range(L)],
+        resid_norm=torch.rand(L) + 1, out_norm=torch.rand(L) + 1, h2o=None, logits=torch.randn(1, 10), window=w)
+    got = methods.method_scores(prefill, guide_method, pool=0)
+    for l in range(L):  # SnapKV's window sum (its scorer) times the value's L1 norm, computed apart
+        snap = baselines.snapkv_scorer(prefill)[l]
+        assert torch.allclose(got[l], snap * prefill.values[l].abs().sum(-1), rtol=1e-5)
+    cache = methods.compress(prefill, guide_method, 0.25)
+    assert cache.kept_fraction() == pytest.approx(30 / 120)
+
+
+def test_readme_guide_method_runs_on_a_niah_cell(guide_method, tmp_path):
+    """The README's one command, on one small cell, in-process, beside laprox and snapkv."""
+    from model import load_model
+    model, tok = load_model()
+    command = re.search(r"python eval_niah.py (--methods \S+ --budget \S+)", (ROOT / "README.md").read_text()
+                        .split("## Add your own eviction method", 1)[1]).group(1)
+    argv = command.split() + ["--lengths", "700", "--depths", "0.5", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    assert argv[1].split(",")[0] == guide_method
+    rows = eval_niah.run(eval_niah.build_parser().parse_args(argv), model, tok)
+    assert sorted(r["method"] for r in rows) == sorted([guide_method, "laprox", "snapkv"])
+    assert all(r["kept_fraction"] == pytest.approx(0.05, abs=0.01) for r in rows)
+    assert json.loads((tmp_path / "summary.json").read_text())["score"][guide_method]
