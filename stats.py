@@ -245,7 +245,7 @@ def loss_ratio(full: dict, method: dict, baseline: dict, *, n_resamples: int = N
     out["ratio"] = float((loss_method @ w) / (loss_baseline @ w))
     out["at_most_half"] = out["ratio"] <= 0.5
     if out["nonpositive_fraction"] > (1 - confidence) / 2:
-        out["note"] = (f"CI n/a: the best baseline's loss is <= 0 in {100 * out['nonpositive_fraction']:.0f}% "
+        out["note"] = (f"CI n/a: the best baseline's loss is <= 0 in {100 * out['nonpositive_fraction']:.1f}% "
                        f"of the resamples, so the ratio is unbounded")
         return out
     ratios = np.full(n_resamples, np.inf)

@@ -1,0 +1,327 @@
+"""stats.py against plain-Python loops over the same seeded resample indices, a coverage
+simulation, and the summary's tables, markdown and plot on fresh random scores."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import stats
+
+R = 1000  # the smallest resample count allowed: keeps the naive loops quick
+
+
+# ----------------------------------------------------------------------------- naive references
+
+def naive_percentile(values, q):
+    """numpy's default ("linear") quantile, by hand: interpolate between order statistics."""
+    xs = sorted(values)
+    h = (len(xs) - 1) * q
+    lo = math.floor(h)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
+
+
+def naive_pooled_mean(values, strata):
+    """The mean of the per-stratum means, with dicts and loops."""
+    groups = {}
+    for v, s in zip(values, strata):
+        groups.setdefault(s, []).append(v)
+    return sum(sum(g) / len(g) for g in groups.values()) / len(groups)
+
+
+def naive_bootstrap(values, strata, idx, stratified=True):
+    """(mean, low, high): each resample r takes the units idx[r]; stratified: mean of task means
+    (a drawn unit counts in its own task), else the plain mean."""
+    resampled = []
+    for row in idx:
+        drawn = [values[i] for i in row]
+        if stratified:
+            resampled.append(naive_pooled_mean(drawn, [strata[i] for i in row]))
+        else:
+            resampled.append(sum(drawn) / len(drawn))
+    mean = naive_pooled_mean(values, strata) if stratified else sum(values) / len(values)
+    return mean, naive_percentile(resampled, 0.025), naive_percentile(resampled, 0.975)
+
+
+def random_table(rng, strata_sizes, low=0.0, high=1.0, drop=0.0):
+    """{(stratum, unit): score} with uniform scores; drop: fraction of units left out at random."""
+    return {(s, u): float(rng.uniform(low, high)) for s, n in strata_sizes.items() for u in range(n)
+            if rng.uniform() >= drop}
+
+
+def shifted(rng, table, shift, noise=0.05):
+    """The same units, score + shift + noise, clipped to [0, 1]."""
+    return {k: float(np.clip(v + shift + rng.normal(0, noise), 0, 1)) for k, v in table.items()}
+
+
+# ----------------------------------------------------------------------------- the bootstrap
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_bootstrap_matches_naive_loop(stratified):
+    rng = np.random.default_rng(11)
+    strata = ["qa"] * 5 + ["code"] * 8 + ["sum"] * 11
+    scores = rng.uniform(0, 1, len(strata)).tolist()
+    idx = stats.resample_indices(np.array(strata), R, seed=3, stratified=stratified)
+    mean, low, high = naive_bootstrap(scores, strata, idx, stratified)
+    got = stats.bootstrap_mean(scores, strata, n_resamples=R, seed=3, stratified=stratified)
+    assert got["n"] == len(scores)
+    assert got["mean"] == pytest.approx(mean, abs=1e-12)
+    assert got["low"] == pytest.approx(low, abs=1e-12)
+    assert got["high"] == pytest.approx(high, abs=1e-12)
+    assert got["low"] < got["mean"] < got["high"]
+
+
+def test_resample_indices_seeded_and_stratified():
+    rng = np.random.default_rng(5)
+    strata = rng.choice(["a", "b", "c"], size=30)  # shuffled labels, uneven sizes
+    idx = stats.resample_indices(strata, R, seed=7)
+    assert idx.shape == (R, 30)
+    assert (stats.resample_indices(strata, R, seed=7) == idx).all()  # seeded
+    assert (stats.resample_indices(strata, R, seed=8) != idx).any()
+    assert (strata[idx] == strata).all()  # every position keeps its task: task sizes are kept
+    assert len(np.unique(idx)) == 30  # and every unit can be drawn
+    plain = stats.resample_indices(strata, R, seed=7, stratified=False)
+    assert (strata[plain] != strata).any()  # plain resampling mixes tasks
+    one = np.full(30, "niah")
+    assert (stats.resample_indices(one, R, seed=7) == stats.resample_indices(one, R, seed=7, stratified=False)).all()
+
+
+def test_resample_counts_count_the_draws():
+    idx = stats.resample_indices(np.zeros(9), R, seed=2)
+    counts = stats.resample_counts(idx)
+    for r in (0, 17, R - 1):
+        assert counts[r].tolist() == [list(idx[r]).count(j) for j in range(9)]
+
+
+def test_ci_covers_the_true_mean():
+    """95% CIs of a mean of 40 Beta(2, 5) scores (true mean 2/7) cover it in >= 90% of 200 seeded
+    simulations, and stratified CIs of 3 tasks with different means cover the mean of task means."""
+    covered = covered_strata = 0
+    strata = ["a"] * 10 + ["b"] * 15 + ["c"] * 20
+    task_p = {"a": 0.2, "b": 0.5, "c": 0.8}
+    for sim in range(200):
+        rng = np.random.default_rng(1000 + sim)
+        ci = stats.bootstrap_mean(rng.beta(2, 5, 40), n_resamples=R, seed=sim)
+        covered += ci["low"] <= 2 / 7 <= ci["high"]
+        ci = stats.bootstrap_mean([float(rng.uniform() < task_p[s]) for s in strata], strata, n_resamples=R, seed=sim)
+        covered_strata += ci["low"] <= 0.5 <= ci["high"]
+    assert covered >= 180, covered
+    assert covered_strata >= 180, covered_strata
+
+
+def test_bootstrap_mean_checks_its_input():
+    with pytest.raises(ValueError, match="n_resamples"):
+        stats.bootstrap_mean([0.1, 0.2], n_resamples=100)
+    with pytest.raises(ValueError, match="confidence"):
+        stats.bootstrap_mean([0.1, 0.2], confidence=95)
+    with pytest.raises(ValueError, match="finite"):
+        stats.bootstrap_mean([0.1, float("nan")])
+    assert stats.bootstrap_mean([0.4])["low"] is None  # one unit: no interval
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+def test_paired_difference_matches_naive_loop_and_skips_missing_units():
+    rng = np.random.default_rng(21)
+    a = random_table(rng, {"qa": 12, "code": 9}, drop=0.2)
+    b = random_table(rng, {"qa": 12, "code": 9}, drop=0.2)
+    common = sorted(set(a) & set(b), key=repr)
+    assert set(stats.common_units(a, b)) == set(common) and len(common) < min(len(a), len(b))
+    diffs = [a[k] - b[k] for k in common]
+    strata = [k[0] for k in common]
+    idx = stats.resample_indices(np.array(strata), R, seed=4)
+    mean, low, high = naive_bootstrap(diffs, strata, idx)
+    got = stats.paired_difference(a, b, n_resamples=R, seed=4)
+    assert got["n"] == len(common)
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((mean, low, high), abs=1e-12)
+    assert got["significant"] == (low > 0 or high < 0)
+
+
+def test_significance_flags():
+    assert stats.significant({"low": 0.01, "high": 0.2}) is True
+    assert stats.significant({"low": -0.3, "high": -0.02}) is True
+    assert stats.significant({"low": -0.1, "high": 0.2}) is False
+    assert stats.significant({"low": None, "high": None}) is None
+    rng = np.random.default_rng(8)
+    a = random_table(rng, {"qa": 30, "code": 30}, 0.3, 0.7)
+    better = stats.paired_difference(shifted(rng, a, 0.2), a, n_resamples=R)
+    worse = stats.paired_difference(shifted(rng, a, -0.2), a, n_resamples=R)
+    same = stats.paired_difference(shifted(rng, a, 0.0), a, n_resamples=R)
+    assert better["significant"] and better["low"] > 0
+    assert worse["significant"] and worse["high"] < 0
+    assert not same["significant"] and same["low"] < 0 < same["high"]
+
+
+def test_best_baseline_is_the_best_point_mean():
+    rng = np.random.default_rng(9)
+    tables = {m: random_table(rng, {"qa": 20, "code": 10}, lo, lo + 0.4)
+              for m, lo in [("snapkv", 0.3), ("adakv", 0.35), ("streamingllm", 0.0)]}
+    means = {m: naive_pooled_mean(list(t.values()), [k[0] for k in t]) for m, t in tables.items()}
+    assert stats.best_baseline(tables, list(tables)) == max(means, key=means.get)
+    assert stats.best_baseline(tables, ["streamingllm"]) == "streamingllm"
+    assert stats.best_baseline({}, []) is None
+
+
+@pytest.mark.parametrize("laprox_shift, baseline_shift, noise, rare_nonpositive", [
+    (-0.1, -0.25, 0.05, False),  # a clear loss: the denominator stays > 0
+    (-0.01, -0.02, 0.04, True),  # a loss near 0: 1.2% of the resamples count as +inf, the CI still exists
+])
+def test_loss_ratio_matches_hand_computation(laprox_shift, baseline_shift, noise, rare_nonpositive):
+    rng = np.random.default_rng(13)
+    full = random_table(rng, {"qa": 25, "code": 15}, 0.3, 0.8)
+    laprox = shifted(rng, full, laprox_shift, noise)
+    snapkv = shifted(rng, full, baseline_shift, noise)
+    del laprox[("qa", 3)], snapkv[("code", 4)]  # each misses a unit: the ratio uses the units all three have
+    common = stats.common_units(full, laprox, snapkv)
+    assert len(common) == 38
+    strata = [k[0] for k in common]
+    num = [full[k] - laprox[k] for k in common]
+    den = [full[k] - snapkv[k] for k in common]
+    idx = stats.resample_indices(np.array(strata), R, seed=1)
+    ratios, nonpositive = [], 0
+    for row in idx:
+        n = naive_pooled_mean([num[i] for i in row], [strata[i] for i in row])
+        d = naive_pooled_mean([den[i] for i in row], [strata[i] for i in row])
+        nonpositive += d <= 0
+        ratios.append(n / d if d > 0 else math.inf)
+    got = stats.loss_ratio(full, laprox, snapkv, n_resamples=R, seed=1)
+    assert got["n"] == 38
+    assert got["ratio"] == pytest.approx(naive_pooled_mean(num, strata) / naive_pooled_mean(den, strata), abs=1e-12)
+    assert got["low"] == pytest.approx(naive_percentile(ratios, 0.025), abs=1e-12)
+    assert got["high"] == pytest.approx(naive_percentile(ratios, 0.975), abs=1e-12)
+    assert got["nonpositive_fraction"] == nonpositive / R
+    assert (0 < nonpositive / R <= 0.025) if rare_nonpositive else nonpositive == 0
+    assert got["at_most_half"] == (got["ratio"] <= 0.5) and got["at_most_half_ci"] == (got["high"] <= 0.5)
+
+
+def test_loss_ratio_is_na_when_the_baseline_loses_nothing():
+    rng = np.random.default_rng(14)
+    full = random_table(rng, {"qa": 30}, 0.2, 0.8)
+    laprox = shifted(rng, full, -0.1)
+    lossless = shifted(rng, full, 0.05)  # the baseline scores above the full cache
+    got = stats.loss_ratio(full, laprox, lossless, n_resamples=R)
+    assert got["ratio"] is None and got["low"] is None and got["at_most_half"] is None
+    assert "loses nothing" in got["note"]
+    # a loss of exactly 0.005 on average but noisy (sd 0.2 a unit): the point ratio exists, its interval does not
+    noise = rng.normal(0, 0.2, len(full))
+    barely = {k: v - (0.005 + e - noise.mean()) for (k, v), e in zip(full.items(), noise)}
+    got = stats.loss_ratio(full, laprox, barely, n_resamples=R)
+    assert got["ratio"] is not None and got["ratio"] > 1
+    assert got["nonpositive_fraction"] > 0.025
+    assert got["low"] is None and got["high"] is None and "CI n/a" in got["note"]
+
+
+# ----------------------------------------------------------------------------- rows, summary, markdown, plot
+
+def eval_rows(seed, protocols=("aware", "agnostic"), full_budget=1.0, strata=("qa", "code", "sum")):
+    """Rows like an eval's: 20 units per task; laprox loses 0.05, snapkv 0.15, adakv 0.12, streamingllm
+    gains 0.05 (a baseline better than laprox: a negative result), laprox:pool=0 ties with laprox."""
+    rng = np.random.default_rng(seed)
+    shifts = {"laprox": -0.05, "snapkv": -0.15, "adakv": -0.12, "streamingllm": 0.05, "laprox:pool=0": -0.05}
+    rows = []
+    for protocol in protocols:
+        for s in strata:
+            for u in range(20):
+                base = float(rng.uniform(0.4, 0.8))
+                rows.append(dict(unit=[u, s], stratum=s, method="full", budget=full_budget, protocol=protocol, score=base))
+                for b in (0.05, 0.2):
+                    for m, shift in shifts.items():
+                        score = float(np.clip(base + shift * (0.05 / b) + rng.normal(0, 0.03), 0, 1))
+                        rows.append(dict(unit=[u, s], stratum=s, method=m, budget=b, protocol=protocol, score=score))
+    return rows
+
+
+def test_summary_is_json_and_consistent_with_the_functions():
+    rows = eval_rows(3)
+    summary = stats.summarize(rows, n_resamples=R, seed=2)
+    assert json.loads(json.dumps(summary)) == summary  # plain JSON types only
+    assert set(summary["protocols"]) == {"aware", "agnostic"} and "no multiple-comparison" in summary["note"]
+    tables = stats.score_tables(stats.check_rows(rows))["aware"]
+    p = summary["protocols"]["aware"]
+    assert [b["budget"] for b in p["budgets"]] == [0.05, 0.2]
+    at = p["budgets"][0]
+    boot = dict(n_resamples=R, seed=2)
+    assert at["scores"]["snapkv"] == stats.mean_ci(tables[("snapkv", 0.05)], **boot)
+    assert at["differences"]["snapkv"] == stats.paired_difference(tables[("laprox", 0.05)], tables[("snapkv", 0.05)], **boot)
+    assert at["loss"]["laprox"] == stats.paired_difference(tables[("full", None)], tables[("laprox", 0.05)], **boot)
+    assert at["best_baseline"] == "streamingllm"  # laprox's own variant is not a baseline
+    assert at["loss_ratio"]["ratio"] is None and "loses nothing" in at["loss_ratio"]["note"]
+    assert set(at["differences"]) == {"snapkv", "adakv", "streamingllm", "laprox:pool=0"}
+    assert at["differences"]["snapkv"]["significant"] and at["differences"]["snapkv"]["mean"] > 0
+    assert at["differences"]["streamingllm"]["significant"] and at["differences"]["streamingllm"]["mean"] < 0
+    # without the better baseline, adakv (closest to laprox) is the best: a real ratio
+    summary = stats.summarize(rows, baselines=["snapkv", "adakv"], n_resamples=R, seed=2)
+    at = summary["protocols"]["aware"]["budgets"][0]
+    assert at["best_baseline"] == "adakv"
+    assert at["loss_ratio"] == stats.loss_ratio(tables[("full", None)], tables[("laprox", 0.05)],
+                                                tables[("adakv", 0.05)], **boot)
+    assert 0 < at["loss_ratio"]["ratio"] < 1
+
+
+def test_summary_is_reproducible_and_full_budget_none_or_one():
+    a = stats.summarize(eval_rows(4), n_resamples=R, seed=5)
+    assert stats.summarize(eval_rows(4), n_resamples=R, seed=5) == a
+    assert stats.summarize(eval_rows(4, full_budget=None), n_resamples=R, seed=5) == a
+    other = stats.summarize(eval_rows(4), n_resamples=R, seed=6)
+    assert other["protocols"]["aware"]["budgets"][0]["scores"]["laprox"]["low"] != \
+        a["protocols"]["aware"]["budgets"][0]["scores"]["laprox"]["low"]
+
+
+def test_markdown_marks_what_is_significant():
+    summary = stats.summarize(eval_rows(6, protocols=("agnostic",)), baselines=["snapkv", "adakv"], n_resamples=R)
+    md = stats.summary_markdown(summary)
+    assert "### protocol: agnostic" in md and "### protocol: aware" not in md
+    assert "No multiple-comparison correction is applied" in md
+    lines = {line.split(" |")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("|")}
+    assert "**+" in lines["snapkv"] and "better**" in lines["snapkv"]            # significantly worse than laprox
+    assert "**-" in lines["streamingllm"] and "worse**" in lines["streamingllm"]  # a negative result, shown as such
+    assert "no difference" in lines["laprox:pool=0"]                             # a tie
+    assert "loss**" in lines["loss laprox"]
+    assert "loss ratio laprox / best" in lines and "adakv" in lines["best baseline"]
+    assert "2x less loss" in lines["loss ratio laprox / best"]
+    assert "| full (no eviction) |" in md
+    laprox = summary["protocols"]["agnostic"]["budgets"][0]["scores"]["laprox"]
+    assert f"| laprox | {100 * laprox['mean']:.1f} [{100 * laprox['low']:.1f}, " in \
+        stats.summary_markdown(summary, scale=100, digits=1)  # LongBench's 0-100 display
+
+
+def test_plot_is_written(tmp_path):
+    summary = stats.summarize(eval_rows(7), n_resamples=R)
+    path = tmp_path / "scores.png"
+    stats.plot_summary(summary, path, title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(score=1.5), "score"), (dict(score=float("nan")), "score"), (dict(budget=None), "budget None"),
+    (dict(budget=0), "budget"), (dict(protocol="both"), "protocol"), (dict(method=""), "method"),
+])
+def test_bad_rows_get_a_clear_error(bad, match):
+    row = dict(unit=1, stratum="qa", method="laprox", budget=0.05, protocol="aware", score=0.5)
+    with pytest.raises(ValueError, match=match):
+        stats.check_rows([{**row, **bad}])
+    with pytest.raises(ValueError, match="lacks score"):
+        stats.check_rows([{k: v for k, v in row.items() if k != "score"}])
+    with pytest.raises(ValueError, match="appears twice"):
+        stats.score_tables(stats.check_rows([row, {**row, "score": 0.7}]))
+    with pytest.raises(ValueError, match="no rows"):
+        stats.check_rows([])
+
+
+# ----------------------------------------------------------------------------- sample size
+
+def test_units_for_half_width():
+    assert stats.units_for_half_width(0.05, sd=0.5) == 385  # 0/1 scores at worst: (1.96 * 0.5 / 0.05)^2
+    rng = np.random.default_rng(17)
+    scores = rng.beta(2, 3, 200)
+    n = stats.units_for_half_width(0.04, scores=scores)
+    sd = np.std(scores, ddof=1)
+    assert 1.96 * sd / math.sqrt(n) <= 0.04 < 1.96 * sd / math.sqrt(n - 1) + 1e-4
+    # and a bootstrap CI over that many fresh units has about that half-width
+    ci = stats.bootstrap_mean(rng.beta(2, 3, n), n_resamples=R, seed=1)
+    assert (ci["high"] - ci["low"]) / 2 == pytest.approx(0.04, rel=0.2)
+    with pytest.raises(ValueError, match="exactly one"):
+        stats.units_for_half_width(0.05)
+    with pytest.raises(ValueError, match="half_width"):
+        stats.units_for_half_width(0, sd=0.3)
