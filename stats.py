@@ -13,8 +13,8 @@ turns such scores into the numbers a claim needs, with 95% confidence intervals:
 
 How. The bootstrap resamples units with replacement, 2000 times (`N_RESAMPLES`), from a seeded
 numpy Generator, and reads the 95% interval off the 2.5th and 97.5th percentiles of the resampled
-statistic (the percentile interval: it stays inside [0, 1] for scores, needs no normal
-approximation, and is what Efron & Tibshirani recommend >= 1000 resamples for). Resampling is
+statistic (the percentile interval: it stays inside [0, 1] for scores and needs no normal
+approximation; Efron & Tibshirani ask >= 1000 resamples for it, as its ends rest on the tails). Resampling is
 *stratified* by default: units are drawn within each task, so each task keeps its size, and the
 statistic is the pooled mean = the mean of the task means, the average over tasks that LongBench
 and RULER report. The resample indices depend only on (seed, the units' strata, n_resamples), so
@@ -26,8 +26,8 @@ Input: a list of rows (dicts), one per (unit, method, budget, protocol):
     {"unit": 17, "stratum": "qasper", "method": "laprox", "budget": 0.05,
      "protocol": "aware", "score": 0.42}
 
-unit: any hashable id (a list, as JSON gives back a tuple, is made a tuple), unique within its
-stratum; method: a method spec string ("laprox", "laprox:pool=0", "snapkv", "full"); budget: a
+unit: any hashable id, unique within its stratum (a list is made a tuple: JSON turns tuples into
+lists); method: a method spec string ("laprox", "laprox:pool=0", "snapkv", "full"); budget: a
 number > 0, or None for the reference (the full cache may also sit under any budget, e.g. 1.0:
 its rows are used at every budget); protocol: "aware" or "agnostic"; score in [0, 1].
 
@@ -55,7 +55,7 @@ N_RESAMPLES = 2000  # the 2.5% tail holds 50 resamples: the CI's ends move by ~3
 CONFIDENCE = 0.95
 PROTOCOLS = ("aware", "agnostic")
 ROW_KEYS = ("unit", "stratum", "method", "budget", "protocol", "score")
-NOTE = ("A difference is significant when its 95% bootstrap CI excludes 0; "
+NOTE = ("A difference is significant when its {:g}% bootstrap CI excludes 0; "
         "no multiple-comparison correction is applied.")
 
 
@@ -273,6 +273,8 @@ def check_rows(rows: list[dict], reference: str = "full") -> list[dict]:
         if isinstance(row["unit"], list):
             row["unit"] = tuple(row["unit"])
         score, budget = row["score"], row["budget"]
+        if isinstance(budget, numbers.Real) and not isinstance(budget, bool):  # numpy numbers -> JSON-able
+            row["budget"] = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
         if isinstance(score, bool) or not isinstance(score, numbers.Real) or not 0 <= score <= 1:
             raise ValueError(f"row {i} has score {score!r}: scores must be numbers in [0, 1] (divide a 0-100 score by 100)")
         if budget is None and row["method"] != reference:
@@ -326,7 +328,7 @@ def summarize_protocol(tables: dict, method: str, reference: str, baselines: lis
                                     for m in others if m in at_b}
         if full:
             entry["loss"] = {m: paired_difference(full, t, **bootstrap) for m, t in at_b.items()}
-            best = best_baseline(at_b, [m for m in candidates if m in at_b], bootstrap.get("stratified", True))
+            best = best_baseline(at_b, [m for m in candidates if m in at_b], bootstrap["stratified"])
             entry["best_baseline"] = best
             if best is not None and method in at_b:
                 entry["loss_ratio"] = loss_ratio(full, at_b[method], at_b[best], **bootstrap)
@@ -348,7 +350,7 @@ def summarize(rows: list[dict], method: str = "laprox", reference: str = "full",
     check_bootstrap_args(n_resamples, confidence)
     bootstrap = dict(n_resamples=n_resamples, seed=seed, confidence=confidence, stratified=stratified)
     tables = score_tables(check_rows(rows, reference), reference)
-    return {"method": method, "reference": reference, **bootstrap, "note": NOTE,
+    return {"method": method, "reference": reference, **bootstrap, "note": NOTE.format(100 * confidence),
             "protocols": {p: summarize_protocol(tables[p], method, reference, baselines, **bootstrap)
                           for p in PROTOCOLS if p in tables}}
 
@@ -388,8 +390,8 @@ def format_ratio(ratio: dict | None, best: str | None, digits: int = 2) -> str:
     text = f"{ratio['ratio']:.{digits}f}"
     if ratio["low"] is not None:
         text += f" [{ratio['low']:.{digits}f}, {'inf' if ratio['high'] is None else format(ratio['high'], f'.{digits}f')}]"
-    elif ratio["note"]:
-        text += f" ({ratio['note']})"
+    else:  # the denominator is <= 0 in too many resamples
+        text += f" [CI n/a: {best}'s loss <= 0 in {100 * ratio['nonpositive_fraction']:.1f}% of the resamples]"
     if ratio["at_most_half_ci"]:
         return f"**{text} <= 0.5: 2x less loss (CI too)**"
     return f"{text} " + ("<= 0.5: 2x less loss (CI reaches above 0.5)" if ratio["at_most_half"] else "> 0.5: not 2x less loss")
@@ -400,39 +402,63 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def scores_markdown(p: dict, reference: str, scale: float, digits: int) -> list[str]:
+    """Table lines: each method's mean [CI] per budget, the reference's in every column; a cell
+    over fewer units than the reference says its n. p: one protocol of a summary."""
+    budgets = p["budgets"]
+    n_all = p["reference"]["n"] if p["reference"] else max(ci["n"] for b in budgets for ci in b["scores"].values())
+
+    def cell(ci):
+        return format_ci(ci, scale, digits) + (f" (n={ci['n']})" if ci is not None and ci["n"] != n_all else "")
+
+    rows = [[name] + [cell(b["scores"].get(name)) for b in budgets] for name in p["methods"]]
+    if p["reference"] is not None:
+        rows.append([f"{reference} (no eviction)"] + [format_ci(p["reference"], scale, digits)] * len(budgets))
+    return markdown_table(["method"] + [f"budget {b['budget']:g}" for b in budgets], rows)
+
+
+def differences_markdown(p: dict, method: str, scale: float, digits: int) -> list[str]:
+    """Table lines: method - other, paired, per budget (better / worse / no difference)."""
+    budgets = p["budgets"]
+    others = [o for o in p["methods"] if any(o in b["differences"] for b in budgets)]
+    rows = [[o] + [format_difference(b["differences"].get(o), "better", "worse", scale, digits) for b in budgets]
+            for o in others]
+    return markdown_table([f"{method} minus"] + [f"budget {b['budget']:g}" for b in budgets], rows) if rows else []
+
+
+def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[str]:
+    """Table lines: every method's loss vs the reference (loss / gain / no difference), the best
+    baseline and the loss ratio, per budget."""
+    budgets = p["budgets"]
+    rows = [[f"loss {name}"] + [format_difference(b["loss"].get(name), "loss", "gain", scale, digits) for b in budgets]
+            for name in p["methods"]]
+    rows.append(["best baseline"] + [b["best_baseline"] or "n/a" for b in budgets])
+    rows.append([f"loss ratio {method} / best"] + [format_ratio(b["loss_ratio"], b["best_baseline"]) for b in budgets])
+    return markdown_table([""] + [f"budget {b['budget']:g}" for b in budgets], rows)
+
+
 def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
-    """Markdown of a summary: per protocol, the scores with CIs, the method's paired differences
-    with every other method, and the headline (losses vs full, loss ratio). Significant differences
-    are bold with a word (better/worse, loss/gain); the others read 'no difference'.
-    scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100 scores)."""
-    m, ref, conf = summary["method"], summary["reference"], round(100 * summary["confidence"])
-    out = [f"Means with {conf}% bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
-           + ("units resampled within each task; the mean is the mean of the task means" if summary["stratified"]
-              else "units resampled together; the mean is over units") + ").",
-           f"Legend: **bold** = significant ({conf}% CI excludes 0), with its direction; 'no difference' = "
-           f"the CI includes 0. No multiple-comparison correction is applied.", ""]
+    """Markdown of a summary: a legend, then per protocol the scores with CIs, the method's paired
+    differences with every other method, and the headline (losses vs the reference, loss ratio).
+    Significant differences are bold with a word (better/worse, loss/gain); the others read
+    'no difference'. scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100)."""
+    m, ref, conf = summary["method"], summary["reference"], f"{100 * summary['confidence']:g}%"
+    resampling = ("units resampled within each task; the mean is the mean of the task means" if summary["stratified"]
+                  else "units resampled together; the mean is over units")
+    out = [f"Means with {conf} bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
+           f"{resampling}).",
+           f"Legend: **bold** = significant ({conf} CI excludes 0), with its direction; 'no difference' = the CI "
+           f"includes 0. No multiple-comparison correction is applied.", ""]
     for protocol, p in summary["protocols"].items():
-        budgets = p["budgets"]
-        cols = [f"budget {b['budget']:g}" for b in budgets]
-        out += [f"### protocol: {protocol}", "", "Scores:", ""]
-        rows = [[name] + [format_ci(b["scores"].get(name), scale, digits) for b in budgets] for name in p["methods"]]
-        if p["reference"] is not None:
-            rows.append([f"{ref} (no eviction)"] + [format_ci(p["reference"], scale, digits)] * len(budgets))
-        out += markdown_table(["method"] + cols, rows) + [""]
-        others = [o for o in p["methods"] if o != m and any(o in b["differences"] for b in budgets)]
-        if others:
+        out += [f"### protocol: {protocol}", "", "Scores (n = units, where fewer than the reference's):", ""]
+        out += scores_markdown(p, ref, scale, digits) + [""]
+        if any(b["differences"] for b in p["budgets"]):
             out += [f"{m} - other method, paired over the units both have (> 0: {m} scores higher):", ""]
-            out += markdown_table([f"{m} - "] + cols, [[o] + [format_difference(b["differences"].get(o), "better", "worse",
-                                                                                scale, digits) for b in budgets]
-                                                       for o in others]) + [""]
+            out += differences_markdown(p, m, scale, digits) + [""]
         if p["reference"] is not None:
             out += [f"Headline: loss vs {ref} ({ref} - method, paired; > 0: the method loses score) and the loss "
                     f"ratio {m} / best baseline (best mean at that budget; <= 0.5 is the '2x less loss' claim):", ""]
-            rows = [[f"loss {name}"] + [format_difference(b["loss"].get(name), "loss", "gain", scale, digits)
-                                        for b in budgets] for name in p["methods"]]
-            rows.append(["best baseline"] + [b["best_baseline"] or "n/a" for b in budgets])
-            rows.append([f"loss ratio {m} / best"] + [format_ratio(b["loss_ratio"], b["best_baseline"]) for b in budgets])
-            out += markdown_table([""] + cols, rows) + [""]
+            out += headline_markdown(p, m, scale, digits) + [""]
     return "\n".join(out)
 
 
@@ -450,7 +476,7 @@ def plot_summary(summary: dict, path, title: str = "") -> None:
             pts = [(b["budget"], b["scores"][name]) for b in p["budgets"] if b["scores"].get(name, {}).get("mean") is not None]
             if not pts:
                 continue
-            dodge = 1 + 0.04 * (i - (len(p["methods"]) - 1) / 2)  # spread the error bars apart on the log axis
+            dodge = 1 + 0.05 * (i - (len(p["methods"]) - 1) / 2)  # spread the error bars apart on the log axis
             x = [bud * dodge for bud, _ in pts]
             y = [ci["mean"] for _, ci in pts]
             err = [[ci["mean"] - ci["low"] if ci["low"] is not None else 0 for _, ci in pts],
