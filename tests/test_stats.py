@@ -224,7 +224,8 @@ def eval_rows(seed, protocols=("aware", "agnostic"), full_budget=1.0, strata=("q
         for s in strata:
             for u in range(20):
                 base = float(rng.uniform(0.4, 0.8))
-                rows.append(dict(unit=[u, s], stratum=s, method="full", budget=full_budget, protocol=protocol, score=base))
+                rows.append(dict(unit=[u, s], stratum=s, method="full", budget=full_budget, protocol=protocol,
+                                 score=base))
                 for b in (0.05, 0.2):
                     for m, shift in shifts.items():
                         score = float(np.clip(base + shift * (0.05 / b) + rng.normal(0, 0.03), 0, 1))
@@ -243,7 +244,8 @@ def test_summary_is_json_and_consistent_with_the_functions():
     at = p["budgets"][0]
     boot = dict(n_resamples=R, seed=2)
     assert at["scores"]["snapkv"] == stats.mean_ci(tables[("snapkv", 0.05)], **boot)
-    assert at["differences"]["snapkv"] == stats.paired_difference(tables[("laprox", 0.05)], tables[("snapkv", 0.05)], **boot)
+    assert at["differences"]["snapkv"] == stats.paired_difference(tables[("laprox", 0.05)], tables[("snapkv", 0.05)],
+                                                                  **boot)
     assert at["loss"]["laprox"] == stats.paired_difference(tables[("full", None)], tables[("laprox", 0.05)], **boot)
     assert at["best_baseline"] == "streamingllm"  # laprox's own variant is not a baseline
     assert at["loss_ratio"]["ratio"] is None and "loses nothing" in at["loss_ratio"]["note"]
