@@ -597,7 +597,7 @@ def test_samsum_decoding_matches_transformers_generate_with_the_official_argumen
 
     folder = str(default_checkpoint_dir())
     ref_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     assert ref_tok.encode("\n", add_special_tokens=False)[-1] == nl
     x = torch.tensor([ids])
     with torch.no_grad():
