@@ -622,9 +622,10 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise ValueError(f"--device {name}: CUDA is not available (torch {torch.__version__} is {build}, or no GPU "
-                             f"is visible); use --device cpu, or install the torch build for your CUDA")
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else f"torch {torch.__version__} sees no GPU")
+            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install "
+                             f"the torch build for your CUDA on a machine with a GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
