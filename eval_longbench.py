@@ -5,10 +5,13 @@ The protocol is the one of the official repository, https://github.com/THUDM/Lon
 config/dataset2maxlen.json (copied below as data), pred.py (prompt building, middle
 truncation, chat template, greedy decoding), metrics.py and eval.py (scoring).
 
-What is ours: each sample is prefilled once, and every eviction method and budget is
-evaluated on that same prefill (eviction happens after prefill, so the prefill does not
-depend on the method); the default --max-length is the model's context minus the task's
-generation length (official: a per-model number in config/model2maxlen.json).
+As there: prompts are cut in the middle to one max_length per model for every task (its
+context in thousands of tokens minus 500, as config/model2maxlen.json; --max-length to
+override), checked to leave room for the chat template and the answer before any prefill;
+a checkpoint without a chat template gets the raw prompt; samsum decodes with pred.py's
+min_length and newline stop. What is ours: each sample is prefilled once, and every eviction
+method and budget is evaluated on that same prefill (eviction happens after prefill, so the
+prefill does not depend on the method).
 
     python eval_longbench.py --budget 0.05                       # all 16 tasks, default model
     python eval_longbench.py --tasks hotpotqa,trec --limit 20 --methods full,laprox,snapkv
@@ -82,6 +85,10 @@ NO_CHAT_TASKS = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
 FIRST_LINE_TASKS = {"trec", "triviaqa", "samsum", "lsht"}
 
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
+
+# The rules of pred.py that are code, not tables (part of every prediction's configuration hash).
+PROTOCOL = ("max_length: context // 1000 * 1000 - 500 unless given; middle truncation; chat template "
+            "except NO_CHAT_TASKS, raw prompt without one; greedy; samsum: min_length + stop on the newline id")
 
 HUB_REPO, HUB_FILE = "THUDM/LongBench", "data.zip"
 
@@ -184,7 +191,8 @@ def count_score(prediction: str, ground_truth: str, **kwargs) -> float:
 def fuzz_ratio(a: str, b: str) -> int:
     """fuzzywuzzy.fuzz.ratio (0..100 integer) as `pip install fuzzywuzzy` gives it: without
     python-Levenshtein it is difflib's SequenceMatcher ratio, rounded. (rapidfuzz and
-    python-Levenshtein use the Indel ratio, which differs on some strings.)"""
+    python-Levenshtein use the Indel ratio, which differs on some strings: " a " vs "ab "
+    is 33 here, 67 there.)"""
     if a == b:
         return 100
     if not a or not b:
@@ -193,7 +201,11 @@ def fuzz_ratio(a: str, b: str) -> int:
 
 
 def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:
-    """Edit similarity of the first prediction line without ` # or // to the true line."""
+    """Edit similarity of the first prediction line without ` # or // to the true line.
+
+    The numbers match the official metrics.py run with fuzzywuzzy's pure-Python backend
+    (difflib, what `pip install fuzzywuzzy` gives without python-Levenshtein), not with
+    python-Levenshtein or rapidfuzz installed (see fuzz_ratio)."""
     first = next((line for line in prediction.lstrip("\n").split("\n")
                   if "`" not in line and "#" not in line and "//" not in line), "")
     return fuzz_ratio(first, ground_truth) / 100
@@ -231,16 +243,19 @@ def fetch_data() -> Path:
         from huggingface_hub import hf_hub_download
         archive = hf_hub_download(repo_id=HUB_REPO, filename=HUB_FILE, repo_type="dataset",
                                   cache_dir=str(root.parent / "hub"))
-    except Exception as e:
-        raise RuntimeError(
+    except Exception as e:  # offline, no such repo, hub client missing: all mean "use --data-dir"
+        raise ConnectionError(
             f"could not download the LongBench data ({HUB_FILE} of the dataset {HUB_REPO}) from the "
             f"Hugging Face hub: {type(e).__name__}: {e}. Fix: get data.zip by other means, unzip it, "
-            f"and pass --data-dir FOLDER (the folder that holds narrativeqa.jsonl, ...).") from e
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(root)
+            f"and pass --data-dir FOLDER (the folder that holds narrativeqa.jsonl, ...).") from None
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(root)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive} is not a zip archive; delete it and run again, or pass --data-dir") from None
     found = sorted(root.rglob("narrativeqa.jsonl"))
     if not found:
-        raise RuntimeError(f"{archive} holds no narrativeqa.jsonl; pass --data-dir with the official jsonl files")
+        raise ValueError(f"{archive} holds no narrativeqa.jsonl; pass --data-dir with the official jsonl files")
     return found[0].parent
 
 
@@ -257,42 +272,122 @@ def check_data_dir(data_dir: Path, tasks: list[str]) -> None:
 
 def load_task(data_dir: Path, task: str, limit: int | None = None) -> list[dict]:
     """The first `limit` samples of <data_dir>/<task>.jsonl (official fields: input, context,
-    answers, all_classes, length, _id, ...), each with its line number as "index"."""
-    samples = []
-    with open(data_dir / f"{task}.jsonl", encoding="utf-8") as f:
-        for line in f:
+    answers, all_classes, length, _id, ...), each with its line number as "index".
+    A line that is not such a sample is an error naming the file and the line."""
+    path, samples = data_dir / f"{task}.jsonl", []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
             if limit is not None and len(samples) >= limit:
                 break
             if line.strip():
-                samples.append({**json.loads(line), "index": len(samples)})
+                samples.append({**parse_sample(line, f"{path} line {number}"), "index": len(samples)})
+    if not samples:
+        raise ValueError(f"{path} holds no samples; use the official LongBench file (or leave {task} out of --tasks)")
     return samples
+
+
+def parse_sample(line: str, where: str) -> dict:
+    """One jsonl line as a sample dict, checked for the fields the prompts and metrics read."""
+    fix = "fix the line or get the official file again"
+    try:
+        sample = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); {fix}") from None
+    if not isinstance(sample, dict):
+        raise ValueError(f"{where} is not a JSON object; {fix}")
+    for field, kind in (("input", str), ("context", str), ("answers", list)):
+        if not isinstance(sample.get(field), kind):
+            raise ValueError(f"{where} lacks the {kind.__name__} field {field!r}; {fix}")
+    if not all(isinstance(a, str) for a in sample["answers"]):
+        raise ValueError(f"{where}: 'answers' must be a list of strings; {fix}")
+    sample.setdefault("all_classes", None)
+    return sample
 
 
 # ---- prompts (pred.py) ----
 
-def build_prompt_ids(tok, sample: dict, task: str, max_length: int) -> list[int]:
+def build_prompt_ids(tok, sample: dict, task: str, max_length: int, chat: bool = True) -> list[int]:
     """Token ids of the official prompt: the task template, the tokenised prompt cut in the
     middle to `max_length` tokens (first and last max_length // 2 kept, decoded and joined
-    again as text), then the model's chat template except for NO_CHAT_TASKS."""
+    again as text), then the model's chat template except for NO_CHAT_TASKS. chat=False
+    (a checkpoint without a chat template) feeds the raw prompt, as pred.py's build_chat
+    does for a model it has no template for."""
     prompt = DATASET2PROMPT[task].format(**sample)
     ids = tok.encode(prompt)
     if len(ids) > max_length:
         half = int(max_length / 2)
         prompt = tok.decode(ids[:half]) + tok.decode(ids[-half:])
-    if task not in NO_CHAT_TASKS:
+    if chat and task not in NO_CHAT_TASKS:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tok.encode(prompt)
 
 
-def default_max_length(model, tok, task: str, slack: int = 8) -> int:
-    """The model's context minus the task's generation length, minus what the chat template
-    adds and `slack` tokens (re-tokenising the text at the cut can add one or two), so that
-    prompt and answer fit in the context."""
-    overhead = 0
-    if task not in NO_CHAT_TASKS:
-        overhead = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}],
-                                                          add_generation_prompt=True)))
-    return model.config.max_position - DATASET2MAXLEN[task] - overhead - slack
+def has_chat_template(tok) -> bool:
+    """Whether the checkpoint ships a chat template (model.Tokenizer.chat_template)."""
+    return bool(getattr(tok, "chat_template", None))
+
+
+def official_max_length(max_position: int) -> int:
+    """pred.py's prompt length for a model (config/model2maxlen.json), one number for every
+    task: the nominal context in thousands of tokens, minus 500 (4096 -> 3500, 8192 -> 7500,
+    16384 -> 15500, 32768 -> 31500). check_context checks that template and answer still fit."""
+    max_length = max_position // 1000 * 1000 - 500
+    if max_length < 1:
+        raise ValueError(f"the model's context ({max_position} tokens) is too short for LongBench's rule "
+                         f"(context in thousands minus 500); pass --max-length")
+    return max_length
+
+
+def check_context(tok, tasks: list[str], max_length: int, max_position: int, chat: bool) -> None:
+    """Fail before any prefill if, on some task, a prompt cut to `max_length` tokens plus what
+    the chat template adds plus the task's generation length would exceed the model's context."""
+    empty = len(tok.encode(""))
+    for task in tasks:
+        template = 0
+        if chat and task not in NO_CHAT_TASKS:
+            wrapped = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
+            template = len(tok.encode(wrapped)) - empty
+        need = max_length + template + DATASET2MAXLEN[task]
+        if need > max_position:
+            raise ValueError(f"--max-length {max_length} does not fit {task}: {max_length} prompt + {template} "
+                             f"chat-template + {DATASET2MAXLEN[task]} generated tokens > the model's context "
+                             f"of {max_position}; use --max-length {max_length - (need - max_position)} or less")
+
+
+def check_prompt_fits(ids: list[int], task: str, index: int, max_position: int, max_length: int) -> None:
+    """The exact check for one prompt (re-tokenising the text at the cut can add a token or two)."""
+    excess = len(ids) + DATASET2MAXLEN[task] - max_position
+    if excess > 0:
+        raise ValueError(f"{task} sample {index}: {len(ids)} prompt + {DATASET2MAXLEN[task]} generated tokens "
+                         f"exceed the model's context of {max_position}; use --max-length {max_length - excess}")
+
+
+# ---- decoding (pred.py) ----
+
+def newline_id(tok) -> int:
+    """pred.py's "\n" token: tokenizer.encode("\n", add_special_tokens=False)[-1]."""
+    return tok.encode("\n", add_special_tokens=False)[-1]
+
+
+def decode_answer(model, tok, cache, task: str) -> str:
+    """The greedy answer as pred.py decodes it (num_beams=1, do_sample=False), from a fresh
+    cache (its last_logits (1, vocab) are the prefill's): at most DATASET2MAXLEN[task] tokens,
+    stopping at the model's eos ids. On samsum pred.py also passes min_length=prompt+1 and
+    eos_token_id=[eos, newline_id]: neither may be the first new token (their logits are -inf
+    for it), and generation stops on either id only (a token that merely contains "\n", such
+    as ".\n", does not stop it). Returns the text with special tokens skipped; a stopping
+    "\n" stays, as in pred.py (eval.py scores the first line).
+
+    eos: tok.eos_ids, i.e. generation_config's eos_token_id (what transformers' generate stops
+    on) and the tokenizer's eos_token (what pred.py names on samsum); they differ only on
+    checkpoints with several end tokens."""
+    from model import decode_greedy
+    stop, first = set(tok.eos_ids), cache.last_logits
+    if task == "samsum" and first is not None:
+        stop.add(newline_id(tok))
+        first = first.clone()
+        first[:, sorted(stop)] = float("-inf")
+    return tok.decode(decode_greedy(model, cache, DATASET2MAXLEN[task], stop_ids=stop, logits=first))
 
 
 # ---- the model-touching part ----
@@ -300,44 +395,70 @@ def default_max_length(model, tok, task: str, slack: int = 8) -> int:
 def run_sample(model, tok, ids: list[int], task: str, runs: list[tuple[str, float | int | None]],
                window: int, device: str) -> list[dict]:
     """Prefill the prompt once, then for each (method, budget): compress the prefill's cache,
-    decode greedily, and return {method, budget, pred, kept_fraction} per run.
+    decode as pred.py does, and return {method, budget, pred, kept_fraction} per run.
     ids: prompt token ids (n,); the prefill takes them as a (1, n) tensor."""
     import torch
     from methods import compress
-    from model import generate
     prefill = model.prefill(torch.tensor([ids], device=device), window=window,
                             h2o=any(m == "h2o" for m, _ in runs))
-    stop = {"stop_strings": ["\n"]} if task == "samsum" else {}  # pred.py: samsum also stops at "\n"
     out = []
     for method, budget in runs:
         cache = compress(prefill, method=method, budget=1.0 if budget is None else budget)
-        pred = generate(model, tok, cache=cache, max_new_tokens=DATASET2MAXLEN[task], **stop)
-        out.append({"method": method, "budget": budget, "pred": pred, "kept_fraction": cache.kept_fraction()})
+        out.append({"method": method, "budget": budget, "pred": decode_answer(model, tok, cache, task),
+                    "kept_fraction": cache.kept_fraction()})
     return out
 
 
 # ---- predictions file ----
 
+PREDICTION_FIELDS = ("task", "index", "method", "budget", "pred", "answers", "all_classes", "kept_fraction", "config")
+
+
 def read_predictions(path: Path) -> list[dict]:
-    """All prediction lines of `path` ([] if absent); a line cut short by a crash is skipped."""
+    """All prediction lines of `path` ([] if absent). Lines that are not a whole prediction
+    (a line cut short by a killed run) are skipped with one warning: their cases run again."""
     if not path.is_file():
         return []
-    lines = []
+    lines, skipped = [], []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                lines.append(json.loads(line))
+                x = json.loads(line)
             except json.JSONDecodeError:
-                print(f"warning: skipping an unreadable line of {path}", file=sys.stderr)
+                x = None
+            if isinstance(x, dict) and all(k in x for k in PREDICTION_FIELDS):
+                lines.append(x)
+            else:
+                skipped.append(number)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable line(s) of {path} (line {', '.join(map(str, skipped[:5]))}"
+              f"{', ...' if len(skipped) > 5 else ''}; cut short by an interrupted run?): their cases are not "
+              f"counted as done", file=sys.stderr)
     return lines
+
+
+def open_for_append(path: Path):
+    """`path` opened to append lines, starting on a fresh line: after a run killed mid-write the
+    file ends in a torn line, and a line appended to it would be unreadable as well."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
 
 
 def run_config(args) -> str:
     """Hash of what changes the predictions (checkpoint, dtype, window, truncation, prompts): lines
     of another configuration in the same predictions file are neither skipped nor scored."""
     from eval_niah import fingerprint
-    return fingerprint(dict(checkpoint=args.model, dtype=args.dtype, window=args.window,
-                            max_length=args.max_length, prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN))
+    return fingerprint(dict(checkpoint=args.model, dtype=args.dtype, window=args.window, max_length=args.max_length,
+                            prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN, protocol=PROTOCOL))
 
 
 def run_key(task: str, index: int, method: str, budget) -> tuple:
@@ -385,7 +506,10 @@ def aggregate(lines: list[dict]) -> list[dict]:
 
 def results_markdown(results: list[dict], budgets: list) -> str:
     """One table per budget: rows are tasks, categories, averages and the kept fraction;
-    columns are the methods ("full" in every table as the reference)."""
+    columns are the methods ("full" in every table as the reference). Under it, the number
+    of samples each method was scored on per task: a budget that leaves a prompt less than
+    the window (+ sinks) skips that sample for that method, so averages can cover different
+    samples, which a note then names."""
     out = []
     for b in budgets:
         cols = [r for r in results if r["budget"] is None] + [r for r in results if r["budget"] == b]
@@ -393,16 +517,31 @@ def results_markdown(results: list[dict], budgets: list) -> str:
             continue
         tasks = [t for t in TASKS if any(t in r["tasks"] for r in cols)]
         cats = [c for c in CATEGORIES if any(c in r["categories"] for r in cols)]
-        out += [f"## budget {b}", "", "| | " + " | ".join(r["method"] for r in cols) + " |",
-                "|---" * (len(cols) + 1) + "|"]
+        header = ["| | " + " | ".join(r["method"] for r in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        out += [f"## budget {b}", ""] + header
         for name, get in ([(t, lambda r, t=t: r["tasks"].get(t)) for t in tasks]
                           + [(f"**{c}**", lambda r, c=c: r["categories"].get(c)) for c in cats]
                           + [("**avg (tasks)**", lambda r: r["avg"]),
                              ("**avg (categories)**", lambda r: r["avg_categories"]),
                              ("kept fraction", lambda r: r["kept_fraction"])]):
             out.append(f"| {name} | " + " | ".join("-" if get(r) is None else f"{get(r):g}" for r in cols) + " |")
+        out += ["", f"samples scored (budget {b}):", ""] + header
+        for t in tasks:
+            out.append(f"| {t} | " + " | ".join(str(r["n"].get(t, 0)) for r in cols) + " |")
+        uneven = [t for t in tasks if len({r["n"].get(t, 0) for r in cols}) > 1]
+        if uneven:
+            out += ["", f"note: the methods were scored on different samples of {', '.join(uneven)} (a sample "
+                        f"too short for budget {b} is skipped for the methods it does not fit)"]
         out.append("")
     return "\n".join(out)
+
+
+def max_length_line(lines: list[dict], given: int | None) -> str:
+    """The sentence of results.md that says how long the prompts were allowed to be."""
+    used = sorted({x["max_length"] for x in lines if "max_length" in x})
+    value = ", ".join(map(str, used)) or "(not recorded)"
+    how = "--max-length" if given else "the official rule: the model's context in thousands x 1000 - 500"
+    return f"Prompts middle-truncated to max_length = {value} tokens ({how})."
 
 
 def plot_scores(results: list[dict], path: Path) -> None:
@@ -466,33 +605,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--data-dir", type=Path, default=None, help="folder of the official jsonl files (skips the download)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="middle-truncate prompts to this many tokens (default: model context - generation length)")
+                   help="middle-truncate prompts to this many tokens (default, as the official scripts: "
+                        "the model's context in thousands x 1000 - 500, e.g. 8192 -> 7500)")
     p.add_argument("--out", type=Path, default=None, help="default results/longbench/<model>/")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip (task, sample, method, budget) already in predictions.jsonl (default on)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> list[dict]:
-    """Check the arguments, run what is missing, write the predictions, tables and plot."""
-    args = parse_args(argv)
-    from methods import METHODS  # the methods compress knows
+def check_device(name: str) -> None:
+    """Fail early, naming the fix, on a device string torch does not know or cannot use here."""
+    import torch
     try:
-        tasks = parse_list(args.tasks, TASKS, "task")
-        methods = parse_list(args.methods, list(METHODS), "method")
-        budgets = parse_budgets(args.budget)
-        for name in ("window", "limit", "max_length"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        data_dir = args.data_dir.expanduser() if args.data_dir else fetch_data()
-        check_data_dir(data_dir, tasks)
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"eval_longbench.py: error: {e}")
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else f"torch {torch.__version__} sees no GPU")
+            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install "
+                             f"the torch build for your CUDA on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+def output_folder(args, model_name: str) -> Path:
+    """--out (default results/longbench/<model>/), created; a path that is a file is an error."""
+    out = args.out.expanduser() if args.out else Path("results") / "longbench" / model_name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder --out {out} ({e.strerror}); pass another folder") from None
+    return out
+
+
+def load_checkpoint(args):
+    """(model, tok) of --model; a checkpoint that cannot be loaded is a one-line error."""
+    import torch
+    from model import load_model
+    try:
+        return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    except Exception as e:  # a broken or unreachable checkpoint, whatever the library raises
+        what = "the default model" if args.model is None else f"--model {args.model}"
+        raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+
+
+def run(args) -> list[dict]:
+    """Check the arguments, run what is missing, write the predictions, tables and plot."""
+    from methods import METHODS  # the methods compress knows
+    tasks = parse_list(args.tasks, TASKS, "task")
+    methods = parse_list(args.methods, list(METHODS), "method")
+    budgets = parse_budgets(args.budget)
+    for name in ("window", "limit", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_device(args.device)
+    data_dir = args.data_dir.expanduser() if args.data_dir else fetch_data()
+    check_data_dir(data_dir, tasks)
+    work = [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
 
     from eval_niah import DEFAULT_MODEL_NAME
     model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
-    out = args.out or Path("results") / "longbench" / model_name
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args, model_name)
     pred_path = out / "predictions.jsonl"
     if not args.resume and pred_path.exists():
         print(f"--no-resume: starting {pred_path} afresh")
@@ -500,35 +680,10 @@ def main(argv=None) -> list[dict]:
     config = run_config(args)
     previous = [x for x in read_predictions(pred_path) if x.get("config") == config]
     done = {run_key(x["task"], x["index"], x["method"], x["budget"]) for x in previous}
-
-    work = [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
     todo = [(task, s, runs) for task, s in work if (runs := pending_runs(s, task, methods, budgets, done))]
     print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to run")
     if todo:
-        import torch
-        from tqdm import tqdm
-        from methods import budget_fits
-        from model import load_model
-        model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-        with open(pred_path, "a", encoding="utf-8") as f:
-            if f.tell() and not pred_path.read_bytes().endswith(b"\n"):  # a line cut short by a crash
-                f.write("\n")
-            for task, s, runs in tqdm(todo, desc="LongBench"):
-                max_length = args.max_length or default_max_length(model, tok, task)
-                ids = build_prompt_ids(tok, s, task, max_length)
-                fits = [(m, b) for m, b in runs if b is None or budget_fits(m, b, len(ids), args.window)]
-                if len(fits) < len(runs):
-                    print(f"note: {task} sample {s['index']} ({len(ids)} tokens) is too short for "
-                          f"{sorted({b for m, b in runs if (m, b) not in fits})} (below the {args.window}-token "
-                          f"window + sinks): skipped for those budgets")
-                if not fits:
-                    continue
-                for r in run_sample(model, tok, ids, task, fits, args.window, args.device):
-                    line = {"task": task, "_id": s.get("_id"), "index": s["index"], **r,
-                            "answers": s["answers"], "all_classes": s["all_classes"],
-                            "length": s.get("length"), "prompt_tokens": len(ids), "config": config}
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                f.flush()
+        predict(args, todo, pred_path, config)
 
     wanted = {(task, s["index"]) for task, s in work}
     runs_wanted = {(m, None if m == "full" else b) for m in methods for b in budgets}
@@ -536,14 +691,59 @@ def main(argv=None) -> list[dict]:
              if x.get("config") == config and (x["task"], x["index"]) in wanted and (x["method"], x["budget"]) in runs_wanted]
     results = aggregate(lines)
     (out / "results.json").write_text(json.dumps(
-        {"model": model_name, "tasks": tasks, "methods": methods, "budgets": budgets,
-         "limit": args.limit, "results": results}, indent=2))
+        {"model": model_name, "tasks": tasks, "methods": methods, "budgets": budgets, "limit": args.limit,
+         "max_length": sorted({x["max_length"] for x in lines if "max_length" in x}), "results": results}, indent=2))
     table = results_markdown(results, budgets)
-    (out / "results.md").write_text(f"# LongBench, model {model_name}\n\n{table}")
+    (out / "results.md").write_text(f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n{table}")
     plot_scores(results, out / "scores_vs_budget.png")
     print(table)
     print(f"wrote {pred_path}, results.json, results.md and scores_vs_budget.png under {out}")
     return results
+
+
+def predict(args, todo: list[tuple[str, dict, list]], pred_path: Path, config: str) -> None:
+    """Load the model, check that the prompts fit it, and append one prediction line per
+    (sample, method, budget) of `todo` to pred_path, flushed after every sample."""
+    from tqdm import tqdm
+    from methods import budget_fits
+    model, tok = load_checkpoint(args)
+    max_position = model.config.max_position
+    max_length = args.max_length or official_max_length(max_position)
+    chat = has_chat_template(tok)
+    tasks = list(dict.fromkeys(task for task, _, _ in todo))
+    if not chat and any(t not in NO_CHAT_TASKS for t in tasks):
+        print("note: this checkpoint has no chat template: the chat tasks get the raw prompt, as the "
+              "official pred.py does for models it has no template for")
+    check_context(tok, tasks, max_length, max_position, chat)
+    with open_for_append(pred_path) as f:
+        for task, s, runs in tqdm(todo, desc="LongBench"):
+            ids = build_prompt_ids(tok, s, task, max_length, chat)
+            check_prompt_fits(ids, task, s["index"], max_position, max_length)
+            fits = [(m, b) for m, b in runs if b is None or budget_fits(m, b, len(ids), args.window)]
+            if len(fits) < len(runs):
+                print(f"note: {task} sample {s['index']} ({len(ids)} tokens) is too short for "
+                      f"{sorted({b for m, b in runs if (m, b) not in fits})} (below the {args.window}-token "
+                      f"window + sinks): skipped for those budgets")
+            if not fits:
+                continue
+            for r in run_sample(model, tok, ids, task, fits, args.window, args.device):
+                line = {"task": task, "_id": s.get("_id"), "index": s["index"], **r,
+                        "answers": s["answers"], "all_classes": s["all_classes"], "length": s.get("length"),
+                        "prompt_tokens": len(ids), "max_length": max_length, "config": config}
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def main(argv=None) -> list[dict]:
+    """The command line: a user error (bad flag, data, checkpoint, device, output folder) is one
+    line naming the problem and the fix, never a traceback."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"eval_longbench.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("eval_longbench.py: interrupted; the same command resumes where it stopped")
 
 
 if __name__ == "__main__":

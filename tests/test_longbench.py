@@ -38,6 +38,20 @@ TRIVIA = {
     "_id": "trivia-0",
 }
 
+SAMSUM = {  # written by hand in the official format: few-shot dialogues, then the one to summarise
+    "input": "Dialogue: Ben: Are we still meeting at 6?\nLucy: Yes, at the cinema.\nBen: Great, I'll buy the tickets.\nSummary: ",
+    "context": ("Dialogue: Amanda: I baked cookies. Do you want some?\nJerry: Sure!\nAmanda: I'll bring you tomorrow :-)\n"
+                "Summary: Amanda baked cookies and will bring Jerry some tomorrow.\n\n"
+                "Dialogue: Olivia: Who are you voting for in this election?\nOliver: Liberals as always.\nOlivia: Me too!!\n"
+                "Oliver: Great\nSummary: Olivia and Oliver are voting for liberals in this election.\n\n"
+                "Dialogue: Tim: Hi, what's up?\nKim: Bad mood tbh, I was going to do lots of stuff but ended up "
+                "procrastinating\nTim: What did you plan on doing?\nKim: Oh you know, uni stuff and cleaning my room\n"
+                "Tim: Maybe tomorrow you'll do everything\nKim: I was hoping that but it's too late\n"
+                "Summary: Kim may try the pomodoro technique recommended by Tim to get more stuff done.\n\n"),
+    "answers": ["Ben and Lucy are meeting at the cinema at 6. Ben will buy the tickets."], "length": 120,
+    "dataset": "samsum", "language": "en", "all_classes": None, "_id": "samsum-0",
+}
+
 
 @pytest.fixture
 def data_dir(tmp_path):
@@ -53,8 +67,9 @@ def data_dir(tmp_path):
 
 class CharTokenizer:
     """One token per character; a visible chat template. Makes truncation checkable exactly."""
+    chat_template = "<user>{content}</user><assistant>"
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return [ord(c) for c in text]
 
     def decode(self, ids):
@@ -182,6 +197,49 @@ def test_middle_truncation(data_dir, max_length):
     assert text == f"<user>{full[:half] + full[-half:]}</user><assistant>"
 
 
+def test_without_a_chat_template_the_raw_prompt_is_fed(data_dir):
+    tok = CharTokenizer()
+    hotpot = lb.load_task(data_dir, "hotpotqa")[0]
+    ids = lb.build_prompt_ids(tok, hotpot, "hotpotqa", max_length=10_000, chat=False)
+    assert tok.decode(ids) == lb.DATASET2PROMPT["hotpotqa"].format(**hotpot)
+    assert lb.has_chat_template(tok) and not lb.has_chat_template(object())
+
+
+@pytest.mark.parametrize("context, expected", [(4096, 3500), (8192, 7500), (16384, 15500), (32768, 31500),
+                                                (131072, 130500), (2048, 1500), (1024, 500)])
+def test_official_max_length(context, expected):
+    """config/model2maxlen.json: llama2-7b-chat-4k 3500, xgen-7b-8k 7500, vicuna-v1.5-7b-16k 15500,
+    longchat-v1.5-7b-32k 31500."""
+    assert lb.official_max_length(context) == expected
+
+
+def test_official_max_length_refuses_a_tiny_context():
+    with pytest.raises(ValueError, match="--max-length"):
+        lb.official_max_length(999)
+
+
+def test_check_context_counts_template_and_generation():
+    tok = CharTokenizer()
+    template = len("<user></user><assistant>")  # what the chat template adds: 24 characters
+    limit = 1000 - template - lb.DATASET2MAXLEN["hotpotqa"]
+    lb.check_context(tok, ["hotpotqa"], limit, 1000, chat=True)  # exactly fits
+    with pytest.raises(ValueError, match=f"hotpotqa: {limit + 1} prompt \\+ {template} chat-template \\+ 32 "
+                                         f"generated tokens > the model's context of 1000; use --max-length {limit} "):
+        lb.check_context(tok, ["hotpotqa", "trec"], limit + 1, 1000, chat=True)
+    lb.check_context(tok, ["hotpotqa"], limit + template, 1000, chat=False)  # no template, no overhead
+    # trec has no chat template and 64 new tokens: 936 fits, 937 does not
+    lb.check_context(tok, ["trec"], 936, 1000, chat=True)
+    with pytest.raises(ValueError, match="use --max-length 936 "):
+        lb.check_context(tok, ["trec"], 937, 1000, chat=True)
+
+
+def test_check_prompt_fits():
+    lb.check_prompt_fits(list(range(968)), "hotpotqa", 3, 1000, 968)
+    with pytest.raises(ValueError, match="hotpotqa sample 3: 970 prompt \\+ 32 generated tokens exceed the "
+                                         "model's context of 1000; use --max-length 966"):
+        lb.check_prompt_fits(list(range(970)), "hotpotqa", 3, 1000, 968)
+
+
 def test_tables_match_the_official_config():
     assert len(lb.TASKS) == 16 and set(lb.TASKS) == set(lb.DATASET2MAXLEN) == set(lb.DATASET2METRIC)
     assert sorted(t for ts in lb.CATEGORIES.values() for t in ts) == sorted(lb.TASKS)
@@ -199,6 +257,30 @@ def test_check_data_dir_errors(data_dir, tmp_path):
         lb.check_data_dir(data_dir, ["hotpotqa", "qasper"])
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"input": "q", "context": "c", "answers": ["a"]', "line 2 is not valid JSON"),
+    ('["input", "context"]', "line 2 is not a JSON object"),
+    ('{"input": "q", "answers": ["a"]}', "line 2 lacks the str field 'context'"),
+    ('{"input": "q", "context": "c", "answers": "a"}', "line 2 lacks the list field 'answers'"),
+    ('{"input": "q", "context": "c", "answers": [1]}', "line 2: 'answers' must be a list of strings"),
+])
+def test_malformed_data_lines_are_one_line_errors(data_dir, tmp_path, line, message):
+    path = data_dir / "hotpotqa.jsonl"
+    path.write_text(json.dumps(HOTPOT) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
+        lb.load_task(data_dir, "hotpotqa")
+    assert len(lb.load_task(data_dir, "hotpotqa", limit=1)) == 1  # lines beyond --limit are not read
+    with pytest.raises(SystemExit, match=re.escape(message)) as err:
+        lb.main(["--data-dir", str(data_dir), "--tasks", "hotpotqa", "--out", str(tmp_path / "out")])
+    assert "\n" not in str(err.value.code) and not (tmp_path / "out").exists()
+
+
+def test_empty_data_file_is_an_error(data_dir):
+    (data_dir / "trec.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="trec.jsonl holds no samples"):
+        lb.load_task(data_dir, "trec")
+
+
 def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path):
     import huggingface_hub
 
@@ -206,7 +288,7 @@ def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path):
         raise OSError("network is unreachable")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(RuntimeError, match="--data-dir") as err:
+    with pytest.raises(ConnectionError, match="--data-dir") as err:
         lb.fetch_data()
     assert "THUDM/LongBench" in str(err.value) and "network is unreachable" in str(err.value)
     with pytest.raises(SystemExit, match="--data-dir"):  # the command line says the same
@@ -236,6 +318,8 @@ def test_download_unpacks_data_zip(monkeypatch, tmp_path):
     (["--budget", "0.1,abc"], "not a number"),
     (["--window", "0"], "--window must be >= 1"),
     (["--limit", "0"], "--limit must be >= 1"),
+    (["--max-length", "0"], "--max-length must be >= 1"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a device"),
 ])
 def test_bad_arguments_fail_before_model_work(argv, message, data_dir, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -246,6 +330,39 @@ def test_bad_arguments_fail_before_model_work(argv, message, data_dir, tmp_path)
 def test_missing_data_dir_fails_before_model_work(tmp_path):
     with pytest.raises(SystemExit, match="is not a folder"):
         lb.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit, match="a-file is not a folder"):
+        lb.main(["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "out")])
+
+
+def test_cuda_without_cuda_is_a_one_line_error(data_dir, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available .* use --device cpu") as err:
+        lb.main(["--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
+    assert "\n" not in str(err.value.code) and not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(SystemExit, match="--out .*taken is a file, not a folder"):
+        lb.main(["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken")])
+    with pytest.raises(SystemExit, match="cannot create the output folder --out .*taken/sub"):
+        lb.main(["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken" / "sub")])
+
+
+@pytest.mark.parametrize("model, message", [
+    ("nobody/no-such-model", "cannot load --model nobody/no-such-model: RuntimeError: could not download"),
+    ("./no/such/folder", "cannot load --model ./no/such/folder: FileNotFoundError: no checkpoint folder"),
+])
+def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, message):
+    """The hub id fails offline (conftest sets HF_HUB_OFFLINE=1) before any prefill."""
+    with pytest.raises(SystemExit, match=re.escape(message)) as err:
+        lb.main(["--model", model, "--data-dir", str(data_dir), "--tasks", "trec", "--methods", "full",
+                 "--out", str(tmp_path / "out")])
+    assert "\n" not in str(err.value.code)
+    assert not (tmp_path / "out" / "predictions.jsonl").exists() or not (tmp_path / "out" / "predictions.jsonl").read_text()
 
 
 def test_budgets_parse():
@@ -341,3 +458,179 @@ def test_end_to_end_with_the_default_model(tmp_path):
     assert {r["method"] for r in results} == {"full", "snapkv"}
     lb.main(argv)  # rerun: everything is done, nothing is added
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+# ---- decoding as pred.py ----
+
+class WordTokenizer:
+    """A fixed vocabulary: id 0 is the (special) eos, id 1 is "\n", id 4 is ".\n"."""
+    vocab = ["<eos>", "\n", "Hi", " there", ".\n", "!"]
+    eos_ids = [0]
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.vocab.index(text)]
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids if i not in self.eos_ids)
+
+
+class ScriptedModel:
+    """Stands in for model.Model in decode_greedy: step t's logits are scripted[t] (one
+    preference order per step, best first; fresh random values otherwise)."""
+
+    def __init__(self, orders, seed=0):
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        self.logits = []
+        for order in orders:
+            x = torch.rand(1, len(WordTokenizer.vocab), generator=g)  # (1, vocab) in [0, 1)
+            for rank, token in enumerate(order):
+                x[0, token] = 10.0 - rank
+            self.logits.append(x)
+        self.fed = []
+
+    def __call__(self, input_ids, cache):
+        self.fed.append(int(input_ids[0, 0]))
+        return self.logits[len(self.fed)][:, None]  # (1, 1, vocab)
+
+
+class ScriptedCache:
+    def __init__(self, logits):
+        self.last_logits = logits
+
+
+def decode_scripted(task, orders):
+    model = ScriptedModel(orders)
+    first = model.logits[0].clone()
+    cache = ScriptedCache(model.logits[0])
+    pred = lb.decode_answer(model, WordTokenizer(), cache, task)
+    assert torch_equal(model.logits[0], first)  # the prefill's logits are not masked in place
+    return pred, model.fed
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
+
+
+def test_samsum_forbids_newline_and_eos_first_then_stops_on_the_newline_id():
+    # step 0 prefers "\n", then eos, then "Hi": pred.py's min_length masks both, so "Hi" comes first;
+    # ".\n" contains a newline but is another id: no stop; the "\n" id stops and is kept.
+    orders = [[1, 0, 2], [4, 1], [1, 0], [2]]
+    pred, fed = decode_scripted("samsum", orders)
+    assert pred == "Hi.\n\n" and fed == [2, 4]
+    assert lb.score_prediction("samsum", pred, ["Hi."], None) == pytest.approx(1.0)  # eval.py: first line "Hi."
+    # eos after the first token stops, and is not in the text
+    assert decode_scripted("samsum", [[0, 2], [0], [2]]) == ("Hi", [2])
+
+
+def test_other_tasks_stop_on_eos_only():
+    # the same scores on hotpotqa: "\n" may come first and does not stop; eos does
+    pred, fed = decode_scripted("hotpotqa", [[1, 0, 2], [4, 1], [1, 0], [0]])
+    assert pred == "\n.\n\n" and fed == [1, 4, 1]
+    assert decode_scripted("hotpotqa", [[0, 1]]) == ("", [])
+
+
+def test_decoding_stops_at_the_task_generation_length():
+    pred, fed = decode_scripted("hotpotqa", [[5]] * 40)  # never eos: 32 tokens (dataset2maxlen)
+    assert pred == "!" * 32 and len(fed) == 31
+
+
+# ---- predictions file: fresh lines, torn fragments ----
+
+def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path, capsys):
+    path = tmp_path / "predictions.jsonl"
+    good = {k: 0 for k in lb.PREDICTION_FIELDS}
+    path.write_text(json.dumps(good) + "\n" + '{"task": "tr')  # killed mid-write
+    with lb.open_for_append(path) as f:
+        f.write(json.dumps(dict(good, index=1)) + "\n")
+    assert path.read_text().splitlines()[1:] == ['{"task": "tr', json.dumps(dict(good, index=1))]
+    with lb.open_for_append(path) as f:  # the file ends with a newline now: nothing added
+        f.write("7\n")  # valid JSON, but not a prediction
+    assert path.read_text().endswith('"config": 0}\n7\n')
+    lines = lb.read_predictions(path)
+    assert [x["index"] for x in lines] == [0, 1]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 2 unreadable line(s)" in err and "line 2, 4" in err
+    lb.open_for_append(tmp_path / "new.jsonl").close()  # a missing file is created, empty
+    assert (tmp_path / "new.jsonl").read_text() == ""
+
+
+# ---- results.md: sample counts and max_length ----
+
+def test_results_markdown_shows_sample_counts_per_method():
+    lines = [fake_line("hotpotqa", 0, "full", None, "Paris", HOTPOT),
+             fake_line("hotpotqa", 1, "full", None, "Paris", HOTPOT),
+             fake_line("hotpotqa", 0, "snapkv", 0.1, "Paris", HOTPOT),   # sample 1 did not fit 0.1
+             fake_line("trec", 0, "full", None, "Animal", TREC),
+             fake_line("trec", 0, "snapkv", 0.1, "Animal", TREC)]
+    md = lb.results_markdown(lb.aggregate(lines), [0.1])
+    counts = md[md.index("samples scored (budget 0.1):"):]
+    assert "| hotpotqa | 2 | 1 |" in counts and "| trec | 1 | 1 |" in counts
+    assert "note: the methods were scored on different samples of hotpotqa" in md
+    even = lb.results_markdown(lb.aggregate([x for x in lines if x["index"] == 0]), [0.1])
+    assert "note:" not in even and "| hotpotqa | 1 | 1 |" in even
+
+
+def test_max_length_line():
+    lines = [dict(fake_line("trec", 0, "full", None, "Animal", TREC), max_length=7500)]
+    assert "max_length = 7500 tokens (the official rule" in lb.max_length_line(lines, None)
+    assert "max_length = 300 tokens (--max-length)" in lb.max_length_line([dict(lines[0], max_length=300)], 300)
+
+
+# ---- with real checkpoints ----
+
+def test_samsum_decoding_matches_transformers_generate_with_the_official_arguments():
+    """pred.py's samsum call, literally, on transformers' model of the default checkpoint (the
+    independent reference) against ours on the same prompt and full cache."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from cache import KVCache
+    from model import default_checkpoint_dir, load_model
+    model, tok = load_model()
+    ids = lb.build_prompt_ids(tok, SAMSUM, "samsum", max_length=7500)
+    prefill = model.prefill(torch.tensor([ids]))
+    nl = lb.newline_id(tok)
+    # this sample exercises the rule: unconstrained, the first new token is the newline
+    assert int(prefill.logits[0].argmax()) == nl
+    ours = lb.decode_answer(model, tok, KVCache.from_prefill(prefill), "samsum")
+
+    folder = str(default_checkpoint_dir())
+    ref_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    assert ref_tok.encode("\n", add_special_tokens=False)[-1] == nl
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        output = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=lb.DATASET2MAXLEN["samsum"],
+                              num_beams=1, do_sample=False, temperature=1.0, min_length=x.shape[1] + 1,
+                              eos_token_id=[ref_tok.eos_token_id, nl], pad_token_id=ref_tok.eos_token_id)[0]
+    expected = ref_tok.decode(output[x.shape[1]:], skip_special_tokens=True)
+    print(f"samsum prediction: {ours!r}; transformers: {expected!r}")
+    assert ours == expected and ours.lstrip("\n").split("\n")[0].strip()
+
+
+def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys):
+    """A tiny random Llama (no chat template, 512-token context): the raw prompt on the chat
+    tasks, said once; the default max_length refused for so short a context, and a
+    --max-length that leaves no room for the answer refused before any prefill."""
+    from test_model import make_checkpoint
+    _, folder = make_checkpoint(tmp_path, "llama-gqa")
+    out = tmp_path / "out"
+    argv = ["--model", str(folder), "--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa",
+            "--methods", "full", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"context \(512 tokens\) is too short .* pass --max-length"):
+        lb.main(argv)
+    with pytest.raises(SystemExit, match="--max-length 490 does not fit hotpotqa: .* use --max-length 480 or less"):
+        lb.main(argv + ["--max-length", "490"])
+    assert not (out / "predictions.jsonl").exists()
+    capsys.readouterr()
+    lb.main(argv + ["--max-length", "480"])
+    printed = capsys.readouterr().out
+    assert printed.count("has no chat template") == 1
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {x["max_length"] for x in lines} == {480}
+    from model import load_model
+    _, tok = load_model(str(folder))
+    raw = len(tok.encode(lb.DATASET2PROMPT["hotpotqa"].format(**HOTPOT)))
+    assert {x["prompt_tokens"] for x in lines if x["task"] == "hotpotqa"} == {raw}
+    assert "max_length = 480 tokens (--max-length)" in (out / "results.md").read_text()
