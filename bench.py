@@ -33,7 +33,8 @@ from cache import kept_counts
 from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, read_haystack, run_cell
 from laprox import eviction_error
 from methods import compress, select
-from model import DEFAULT_MODEL, decode_greedy, load_model
+from default_model import DEFAULT_MODEL
+from model import decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",

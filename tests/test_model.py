@@ -145,7 +145,7 @@ def test_missing_tensors_are_named(tmp_path):
 
 def test_unreachable_hub_points_to_local_or_default(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="local checkpoint folder or use the embedded default"):
+    with pytest.raises(OSError, match="local checkpoint folder or use the embedded default"):
         load_model("no-such-owner/no-such-model")
 
 

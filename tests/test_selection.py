@@ -104,7 +104,8 @@ def naive_model(S, k, w, sinks=0):
 
 
 def naive_criticalkv(S, S2, k, w, sinks=0, alpha=0.2, first_stage=0.5):
-    """S: SnapKV scores; S2: the stage-2 key (S + eps) * weights, computed by the caller."""
+    """S: SnapKV scores (window sums); S2: the stage-2 key (S / w + eps) * weights (the window mean,
+    as in the authors' code), computed by the caller."""
     out = []
     for l, layer in enumerate(S):
         n = len(layer[0])
@@ -221,7 +222,7 @@ def test_rules_match_naive_with_ties(k, w, sinks, seed):
         (select_scope(scores, k, w, sinks=sinks), naive_model(S, k, w, sinks)),
     ]
     weights = [torch.rand(1, H, n) for _ in range(L)]
-    key2 = [(s.float() + 1e-4) * wt.float() for s, wt in zip(scores, weights)]
+    key2 = [(s.float() / w + 1e-4) * wt.float() for s, wt in zip(scores, weights)]
     cases.append((select_criticalkv(scores, k, w, weights=weights, sinks=sinks),
                   naive_criticalkv(S, nested(key2), k, w, sinks)))
     for got, want in cases:
@@ -292,7 +293,7 @@ def test_method_matches_naive(method, config, budget):
     S = nested(scores)
     flags = m.select_flags
     if method == "criticalkv":
-        key2 = [(s + flags["eps"]) * wt for s, wt in zip(scores, baselines.projected_value_l1(p))]
+        key2 = [(s / w + flags["eps"]) * wt for s, wt in zip(scores, baselines.projected_value_l1(p))]
         want = naive_criticalkv(S, nested(key2), k, w, flags["sinks"], flags["alpha"], flags["first_stage"])
     else:
         want = NAIVE[m.rule](S, k, w, flags, p)
