@@ -388,11 +388,13 @@ def read_config(folder: Path) -> dict:
            if (k in needed or cfg.get(k) is not None) and (type(cfg.get(k)) is not int or cfg[k] < 1)]
     if bad:
         raise ValueError(f"{folder / 'config.json'} needs positive ints for {', '.join(needed)} (and, when given, "
-                         f"num_key_value_heads, head_dim, max_position_embeddings); got {', '.join(bad)}")
+                         f"num_key_value_heads, head_dim, max_position_embeddings); got {', '.join(bad)}: a damaged "
+                         f"file? download the checkpoint again")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if heads % kv_heads or (cfg.get("head_dim") or cfg["hidden_size"] // heads) % 2:
         raise ValueError(f"{folder / 'config.json'}: num_attention_heads={heads} must be a multiple of "
-                         f"num_key_value_heads={kv_heads}, and the head dimension even (RoPE rotates pairs)")
+                         f"num_key_value_heads={kv_heads}, and the head dimension even (RoPE rotates pairs): a "
+                         f"damaged file? download the checkpoint again")
     return cfg
 
 

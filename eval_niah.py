@@ -63,6 +63,9 @@ def read_haystack(path: str | Path | None = None) -> str:
             raise ValueError(f"haystack folder {path} has no .txt files")
     elif path.is_file():
         files = [path]
+    elif path.exists():
+        raise ValueError(f"haystack {path} is not a text file or a folder (a device, a pipe?): pass a text file or "
+                         f"a folder of .txt files")
     else:
         raise FileNotFoundError(f"haystack {path} does not exist (pass a text file or a folder of .txt files)")
     text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
@@ -532,12 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """The command line: a user error (bad argument, method spec, model, device, path) is one line
+    naming the problem and the fix, exit code 2, before the model loads where it can be."""
     p = build_parser()
     args = p.parse_args(argv)
     try:
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file: pass a folder (it gets results.jsonl, heatmaps and summary.md)")
         run(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    except (ValueError, OSError) as e:  # OSError: a path, the disk or the hub
+        p.exit(2, f"{p.prog}: error: {e}\n")  # one line: the usage would only hide it
 
 
 if __name__ == "__main__":

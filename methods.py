@@ -33,8 +33,9 @@ class Method:
 
     scorer: Prefill -> per layer (1, H_kv, n) scores (None: keep everything).
     rule: (scores, k, window, **select_flags[, weights]) -> kept indices (cache.py selection rules).
-    score_flags, select_flags: the flags each accepts, with their defaults.
-    pool: default max-pooling kernel (0 = off); a flag of every method.
+    score_flags, select_flags: the flags each accepts, with their defaults; a value must have its
+        default's type (check_flags).
+    pool: default max-pooling kernel (0 = off); a flag of every method that scores.
     weights: Prefill -> per layer (1, H_kv, n), a second per-entry factor passed to the rule as
         `weights=` (CriticalKV's projected value norm); None for the others.
     """
@@ -86,9 +87,10 @@ def get_method(method: str) -> Method:
 
 
 def flag_defaults(method: str) -> dict:
-    """Every flag `method` takes, with its default: scorer flags, selection flags and `pool`."""
+    """Every flag `method` takes, with its default: scorer flags, selection flags and `pool` (which
+    "full", having no scores, does not take)."""
     m = get_method(method)
-    return {**m.score_flags, **m.select_flags, "pool": m.pool}
+    return {**m.score_flags, **m.select_flags, **({"pool": m.pool} if m.scorer is not None else {})}
 
 
 def _type_name(default) -> str:

@@ -54,8 +54,7 @@ class Config:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "Config":
-        """Read a config.json dict (default_model.read_config) as transformers reads it for the four
-        families; a field this reference would silently get wrong is refused, with its value."""
+        """A config.json dict (read_config), read as transformers reads it; what would be misread is refused."""
         mt = cfg.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
@@ -431,8 +430,9 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: t
     except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
         raise ValueError(f"device {device!r} is not available here ({e}); use device cpu") from None
     folder = resolve_checkpoint(name_or_path)
+    raw = read_config(folder)  # its errors name the file
     try:
-        cfg = Config.from_hf(read_config(folder))
+        cfg = Config.from_hf(raw)
     except ValueError as e:
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
     with torch.device("meta"):  # no memory yet: each weight is created once, from the file

@@ -230,6 +230,20 @@ def test_rules_match_naive_with_ties(k, w, sinks, seed):
         check_invariants(got, L, H, n, w, sinks, k)
 
 
+def test_criticalkv_stage2_weighs_the_window_mean():
+    """eps = 1e-4 is calibrated for the window MEAN (the authors' SnapKV score is a mean): on window
+    sums whose mean is of the order of eps, the mean and the sum select differently; ours is the mean."""
+    g = torch.Generator().manual_seed(3)
+    L, H, n, w, k = 2, 3, 200, 16, 40
+    scores = [torch.rand(1, H, n, generator=g) * 2e-3 for _ in range(L)]  # sums over 16 queries: means ~ 6e-5
+    weights = [torch.rand(1, H, n, generator=g) for _ in range(L)]
+    mean_key = [(s / w + 1e-4) * wt for s, wt in zip(scores, weights)]
+    sum_key = [(s + 1e-4) * wt for s, wt in zip(scores, weights)]
+    got = as_lists(select_criticalkv(scores, k, w, weights=weights))
+    assert got == naive_criticalkv(nested(scores), nested(mean_key), k, w)
+    assert got != naive_criticalkv(nested(scores), nested(sum_key), k, w)
+
+
 def test_pyramid_budgets_reference_formula():
     # KVCache-Factory: min = free // beta, max = 2 free - min, step = (max - min) // (L - 1)
     assert pyramid_budgets(100, 3, 1000, 20) == [195, 100, 5]
