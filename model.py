@@ -5,10 +5,10 @@
     model, tok = load_model("Qwen/Qwen3-0.6B")         # a hub id (needs the network)
     print(generate(model, tok, "The capital of France is", max_new_tokens=8))
 
-The four families differ only in a few switches of one decoder: q/k/v bias (Qwen2), per-head
-q/k RMSNorm (Qwen3), a sliding window (Mistral), RoPE scaling (Llama 3.1/3.2). Keys are cached
-after RoPE. `Model.prefill` runs full attention over a prompt and keeps, per layer, what the
-eviction scorers need (see cache.Prefill); eviction itself lives in cache.py and laprox.py.
+The four families differ only in a few switches of one decoder: biases (Qwen2's q/k/v, attention
+and MLP biases of some Llama / Qwen3), per-head q/k RMSNorm (Qwen3), a sliding window (Mistral),
+RoPE scaling (Llama 3.1/3.2). Keys are cached after RoPE. `Model.prefill` runs full attention over
+a prompt and keeps, per layer, what the eviction scorers need (see cache.Prefill); eviction: methods.py.
 """
 from __future__ import annotations
 
