@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 
 from cache import kept_counts
-from eval_niah import DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, read_haystack, run_cell
+from eval_niah import (DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, parse_list, read_haystack,
+                       run_cell)
 from laprox import eviction_error
 from methods import compress, select
-from model import DEFAULT_MODEL, decode_greedy, load_model
+from default_model import DEFAULT_MODEL
+from model import decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
@@ -208,7 +210,7 @@ def table(res: dict, budget: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def build_bench_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
@@ -226,17 +228,41 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="results/bench.json")
     ap.add_argument("--layers", action="store_true", help="look inside the model instead (see the docstring)")
     ap.add_argument("--length", type=int, default=4000, help="prompt length of --layers")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def check_args(a) -> tuple[list[int], list[float], list[int]]:
+    """Errors for bad arguments before anything is loaded or timed; returns the parsed
+    (lengths, decode budgets, kernel lengths)."""
+    lengths = parse_list(a.lengths, int, "lengths")
+    decode_budgets = parse_list(a.decode_budgets, float, "decode-budgets")
+    kernel_lengths = parse_list(a.kernel_lengths, int, "kernel-lengths")
+    counts = {"lengths": min(lengths), "kernel-lengths": min(kernel_lengths), "decode-length": a.decode_length,
+              "new-tokens": a.new_tokens, "niah-length": a.niah_length, "window": a.window, "repeats": a.repeats,
+              "length": a.length}
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name, b in [("budget", a.budget)] + [("decode-budgets", b) for b in decode_budgets]:
+        if not 0 < b <= 1:  # a fraction, as in eval_niah.py
+            raise ValueError(f"--{name} must be a fraction of the KV entries in (0, 1], got {b}")
+    if Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a folder; pass the path of the JSON file to write")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # a path through a file fails now, not after the run
+    return lengths, decode_budgets, kernel_lengths
+
+
+def run(a) -> dict:
+    """The figures of the docstring for parsed arguments `a` (see build_bench_parser)."""
+    lengths, decode_budgets, kernel_lengths = check_args(a)
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])  # a bad model or device fails first
     if a.layers:
-        model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
         report_layers(model, tok, a.length, a.budget)
         return {}
     res: dict = {"args": vars(a)}
     if not a.skip_load:
         step("load time (first conversion, then cached)")
         res["load"] = bench_load(a.model)
-    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
-    lengths = [int(x) for x in a.lengths.split(",")]
     hay = haystack_ids(tok, read_haystack(), max(lengths + [a.decode_length, a.niah_length]) + 100)
     model.prefill(prompt_ids(tok, hay, min(lengths), a.device), window=a.window)  # warm-up
     res["overhead"] = []
@@ -245,21 +271,29 @@ def main(argv=None) -> dict:
         res["overhead"].append(bench_overhead(model, prompt_ids(tok, hay, n, a.device), a.budget, a.window,
                                               a.repeats, a.device))
     step(f"decode after {a.decode_length} tokens")
-    res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device),
-                                 [float(b) for b in a.decode_budgets.split(",")], a.window, a.new_tokens,
-                                 a.repeats, a.device)
+    res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device), decode_budgets, a.window,
+                                 a.new_tokens, a.repeats, a.device)
     step(f"shared vs per-method prefill at {a.niah_length} tokens")
     res["shared"] = bench_shared_prefill(model, tok, prompt_ids(tok, hay, a.niah_length, a.device), a.budget,
                                          a.window, a.device)
     if a.device.startswith("cuda"):
         step("Triton vs PyTorch scoring")
-        res["kernel"] = bench_kernel([int(x) for x in a.kernel_lengths.split(",")], a.repeats)
+        res["kernel"] = bench_kernel(kernel_lengths, a.repeats)
     res["table"] = table(res, a.budget)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(res["table"])
     print(f"full figures: {a.out}")
     return res
+
+
+def main(argv=None) -> dict:
+    """The command line: a user error (bad argument, model, device, path) is one line and exit code 2."""
+    ap = build_bench_parser()
+    a = ap.parse_args(argv)
+    try:
+        return run(a)
+    except (ValueError, OSError) as e:  # OSError: a path, the disk or the hub
+        ap.exit(2, f"{ap.prog}: error: {e}\n")  # one line: the usage would only hide it
 
 
 if __name__ == "__main__":

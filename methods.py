@@ -14,6 +14,7 @@ the cache in cache.py. METHODS is a plain dict: a new method is one scorer and o
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,8 +23,8 @@ from torch import Tensor
 
 import baselines
 import laprox
-from cache import (KVCache, Prefill, pool_scores, resolve_budget, select_adakv, select_criticalkv, select_pyramid,
-                   select_scope, select_uniform)
+from cache import (SCOPES, KVCache, Prefill, check_budget, check_int, check_number, check_pool_kernel, pool_scores,
+                   resolve_budget, select_adakv, select_criticalkv, select_pyramid, select_scope, select_uniform)
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class Method:
 
     scorer: Prefill -> per layer (1, H_kv, n) scores (None: keep everything).
     rule: (scores, k, window, **select_flags[, weights]) -> kept indices (cache.py selection rules).
-    score_flags, select_flags: the flags each accepts, with their defaults.
-    pool: default max-pooling kernel (0 = off); a flag of every method.
+    score_flags, select_flags: the flags each accepts, with their defaults; a value must have its
+        default's type (check_flags).
+    pool: default max-pooling kernel (0 = off); a flag of every method that scores.
     weights: Prefill -> per layer (1, H_kv, n), a second per-entry factor passed to the rule as
         `weights=` (CriticalKV's projected value norm); None for the others.
     """
@@ -53,7 +55,7 @@ METHODS: dict[str, Method] = {
     "tova": Method(baselines.tova_scorer, select_uniform, {}, {"sinks": 0}),
     "knorm": Method(baselines.knorm_scorer, select_uniform, {}, {"sinks": 0}),
     "snapkv": Method(baselines.snapkv_scorer, select_uniform, {}, {"sinks": 0}, pool=7),
-    "pyramidkv": Method(baselines.snapkv_scorer, select_pyramid, {}, {"sinks": 0, "beta": 20}, pool=7),
+    "pyramidkv": Method(baselines.snapkv_scorer, select_pyramid, {}, {"sinks": 0, "beta": 20.0}, pool=7),
     "adakv": Method(baselines.snapkv_scorer, select_adakv, {}, {"sinks": 0, "alpha": 0.2}, pool=7),
     "criticalkv": Method(baselines.snapkv_scorer, select_criticalkv, {},
                          {"sinks": 0, "alpha": 0.2, "eps": 1e-4, "first_stage": 0.5}, pool=7,
@@ -64,6 +66,19 @@ METHODS: dict[str, Method] = {
 }
 
 
+# What a flag's value may be beyond its type (which is its default's type, see check_flags): the
+# checks the scorers and rules run themselves, made here before any work. One meaning per name.
+FLAG_RANGES = {
+    "pool": check_pool_kernel,
+    "sinks": lambda v: check_int("sinks", v),
+    "alpha": lambda v: check_number("alpha", v, 0, 1),
+    "first_stage": lambda v: check_number("first_stage", v, 0, 1),
+    "eps": lambda v: check_number("eps", v, 0),
+    "beta": lambda v: check_number("beta", v, 1),
+}
+FLAG_CHOICES = {"selection": SCOPES, "group": laprox.GROUP_MODES, "normalize": laprox.NORMALIZE_MODES}
+
+
 def get_method(method: str) -> Method:
     """METHODS[method], or a clear error listing the known names."""
     if method not in METHODS:
@@ -71,16 +86,104 @@ def get_method(method: str) -> Method:
     return METHODS[method]
 
 
-def split_flags(method: str, flags: dict) -> tuple[dict, dict, int]:
-    """Route user flags to the scorer, the selection rule, or the pooling kernel; unknown -> error.
-    Returns (score flags, select flags, pool kernel), defaults filled in."""
+def flag_defaults(method: str) -> dict:
+    """Every flag `method` takes, with its default: scorer flags, selection flags and `pool` (which
+    "full", having no scores, does not take)."""
     m = get_method(method)
-    known = {**m.score_flags, **m.select_flags, "pool": m.pool}
-    for name in flags:
-        if name == "window":
-            raise ValueError("window is fixed by the prefill (its captured queries); prefill with window=... instead")
-        if name not in known:
-            raise ValueError(f"unknown flag {name!r} for method {method!r}; its flags (defaults): {known}")
+    return {**m.score_flags, **m.select_flags, **({"pool": m.pool} if m.scorer is not None else {})}
+
+
+def _type_name(default) -> str:
+    """What a flag with this default accepts, in words."""
+    if default is None:
+        return "true, false or none"
+    if isinstance(default, bool):
+        return "a bool (true or false)"
+    return {int: "an int", float: "a number"}.get(type(default), f"a {type(default).__name__}")
+
+
+def _check_flag_name(method: str, name: str, defaults: dict) -> None:
+    if name == "window":
+        raise ValueError("window is fixed by the prefill (its captured queries); prefill with window=... instead")
+    if name not in defaults:
+        raise ValueError(f"unknown flag {name!r} for method {method!r}; its flags (defaults): {defaults}")
+
+
+def check_flags(method: str, flags: dict) -> None:
+    """Refuse a flag `method` does not take, or a value its scorer or rule would refuse (or, worse,
+    misread): every value must have its default's type (a bool exactly; an int, not a float, for an
+    int; a number for a float; None, True or False where the default is None), be one of the
+    choices where there are choices, and lie in the flag's range (FLAG_RANGES).
+    Needs no prefill: the eval scripts check every --methods entry before loading a model."""
+    defaults = flag_defaults(method)
+    for name, value in flags.items():
+        _check_flag_name(method, name, defaults)
+        default = defaults[name]
+        if default is None:
+            ok = value is None or isinstance(value, bool)
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            wanted = numbers.Integral if isinstance(default, int) else numbers.Real
+            ok = isinstance(value, wanted) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"method {method!r}, flag {name} takes {_type_name(default)} (default {default!r}), "
+                             f"got {value!r}")
+        if name in FLAG_CHOICES and value not in FLAG_CHOICES[name]:
+            raise ValueError(f"method {method!r}, flag {name} must be one of {', '.join(FLAG_CHOICES[name])}; "
+                             f"got {value!r}")
+        try:
+            FLAG_RANGES.get(name, lambda v: None)(value)
+        except ValueError as e:
+            raise ValueError(f"method {method!r}, flag {name}: {e}") from None
+
+
+def _parse_flag_value(text: str, default):
+    """A flag's value as written in a method spec, read by the type of its default. Raises ValueError."""
+    if default is None or isinstance(default, bool):
+        words = {"true": True, "false": False, **({"none": None} if default is None else {})}
+        if text.lower() not in words:
+            raise ValueError(f"write {' or '.join(words)}")
+        return words[text.lower()]
+    if isinstance(default, (int, float)):
+        return type(default)(text)  # int("2.5") and float("abc") raise
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec, as the eval scripts' --methods take it: a name from METHODS, optionally with
+    flags, "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0}).
+
+    Each value is read by the type of the flag's default (pool=0 an int, center=false a bool,
+    alpha=0.5 a float) and the whole spec is checked as select would check it (check_flags), so
+    that a bad spec fails before any model is loaded.
+    """
+    name, *pairs = spec.strip().split(":")
+    defaults = flag_defaults(name)
+    flags = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: flags are written key=value, e.g. laprox:selection=layer")
+        if key in flags:
+            raise ValueError(f"method {spec!r}: flag {key} is given twice")
+        _check_flag_name(name, key, defaults)
+        try:
+            flags[key] = _parse_flag_value(text, defaults[key])
+        except ValueError:
+            raise ValueError(f"method {spec!r}: flag {key} takes {_type_name(defaults[key])} "
+                             f"(default {defaults[key]!r}), got {text!r}") from None
+    check_flags(name, flags)
+    return name, flags
+
+
+def split_flags(method: str, flags: dict) -> tuple[dict, dict, int]:
+    """Route user flags to the scorer, the selection rule, or the pooling kernel, after check_flags.
+    Returns (score flags, select flags, pool kernel), defaults filled in."""
+    check_flags(method, flags)
+    m = get_method(method)
     score = {key: flags.get(key, v) for key, v in m.score_flags.items()}
     select_ = {key: flags.get(key, v) for key, v in m.select_flags.items()}
     return score, select_, flags.get("pool", m.pool)
@@ -100,14 +203,16 @@ def select(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05,
     """Which prompt tokens each (layer, KV head) keeps under `method` at `budget`.
 
     prefill: the full-attention prefill (window = prefill.window). method: a key of METHODS.
-    budget: see cache.resolve_budget ("full" ignores it). flags: the method's flags (METHODS[m]:
-    scorer flags, selection flags, `pool` kernel); an unknown flag is an error.
+    budget: see cache.resolve_budget ("full" keeps everything whatever the budget, but the budget
+    must still be one). flags: the method's flags (METHODS[m]: scorer flags, selection flags,
+    `pool` kernel), checked by check_flags.
     Returns per layer a list over H_kv heads of sorted int64 indices (cache.kept_counts gives the sizes).
     """
     m = get_method(method)
     _, select_flags, _ = split_flags(method, flags)
     n, window = prefill.n, prefill.window
     if m.scorer is None:  # full
+        check_budget(budget)
         return [[torch.arange(n, device=prefill.keys[0].device) for _ in range(prefill.n_kv_heads)]
                 for _ in range(prefill.n_layers)]
     k = resolve_budget(budget, n, window, sinks=select_flags.get("sinks", 0))  # before any scoring
@@ -116,15 +221,18 @@ def select(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05,
     return m.rule(scores, k, window, **select_flags, **extra)
 
 
-def budget_fits(method: str, budget: float | int, n: int, window: int) -> bool:
-    """Whether `budget` leaves every head of `method` at least its window + sinks on an n-token
-    prompt, as select requires ("full" always fits). Evaluators use it to skip such cases for
-    every method alike instead of failing mid-run."""
+def budget_fits(method: str, budget: float | int, n: int, window: int, **flags) -> bool:
+    """Whether `budget` leaves every head of `method` (with `flags`, e.g. sinks=8) at least its
+    forced tokens on an n-token prompt, as select requires ("full" always fits). Evaluators use it
+    to skip such cases for every method alike instead of failing mid-run. A budget that is no
+    budget (-5, "abc") raises."""
     m = get_method(method)
+    _, select_flags, _ = split_flags(method, flags)
+    check_budget(budget)
     if m.scorer is None:
         return True
     try:
-        resolve_budget(budget, n, min(window, n), sinks=m.select_flags.get("sinks", 0))
+        resolve_budget(budget, n, min(window, n), sinks=select_flags.get("sinks", 0))
         return True
     except ValueError:
         return False
@@ -133,7 +241,8 @@ def budget_fits(method: str, budget: float | int, n: int, window: int) -> bool:
 def compress(prefill: Prefill, method: str = "laprox", budget: float | int = 0.05, **flags) -> KVCache:
     """Evict once after prefill: score, pool, select, and build the KVCache of what is kept.
     Arguments as in select. Report cache.kept_fraction(), the fraction actually achieved."""
-    if get_method(method).scorer is None:  # full: nothing to select, but still reject unknown flags
+    if get_method(method).scorer is None:  # full: nothing to select, but still check flags and budget
         split_flags(method, flags)
+        check_budget(budget)
         return KVCache.from_prefill(prefill, kept=None)
     return KVCache.from_prefill(prefill, kept=select(prefill, method, budget, **flags))

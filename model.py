@@ -5,10 +5,10 @@
     model, tok = load_model("Qwen/Qwen3-0.6B")         # a hub id (needs the network)
     print(generate(model, tok, "The capital of France is", max_new_tokens=8))
 
-The four families differ only in a few switches of one decoder: q/k/v bias (Qwen2), per-head
-q/k RMSNorm (Qwen3), a sliding window (Mistral), RoPE scaling (Llama 3.1/3.2). Keys are cached
-after RoPE. `Model.prefill` runs full attention over a prompt and keeps, per layer, what the
-eviction scorers need (see cache.Prefill); eviction itself lives in cache.py and laprox.py.
+The four families differ only in a few switches of one decoder: biases (Qwen2's q/k/v, attention
+and MLP biases of some Llama / Qwen3), per-head q/k RMSNorm (Qwen3), a sliding window (Mistral),
+RoPE scaling (Llama 3.1/3.2). Keys are cached after RoPE. `Model.prefill` runs full attention over
+a prompt and keeps, per layer, what the eviction scorers need (see cache.Prefill); eviction: methods.py.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache import KVCache, Prefill
-from default_model import default_checkpoint_dir
+from default_model import read_config, read_json, read_tokenizer, resolve_checkpoint, weight_files
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-DEFAULT_MODEL = "smollm2-135m"
 
 
 # ----------------------------------------------------------------------------- config
@@ -45,7 +44,9 @@ class Config:
     rope_scaling: dict | None = None   # {"rope_type": "llama3" | "linear", ...}
     max_position: int = 4096
     tie_embeddings: bool = False
-    qkv_bias: bool = False    # Qwen2
+    qkv_bias: bool = False    # Qwen2; Llama and Qwen3 with attention_bias
+    o_bias: bool = False      # Llama and Qwen3 with attention_bias
+    mlp_bias: bool = False    # Llama with mlp_bias
     qk_norm: bool = False     # Qwen3
     sliding_window: int | None = None  # Mistral
     bos_id: int | None = None
@@ -53,32 +54,47 @@ class Config:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "Config":
-        """Read a Hugging Face config.json dict."""
+        """A config.json dict (read_config), read as transformers reads it; what would be misread is refused."""
         mt = cfg.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
-        # Newer configs put theta and scaling in `rope_parameters`; older ones use
-        # `rope_theta` and `rope_scaling`.
+        heads, max_position = cfg["num_attention_heads"], cfg.get("max_position_embeddings") or 4096
+        # Newer configs put theta and scaling in `rope_parameters`; older ones use `rope_theta` and `rope_scaling`.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
+        rope_type = rope.get("rope_type", rope.get("type", untyped))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported RoPE scaling {rope_type!r}: supported are default, llama3, linear")
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r} in {rope}: supported are default, llama3, "
+                             f"linear, named by rope_type")
+        if rope_type == "llama3":  # transformers' default for the pretraining length
+            rope.setdefault("original_max_position_embeddings", max_position)
+        for key in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings"]}.get(rope_type, []):
+            if type(rope.get(key)) not in (int, float) or not rope[key] > 0:
+                raise ValueError(f"{rope_type} RoPE scaling needs a positive number {key}, got {rope.get(key)!r}")
+        if rope_type == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+            raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor; got {rope}")
+        partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+        for key, value, supported in [("hidden_act", cfg.get("hidden_act", "silu"), ("silu", "swish")),  # both SiLU
+                                      ("partial_rotary_factor", partial, (1,)),
+                                      ("quantization_config", cfg.get("quantization_config"), (None,))]:
+            if value not in supported:
+                raise ValueError(f"{key}={value!r} is not supported: this reference implements the SiLU MLP, "
+                                 f"RoPE over the whole head and unquantized weights")
         window = cfg.get("sliding_window")
         if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None  # Qwen configs carry a window they do not use
-        eos = cfg.get("eos_token_id")
-        heads = cfg["num_attention_heads"]
+        eos, bias = cfg.get("eos_token_id"), bool(cfg.get("attention_bias", False))  # see the bias fields
         return cls(
             model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None,
-            max_position=cfg.get("max_position_embeddings", 4096),
+            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None, max_position=max_position,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=mt == "qwen2" or cfg.get("attention_bias", False), qk_norm=mt == "qwen3",
+            qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
+            mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
             sliding_window=window, bos_id=cfg.get("bos_token_id"),
             eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         )
@@ -97,8 +113,7 @@ def rope_frequencies(cfg: Config) -> Tensor:
     if s.get("rope_type", s.get("type")) == "linear":
         return inv_freq / factor
     # llama3: leave high frequencies alone, divide low ones by `factor`, blend in between.
-    old_len = s["original_max_position_embeddings"]
-    low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -145,7 +160,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * D, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(H * D, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
         self.cfg = cfg
@@ -178,9 +193,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -208,6 +223,16 @@ class Model(nn.Module):
             self._inv_freq = rope_frequencies(self.config).to(device)
         return self._inv_freq
 
+    def check_ids(self, input_ids: Tensor):
+        """input_ids: (B, T) must be T >= 1 integer token ids of this model's vocabulary."""
+        if input_ids.ndim != 2 or not input_ids.numel() or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be (B, T) integer token ids with T >= 1 (an empty prompt has nothing "
+                             f"to attend to); got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size}) "
+                             "of this model: ids from another tokenizer?")
+
     def check_length(self, n: int):
         c = self.config
         if n > c.max_position:
@@ -220,6 +245,7 @@ class Model(nn.Module):
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """input_ids: (B, T) -> logits (B, T, vocab) float32. Without a cache the T tokens are a
         whole sequence (positions 0..T-1); with one (B = 1) they continue it from cache.pos."""
+        self.check_ids(input_ids)
         B, T = input_ids.shape
         start = 0 if cache is None else cache.pos
         self.check_length(start + T)
@@ -244,8 +270,10 @@ class Model(nn.Module):
         """
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"prefill takes one sequence, input_ids of shape (1, n); got {tuple(input_ids.shape)}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        for name, value in (("window", window), ("h2o_chunk", h2o_chunk)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.check_ids(input_ids)
         n = input_ids.shape[1]
         self.check_length(n)
         w = min(window, n)
@@ -293,6 +321,7 @@ def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=()
     logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's).
     Stops after a token in stop_ids, or when stop(tokens so far) is true. The last token is
     not fed back, so a cache answers once: compress the prefill again for another answer."""
+    check_new_tokens(max_new_tokens)
     logits = cache.last_logits if logits is None else logits
     if logits is None:
         raise ValueError("this cache has been decoded from already (its last token was never fed back); "
@@ -308,6 +337,11 @@ def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=()
     return out
 
 
+def check_new_tokens(max_new_tokens: int):
+    if type(max_new_tokens) is not int or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
 def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache: KVCache | None = None,
              max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
     """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat)
@@ -315,6 +349,7 @@ def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache
     or as soon as the text contains one of `stop_strings`; returns the new text without them."""
     if (prompt is None) == (cache is None):
         raise ValueError("pass exactly one of prompt= or cache=")
+    check_new_tokens(max_new_tokens)  # before the prefill
     if cache is None:
         ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
         cache = KVCache.from_prefill(model.prefill(ids))
@@ -334,10 +369,8 @@ class Tokenizer:
     """tokenizer.json through the `tokenizers` library, plus the checkpoint's chat template."""
 
     def __init__(self, folder: Path, cfg: Config):
-        from tokenizers import Tokenizer as HFTokenizer
-        self.tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        tc = _read_json(folder / "tokenizer_config.json")
-        gen = _read_json(folder / "generation_config.json")
+        self.tk = read_tokenizer(folder, cfg.vocab_size)
+        tc, gen = read_json(folder / "tokenizer_config.json"), read_json(folder / "generation_config.json")
         self.chat_template = tc.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
@@ -382,44 +415,26 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _token_str(t) -> str | None:
     return t.get("content") if isinstance(t, dict) else t
 
 
 # ----------------------------------------------------------------------------- loading
 
-def resolve_checkpoint(name_or_path: str | None) -> Path:
-    """A local folder, the embedded default (None or "smollm2-135m"), or a hub id."""
-    if name_or_path in (None, DEFAULT_MODEL):
-        return default_checkpoint_dir()
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint folder at {path}: pass a folder with config.json and "
-                                f"*.safetensors, a hub id (owner/name), or {DEFAULT_MODEL!r}")
-    if path.exists() or name_or_path.count("/") != 1:
-        raise ValueError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id (owner/name); "
-                         f"pass a folder with config.json and *.safetensors, or {DEFAULT_MODEL!r}")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.jinja"]))
-    except Exception as e:
-        raise RuntimeError(f"could not download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                           f"Without the network, pass a local checkpoint folder or use the embedded default "
-                           f"load_model() / load_model({DEFAULT_MODEL!r})") from e
-
-
 def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    try:  # a device this machine lacks fails here, not after the checkpoint is read
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
+        raise ValueError(f"device {device!r} is not available here ({e}); use device cpu") from None
     folder = resolve_checkpoint(name_or_path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    cfg = Config.from_hf(json.loads((folder / "config.json").read_text()))
+    raw = read_config(folder)  # its errors name the file
+    try:
+        cfg = Config.from_hf(raw)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     with torch.device("meta"):  # no memory yet: each weight is created once, from the file
         model = Model(cfg)
     load_weights(model, folder, device, dtype)
@@ -439,19 +454,17 @@ def load_weights(model: Model, folder: Path, device, dtype):
     """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
     into the meta-initialised model, so no second copy of the weights is ever held."""
     from safetensors import safe_open
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    files = weight_files(folder)  # checked: inside the folder, present
     expected = dict(model.named_parameters())
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight")
     loaded = set()
     for file in files:
-        with safe_open(str(folder / file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(folder / file), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+            raise ValueError(f"{folder / file} is damaged or incomplete ({e}); download it again") from None
+        with f:
             for hf_name in f.keys():
                 name = hf_to_ours(hf_name)
                 if name not in expected:

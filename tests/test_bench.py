@@ -1,5 +1,8 @@
 """bench.py at a tiny size: every figure is in the JSON (no timing assertions)."""
 import json
+from pathlib import Path
+
+import pytest
 
 import bench
 
@@ -27,3 +30,38 @@ def test_load_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
     load = bench.bench_load(None)
     assert load["first_s"] > 0 and load["cached_s"] > 0
+
+
+def _bench_errors(tmp_path):
+    afile = tmp_path / "a_file"  # made by the test
+    out = ["--out", str(tmp_path / "bench.json")]
+    return {  # argv: words of the error
+        "no such device": (out + ["--device", "bogus"], "not available"),
+        "cuda without cuda": (out + ["--device", "cuda"], "not available"),
+        "layers, no such device": (out + ["--layers", "--device", "bogus"], "not available"),
+        "offline hub id": (out + ["--model", "no-owner/no-such-model"], "could not download"),
+        "layers, no such folder": (out + ["--layers", "--model", "./no/such/checkpoint"], "no checkpoint folder"),
+        "out is a folder": (["--out", str(tmp_path)], "is a folder"),
+        "out under a file": (["--out", str(afile / "bench.json")], "File exists"),
+        "repeats 0": (out + ["--repeats", "0"], "--repeats must be >= 1"),
+        "window 0": (out + ["--window", "0"], "--window must be >= 1"),
+        "lengths junk": (out + ["--lengths", "5,x"], "comma list of int"),
+        "budget above 1": (out + ["--budget", "2"], "(0, 1]"),
+        "decode budget above 1": (out + ["--decode-budgets", "0.2,1.5"], "(0, 1]"),
+        "kernel lengths junk": (out + ["--kernel-lengths", "abc"], "comma list of int"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bench_errors(Path("."))))
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case):
+    (tmp_path / "a_file").write_text("not a folder")
+    argv, words = _bench_errors(tmp_path)[case]
+    if case == "cuda without cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as done:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and words in err and err.count("\n") == 1 and ": error: " in err, err
+    assert not (tmp_path / "bench.json").exists()

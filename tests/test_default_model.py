@@ -140,3 +140,136 @@ def test_generation_stops_at_stop_strings(ckpt):
     free = generate(model, tok, "The capital of France is", max_new_tokens=12)
     cut = generate(model, tok, "The capital of France is", max_new_tokens=12, stop_strings=("\n",))
     assert "\n" in free and free.startswith(cut) and "\n" not in cut and "Paris" in cut
+
+
+# ----------------------------------------------------------------------------- manifest, rebuild, publishing
+# ensure_folder / write_folder are what default_checkpoint_dir runs; a tiny writer makes them fast.
+
+import os
+import subprocess
+import sys
+import time
+
+from default_model import MANIFEST, VERIFIED, ensure_folder, manifest_problem, write_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_writer(folder: Path):
+    """A stand-in checkpoint: three files of fresh random content."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "seed": os.urandom(8).hex()}))
+    (folder / "tokenizer.json").write_text(json.dumps({"version": os.urandom(8).hex()}))
+    (folder / "model.safetensors").write_bytes(os.urandom(50_000))
+
+
+def _zeros_same_size(folder: Path):
+    time.sleep(0.05)  # a later write, as in real life: the file's mtime moves
+    path = folder / "model.safetensors"
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+DAMAGE = {
+    "truncated weights": lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:999]),
+    "empty config.json": lambda f: (f / "config.json").write_text(""),
+    "missing tokenizer.json": lambda f: (f / "tokenizer.json").unlink(),
+    "weights overwritten with zeros, same size": _zeros_same_size,
+    "no manifest": lambda f: (f / MANIFEST).unlink(),
+    "manifest not JSON": lambda f: (f / MANIFEST).write_text("{"),
+    "manifest without files": lambda f: (f / MANIFEST).write_text("[]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_folder_is_rebuilt_saying_so(tmp_path, capsys, damage):
+    out, builds = tmp_path / "ckpt", []
+    make = lambda o: (builds.append(o), write_folder(o, tiny_writer))  # noqa: E731
+    assert ensure_folder(out, make) == out and ensure_folder(out, make) == out and len(builds) == 1
+    assert capsys.readouterr().err == ""  # a first build says nothing
+    DAMAGE[damage](out)
+    assert manifest_problem(out) is not None
+    ensure_folder(out, make)
+    assert len(builds) == 2 and manifest_problem(out) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "rebuilding" in err[0], err
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt", ".ckpt.lock"}  # nothing left aside
+
+
+def test_hashes_are_checked_once_then_only_sizes(tmp_path):
+    out = write_folder(tmp_path / "ckpt", tiny_writer)
+    manifest = json.loads((out / MANIFEST).read_text())["files"]
+    assert set(manifest) == {"config.json", "tokenizer.json", "model.safetensors"}
+    assert manifest["model.safetensors"]["size"] == 50_000
+    stamp = (out / VERIFIED).read_text()
+    assert manifest_problem(out) is None and (out / VERIFIED).read_text() == stamp  # stats match: no hashing
+    _zeros_same_size(out)
+    assert "sha256" in manifest_problem(out)  # stats moved: hashed, and the zeros are found
+    # the cheap path really trusts the stats: record the damaged file's stats as verified
+    (out / VERIFIED).write_text(json.dumps({n: [(st := (out / n).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                st.st_ino] for n in [*manifest, MANIFEST]}))
+    assert manifest_problem(out) is None
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+import default_model as D
+
+def slow_writer(folder):
+    for i in range(4):
+        (folder / f"part{i}.bin").write_bytes(bytes([i]) * 200_000)
+        time.sleep(0.3)
+
+out = Path(sys.argv[1])
+if sys.argv[2] == "write_folder":
+    D.write_folder(out, slow_writer)
+else:
+    D.ensure_folder(out, lambda o: D.write_folder(o, slow_writer))
+"""
+
+
+def race(cmds, out: Path, expected: set[str], env=None) -> int:
+    """Start the processes at once and poll `out` until they end: a reader must see no folder or a
+    whole one. Returns how many polls saw the folder."""
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for c in cmds]
+    seen = 0
+    while any(p.poll() is None for p in procs):
+        names = set(os.listdir(out)) if out.is_dir() else set()
+        if names:
+            assert expected <= names, f"a reader saw a partial folder: {sorted(names)}"
+            sizes = {n: f["size"] for n, f in json.loads((out / MANIFEST).read_text())["files"].items()}
+            assert all((out / n).stat().st_size == s for n, s in sizes.items())
+            seen += 1
+        time.sleep(0.005)
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    return seen
+
+
+@pytest.mark.parametrize("how", ["write_folder", "ensure_folder"])
+def test_concurrent_builds_publish_one_whole_folder(tmp_path, how):
+    """Two processes build the same folder at once. write_folder alone: both build, the first rename
+    wins and the loser discards its own; ensure_folder: the second waits on the lock and uses the
+    first's. Either way a reader sees nothing or everything, and nothing is left over."""
+    out = tmp_path / "ckpt"
+    parts = {f"part{i}.bin" for i in range(4)}
+    race([[sys.executable, "-c", RACE, str(out), how]] * 2, out, parts | {MANIFEST})
+    assert set(os.listdir(out)) == parts | {MANIFEST, VERIFIED} and manifest_problem(out) is None
+    assert {p.name for p in tmp_path.iterdir()} <= {"ckpt", ".ckpt.lock"}
+
+
+def test_concurrent_first_use_then_zeroed_weights(tmp_path):
+    """The real thing: two processes convert the default into an empty LAPROX_CACHE while a reader
+    polls; then the weights are overwritten with zeros (same size) and the next use rebuilds them."""
+    env = {**os.environ, "LAPROX_CACHE": str(tmp_path)}
+    out = tmp_path / "smollm2-135m-instruct"
+    files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    cmd = [sys.executable, "-c", "import default_model; default_model.default_checkpoint_dir()"]
+    race([cmd, cmd], out, files | {MANIFEST}, env)
+    assert set(os.listdir(out)) == files | {MANIFEST, VERIFIED}
+    assert {p.name for p in tmp_path.iterdir()} == {out.name, f".{out.name}.lock"}
+    _zeros_same_size(out)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr.count("\n") == 1 and "sha256" in done.stderr, done.stderr
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.norm.weight").abs().sum() > 0
+    assert manifest_problem(out) is None

@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
-from model import Config, decode_greedy, load_model
+from model import Config, decode_greedy, generate, load_model
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -25,6 +25,12 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    # biases: Llama's attention_bias covers q, k, v and o_proj, its mlp_bias the MLP; Qwen3's
+    # attention_bias q, k, v and o; Mistral's modeling file has none and ignores the field
+    "llama-attention-mlp-bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
+    "qwen3-attention-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, attention_bias=True)),
+    "mistral-attention-bias-ignored": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None,
+                                                                                  attention_bias=True)),
 }
 
 
@@ -133,6 +139,173 @@ def test_unsupported_model_type_names_supported():
         Config.from_hf(dict(BASE, model_type="gpt2"))
 
 
+def test_bias_fields_reach_the_right_projections(tmp_path):
+    """The biases the checkpoints of test_logits_and_greedy_match_transformers carry, per family."""
+    cfg = lambda mt, **kw: Config.from_hf(dict(BASE, model_type=mt, **kw))  # noqa: E731
+    biases = lambda c: (c.qkv_bias, c.o_bias, c.mlp_bias)  # noqa: E731
+    assert biases(cfg("llama", attention_bias=True, mlp_bias=True)) == (True, True, True)
+    assert biases(cfg("qwen3", attention_bias=True, mlp_bias=True)) == (True, True, False)
+    assert biases(cfg("qwen2")) == (True, False, False)
+    assert biases(cfg("mistral", attention_bias=True, mlp_bias=True)) == (False, False, False)
+
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+REFUSED_CONFIGS = {  # config.json fields this reference would get wrong: (extra fields, words of the error)
+    "hidden_act gelu": (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    "rope_scaling without a type": (dict(rope_scaling=dict(factor=2.0)), "named by rope_type"),
+    "rope type yarn": (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "'yarn'"),
+    "partial_rotary_factor": (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    "partial_rotary_factor in rope": (dict(rope_scaling=dict(rope_type="linear", factor=2.0, partial_rotary_factor=0.25)),
+                                      "partial_rotary_factor=0.25"),
+    "linear without factor": (dict(rope_scaling=dict(rope_type="linear")), "factor, got None"),
+    "linear factor a string": (dict(rope_scaling=dict(type="linear", factor="2")), "factor, got '2'"),
+    "llama3 without low_freq_factor": (dict(rope_scaling=dict(LLAMA3, low_freq_factor=None)), "low_freq_factor"),
+    "llama3 without high_freq_factor": (dict(rope_scaling={k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}),
+                                        "high_freq_factor, got None"),
+    "llama3 high <= low": (dict(rope_scaling=dict(LLAMA3, high_freq_factor=1.0)), "high_freq_factor > low_freq_factor"),
+    "quantized": (dict(quantization_config=dict(quant_method="awq", bits=4)), "quantization_config="),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
+def test_config_fields_that_would_be_ignored_are_refused(case):
+    extra, words = REFUSED_CONFIGS[case]
+    with pytest.raises(ValueError) as err:
+        Config.from_hf(dict(BASE, model_type="llama", **extra))
+    assert words in str(err.value)
+    Config.from_hf(dict(BASE, model_type="llama", hidden_act="swish", partial_rotary_factor=1.0))  # both fine
+
+
+def test_llama3_scaling_defaults_its_pretraining_length_as_transformers_does():
+    """Without original_max_position_embeddings, transformers takes max_position_embeddings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from model import rope_frequencies
+    ours = Config.from_hf(dict(BASE, model_type="llama", rope_scaling=dict(LLAMA3)))
+    ref_cfg = transformers.LlamaConfig(**BASE, rope_scaling=dict(LLAMA3))
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](ref_cfg, "cpu")
+    assert ours.rope_scaling["original_max_position_embeddings"] == BASE["max_position_embeddings"]
+    torch.testing.assert_close(rope_frequencies(ours), ref.float(), rtol=1e-6, atol=0)
+
+
+def _damage_index(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _index_outside(folder):
+    """An index whose shard is a real checkpoint's weights, one folder up: it used to load."""
+    other = folder.parent / "other"
+    other.mkdir()
+    (folder / "model.safetensors").rename(other / "model.safetensors")
+    _damage_index(folder, {"model.embed_tokens.weight": "../other/model.safetensors"})
+
+
+def _bigger_tokenizer(folder):
+    from tokenizers import Tokenizer, models
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(BASE["vocab_size"] + 100)}, unk_token="w0"))
+    (folder / "tokenizer.json").write_text(tk.to_str())
+
+
+def _config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+BAD_FOLDERS = {  # damage to a saved checkpoint: (damage, words of the error, which also names the file)
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{\"vocab_size\": 300,"), "not valid JSON"),
+    "config.json empty": (lambda f: (f / "config.json").write_text(""), "not valid JSON"),
+    "config.json a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "not an object"),
+    "config.json missing": (lambda f: (f / "config.json").unlink(), "config.json is missing"),
+    "config without vocab_size": (lambda f: _config(f, vocab_size=None), "vocab_size=None"),
+    "config vocab_size a string": (lambda f: _config(f, vocab_size="300"), "vocab_size='300'"),
+    "config heads not a multiple": (lambda f: _config(f, num_key_value_heads=3), "multiple"),
+    "index without weight_map": (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no weight_map"),
+    "index a list": (lambda f: (f / "model.safetensors.index.json").write_text("[]"), "not an object"),
+    "index shard outside the folder": (_index_outside, "'../other/model.safetensors'"),
+    "index shard absolute": (lambda f: _damage_index(f, {"x": str(f / "model.safetensors")}), "inside"),
+    "index shard missing": (lambda f: _damage_index(f, {"x": "model-00001-of-00002.safetensors"}), "is missing"),
+    "no safetensors": (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
+    "truncated weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]),
+                          "damaged or incomplete"),
+    "weights not safetensors": (lambda f: (f / "model.safetensors").write_text("not tensors"), "damaged or incomplete"),
+    "tokenizer.json missing": (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    "tokenizer.json damaged": (lambda f: (f / "tokenizer.json").write_text("{\"model\": 3}"), "not a readable tokenizer"),
+    "tokenizer larger than vocab_size": (_bigger_tokenizer, "400 tokens but config.json's vocab_size is 300"),
+    "generation_config.json not JSON": (lambda f: (f / "generation_config.json").write_text("{"), "not valid JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("saved"), "llama-gqa", seed=11)[1]
+
+
+@pytest.mark.parametrize("case", list(BAD_FOLDERS))
+def test_load_errors_name_the_file_and_the_fix(saved_checkpoint, tmp_path, case):
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_checkpoint, folder)
+    damage, words = BAD_FOLDERS[case]
+    damage(folder)
+    with pytest.raises((ValueError, OSError)) as err:
+        load_model(str(folder))
+    msg = str(err.value)
+    assert words in msg and str(folder) in msg and "\n" not in msg, msg
+    assert any(fix in msg for fix in ("download", "refused", "different models", "convert")), msg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tok) of a small random Llama."""
+    return load_model(str(make_checkpoint(tmp_path_factory.mktemp("tiny"), "llama-gqa", seed=13)[1]))
+
+
+BAD_INPUTS = {  # (call on (model, tok), words of the error)
+    "prefill of zero tokens": (lambda m, t: m.prefill(torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
+    "generate on an empty prompt": (lambda m, t: generate(m, t, ""), "empty prompt"),
+    "forward of zero tokens": (lambda m, t: m(torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
+    "float token ids": (lambda m, t: m.prefill(torch.rand(1, 8) * 100), "integer token ids"),
+    "token id = vocab_size": (lambda m, t: m.prefill(torch.tensor([[3, 300, 5]])), "token id 300 is outside"),
+    "negative token id": (lambda m, t: m(torch.tensor([[3, -1]])), "token id -1 is outside"),
+    "window 2.5": (lambda m, t: m.prefill(torch.tensor([[3, 4, 5]]), window=2.5), "window must be an int"),
+    "window 0": (lambda m, t: m.prefill(torch.tensor([[3, 4, 5]]), window=0), "window must be an int >= 1"),
+    "h2o_chunk 0": (lambda m, t: m.prefill(torch.tensor([[3, 4, 5]]), h2o=True, h2o_chunk=0), "h2o_chunk"),
+    "max_new_tokens -1": (lambda m, t: generate(m, t, "t1 t2", max_new_tokens=-1), "max_new_tokens"),
+    "max_new_tokens 2.5": (lambda m, t: generate(m, t, "t1 t2", max_new_tokens=2.5), "max_new_tokens"),
+    "decode 0 tokens": (lambda m, t: decode_greedy(m, KVCache.from_prefill(m.prefill(torch.tensor([[3, 4]]))), 0),
+                        "max_new_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_refused_clearly(tiny, case):
+    call, words = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=words):
+        call(*tiny)
+
+
+def test_generate_checks_before_the_prefill(tiny):
+    model, tok = tiny
+    cache = KVCache.from_prefill(model.prefill(torch.tensor([[3, 4, 5]])))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, cache=cache, max_new_tokens=-1)
+    assert cache.last_logits is not None  # refused before anything was decoded: the cache still answers
+    assert generate(model, tok, cache=cache, max_new_tokens=2) is not None
+
+
+@pytest.mark.parametrize("device, dtype, words", [
+    ("cuda", torch.float32, "not available"), ("cuda:7", torch.float32, "not available"),
+    ("bogus", torch.float32, "not available"), ("cpu", "float32", "torch.dtype"), ("cpu", torch.int64, "torch.dtype")])
+def test_unavailable_device_or_bad_dtype_fails_before_loading(device, dtype, words):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=words):
+        load_model("./this/folder/is/never/read", device=device, dtype=dtype)
+
+
 def test_missing_tensors_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
     _, folder = make_checkpoint(tmp_path, "llama-gqa")
@@ -145,7 +318,7 @@ def test_missing_tensors_are_named(tmp_path):
 
 def test_unreachable_hub_points_to_local_or_default(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="local checkpoint folder or use the embedded default"):
+    with pytest.raises(OSError, match="local checkpoint folder or use the embedded default"):
         load_model("no-such-owner/no-such-model")
 
 

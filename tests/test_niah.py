@@ -1,6 +1,7 @@
 """eval_niah.py: context builder, scorer, argument checks, reports, and a small end-to-end run."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,55 @@ def test_method_specs_carry_ablation_flags():
         E.check_grid([600], [0.5], ["laprox:colour=red"], [0.2], known, 32, 4)
     with pytest.raises(ValueError, match="key=value"):
         E.method_spec("laprox:pool")
+
+
+# ----------------------------------------------------------------------------- user errors: one line, no traceback
+
+def _user_errors(tmp_path):
+    afile = tmp_path / "a_file.txt"  # made by the test
+    grid = ["--lengths", "600", "--depths", "0", "--methods", "full", "--out", str(tmp_path / "out")]
+    return {  # argv: words of the error
+        "method flag not a bool": (["--methods", "laprox:center=no"], "takes a bool"),
+        "even pool kernel": (["--methods", "full,laprox:pool=4"], "must be odd"),
+        "unknown selection": (["--methods", "laprox:selection=foo"], "one of model, layer, head"),
+        "unknown method": (["--methods", "laprox,snap-kv"], "unknown method"),
+        "out is a file": (["--out", str(afile)], "is a file"),
+        "out under a file": (grid + ["--out", str(afile / "sub")], "Not a directory"),
+        "haystack /dev/null": (grid + ["--haystack", "/dev/null"], "not a text file or a folder"),
+        "haystack missing": (grid + ["--haystack", str(tmp_path / "missing.txt")], "does not exist"),
+        "offline hub id": (grid + ["--model", "no-owner/no-such-model"], "could not download"),
+        "no such folder": (grid + ["--model", "./no/such/checkpoint"], "no checkpoint folder"),
+        "no such device": (grid + ["--device", "bogus"], "not available"),
+        "cuda without cuda": (grid + ["--device", "cuda"], "not available"),
+        "budget not a number": (["--budget", "abc"], "comma list of float"),
+        "budget above 1": (["--budget", "2"], "(0, 1]"),
+        "depth above 1": (["--depths", "1.5"], "[0, 1]"),
+        "window 0": (["--window", "0"], ">= 1"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_user_errors(Path("."))))
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    argv, words = _user_errors(tmp_path)[case]
+    if case == "cuda without cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as done:
+        E.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and words in err and err.count("\n") == 1 and ": error: " in err, err
+    assert not (tmp_path / "out" / "results.jsonl").exists()  # failed before any case ran
+
+
+def test_the_command_line_itself_prints_no_traceback(tmp_path):
+    """The same, as a user runs it: a subprocess, its exit code and its whole stderr."""
+    import subprocess
+    import sys
+    root = Path(E.__file__).resolve().parent
+    for argv in (["eval_niah.py", "--methods", "laprox:center=off", "--out", str(tmp_path)],
+                 ["bench.py", "--layers", "--device", "bogus", "--out", str(tmp_path / "b.json")]):
+        done = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"{argv[0]}: error: ")

@@ -104,7 +104,8 @@ def naive_model(S, k, w, sinks=0):
 
 
 def naive_criticalkv(S, S2, k, w, sinks=0, alpha=0.2, first_stage=0.5):
-    """S: SnapKV scores; S2: the stage-2 key (S + eps) * weights, computed by the caller."""
+    """S: SnapKV scores (window sums); S2: the stage-2 key (S / w + eps) * weights (the window mean,
+    as in the authors' code), computed by the caller."""
     out = []
     for l, layer in enumerate(S):
         n = len(layer[0])
@@ -221,12 +222,26 @@ def test_rules_match_naive_with_ties(k, w, sinks, seed):
         (select_scope(scores, k, w, sinks=sinks), naive_model(S, k, w, sinks)),
     ]
     weights = [torch.rand(1, H, n) for _ in range(L)]
-    key2 = [(s.float() + 1e-4) * wt.float() for s, wt in zip(scores, weights)]
+    key2 = [(s.float() / w + 1e-4) * wt.float() for s, wt in zip(scores, weights)]
     cases.append((select_criticalkv(scores, k, w, weights=weights, sinks=sinks),
                   naive_criticalkv(S, nested(key2), k, w, sinks)))
     for got, want in cases:
         assert as_lists(got) == want
         check_invariants(got, L, H, n, w, sinks, k)
+
+
+def test_criticalkv_stage2_weighs_the_window_mean():
+    """eps = 1e-4 is calibrated for the window MEAN (the authors' SnapKV score is a mean): on window
+    sums whose mean is of the order of eps, the mean and the sum select differently; ours is the mean."""
+    g = torch.Generator().manual_seed(3)
+    L, H, n, w, k = 2, 3, 200, 16, 40
+    scores = [torch.rand(1, H, n, generator=g) * 2e-3 for _ in range(L)]  # sums over 16 queries: means ~ 6e-5
+    weights = [torch.rand(1, H, n, generator=g) for _ in range(L)]
+    mean_key = [(s / w + 1e-4) * wt for s, wt in zip(scores, weights)]
+    sum_key = [(s + 1e-4) * wt for s, wt in zip(scores, weights)]
+    got = as_lists(select_criticalkv(scores, k, w, weights=weights))
+    assert got == naive_criticalkv(nested(scores), nested(mean_key), k, w)
+    assert got != naive_criticalkv(nested(scores), nested(sum_key), k, w)
 
 
 def test_pyramid_budgets_reference_formula():
@@ -292,7 +307,7 @@ def test_method_matches_naive(method, config, budget):
     S = nested(scores)
     flags = m.select_flags
     if method == "criticalkv":
-        key2 = [(s + flags["eps"]) * wt for s, wt in zip(scores, baselines.projected_value_l1(p))]
+        key2 = [(s / w + flags["eps"]) * wt for s, wt in zip(scores, baselines.projected_value_l1(p))]
         want = naive_criticalkv(S, nested(key2), k, w, flags["sinks"], flags["alpha"], flags["first_stage"])
     else:
         want = NAIVE[m.rule](S, k, w, flags, p)
