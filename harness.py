@@ -174,7 +174,7 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
     model: model.Model. context_ids (c,), question_ids (t,): the prompt's two parts (encode_split),
     both non-empty. cases: see make_cases (an eval drops the ones it has done). decode: the eval's
     decoding, cache -> text; it starts from cache.last_logits, the next-token logits after the
-    whole prompt (e.g. lambda cache: generate(model, tok, cache=cache, max_new_tokens=24), model.generate).
+    whole prompt, e.g. lambda cache: generate(model, tok, cache=cache, max_new_tokens=24) (model.generate).
     window: the observation window w of the prefills. seed: the "random" method's seed.
 
     The context is prefilled once (H2O's statistics only when an h2o case is present). Agnostic
@@ -192,10 +192,11 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
             raise ValueError(f"unknown protocol {case.protocol!r}; known: {', '.join(PROTOCOLS)}")
     device = next(model.parameters()).device
     skip = skipped_budgets(cases, c + t, c, window)
-    todo = [case for case in cases if (case.budget, case.protocol) not in skip]
-    for case in cases:
-        if (case.budget, case.protocol) in skip:
-            yield Result(case, skipped=skip[case.budget, case.protocol])
+    why = [None if case.name == "full" else skip.get((case.budget, case.protocol)) for case in cases]
+    for case, reason in zip(cases, why):
+        if reason is not None:
+            yield Result(case, skipped=reason)
+    todo = [case for case, reason in zip(cases, why) if reason is None]
     agnostic = [case for case in todo if case.protocol == "agnostic"]
     aware = [case for case in todo if case.protocol == "aware"]
     if not todo:

@@ -253,8 +253,8 @@ def default():
     """(model, tok, context ids, question ids, one-shot prefill of the whole prompt with h2o, w = 16)
     of a short NIAH prompt on the default model."""
     model, tok = load_model()
-    hay = E.haystack_ids(tok, E.read_haystack(), 500)
-    prompt = E.build_prompt(tok, hay, 420, 0.5)
+    hay = E.haystack_ids(tok, E.read_haystack(), 400)
+    prompt = E.build_prompt(tok, hay, 300, 0.5)
     text, context = prompt["text"], prompt["context"]
     context_ids, question_ids = Hn.encode_split(tok, text, text.index(context) + len(context))
     one_shot = model.prefill(torch.tensor([context_ids + question_ids]), window=16, h2o=True)
@@ -263,7 +263,7 @@ def default():
 
 def test_encode_split_keeps_the_text(default):
     _, tok, context_ids, question_ids, _ = default
-    assert 350 < len(context_ids) and 10 < len(question_ids) < 80
+    assert 230 < len(context_ids) and 10 < len(question_ids) < 70
     text = tok.decode(context_ids + question_ids, skip_special_tokens=False)
     assert tok.decode(question_ids, skip_special_tokens=False).startswith(" </book>.")
     assert text.endswith(E.QUESTION + "<|im_end|>\n<|im_start|>assistant\n" + E.ANSWER_PREFIX)
@@ -274,7 +274,7 @@ def test_default_model_continuation_equals_one_shot(default):
     context = model.prefill(torch.tensor([context_ids]), window=16, h2o=True)
     continued = model.prefill(torch.tensor([question_ids]), window=16, h2o=True, past=context)
     assert_same_prefill(continued, one_shot)
-    for m in METHODS:
+    for m in ["laprox", "snapkv", "h2o", "tova", "knorm"]:  # all of METHODS on the tiny models
         assert kept_sets(continued, m, 0.1) == kept_sets(one_shot, m, 0.1), m
 
 
@@ -284,7 +284,7 @@ def test_aware_through_the_continuation_matches_run_cell(default):
     the one-shot logits within 1e-4 and answers the same. (Few cases: decoding is the slow part.)"""
     from model import generate
     model, tok, context_ids, question_ids, one_shot = default
-    specs = ["full", "laprox", "h2o", "snapkv:pool=0"]
+    specs = ["full", "laprox", "snapkv:pool=0"]
     cases = [c for c in Hn.make_cases({s: E.method_spec(s) for s in specs}, [0.1], list(Hn.PROTOCOLS))
              if c.protocol == "aware" or c.name in ("full", "laprox")]
     first_logits = []
