@@ -28,6 +28,10 @@ class Prefill:
         each divided by the number of queries that see the key (n - j); None unless asked for.
     logits: (1, vocab) next-token logits, so decoding can start without re-reading the prompt.
     window: w, the observation window (the prefill's `window`, clamped to n).
+    resid_rows, out_rows: (L, w) the squared norms of each window row of x_l + Y_l and of Y_l
+        (resid_norm**2 and out_norm**2 are their row sums): what a prefill that continues this one
+        (Model.prefill(..., past=)) needs when its window starts before the new tokens. None when
+        the Prefill was not made by Model.prefill (such a Prefill cannot be continued).
     """
     keys: list[Tensor]
     values: list[Tensor]
@@ -38,6 +42,8 @@ class Prefill:
     h2o: list[Tensor] | None
     logits: Tensor
     window: int
+    resid_rows: Tensor | None = None
+    out_rows: Tensor | None = None
 
     @property
     def n(self) -> int:

@@ -260,13 +260,16 @@ class Model(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, window: int = 32, h2o: bool = False, h2o_chunk: int = 512) -> Prefill:
+    def prefill(self, input_ids: Tensor, window: int = 32, h2o: bool = False, h2o_chunk: int = 512,
+                past: Prefill | None = None) -> Prefill:
         """Full-attention forward over a prompt that keeps what eviction scorers need.
 
-        input_ids: (1, n). window: w, the last w prompt tokens whose queries stand in for
+        input_ids: (1, t). window: w, the last w prompt tokens whose queries stand in for
         future ones (clamped to n). h2o: also accumulate, per layer, the attention each key
         receives from all n queries (H2O's score), `h2o_chunk` queries at a time so that no
-        n x n matrix is ever held. Returns a cache.Prefill.
+        n x n matrix is ever held. past: the Prefill of the c tokens before input_ids (window >= w,
+        h2o if asked now); the result is then the Prefill of all n = c + t tokens, as one call on
+        them gives (harness.py: a context prefilled once, then its question). Without past, n = t.
         """
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"prefill takes one sequence, input_ids of shape (1, n); got {tuple(input_ids.shape)}")
@@ -274,42 +277,51 @@ class Model(nn.Module):
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.check_ids(input_ids)
-        n = input_ids.shape[1]
+        c, t = (0 if past is None else past.n), input_ids.shape[1]
+        if past is not None and (past.resid_rows is None or past.window < min(window, c) or (h2o and past.h2o is None)):
+            raise ValueError("past must come from model.prefill, with a window >= this one's (and h2o=True for h2o)")
+        n = c + t
         self.check_length(n)
         w = min(window, n)
-        positions = torch.arange(n, device=input_ids.device)
+        positions = torch.arange(c, n, device=input_ids.device)
         inv_freq = self.inv_freq(input_ids.device)
         keys, values, queries, o_proj, resid, out, cols = [], [], [], [], [], [], []
         x = self.embed(input_ids)
-        for blk in self.layers:
+        for l, blk in enumerate(self.layers):
             q, k, v = blk.attn.qkv(blk.attn_norm(x), positions, inv_freq)
-            y = blk.attn.o_proj(attention(q, k, v).transpose(1, 2).reshape(1, n, -1))  # (1, n, d)
+            if past is not None:  # the new tokens read the past keys too; the window may start in the past
+                k, v = torch.cat([past.keys[l], k], 2), torch.cat([past.values[l], v], 2)
+            y = blk.attn.o_proj(attention(q, k, v).transpose(1, 2).reshape(1, t, -1))  # (1, t, d)
             x = x + y
-            keys.append(k); values.append(v); queries.append(q[:, :, n - w:].clone())
-            o_proj.append(blk.attn.o_proj.weight)
-            out.append(y[0, n - w:].float().norm()); resid.append(x[0, n - w:].float().norm())
-            if h2o:
-                cols.append(attention_column_means(q, k, h2o_chunk))
+            keys.append(k); values.append(v); o_proj.append(blk.attn.o_proj.weight)
+            queries.append((q if past is None else torch.cat([past.queries[l], q[:, :, -w:]], 2))[:, :, -w:].clone())
+            out.append(y[0, -w:].float().pow(2).sum(-1)); resid.append(x[0, -w:].float().pow(2).sum(-1))
+            if h2o:  # column sums of the past (its means times their query counts) and of the new queries
+                prior = 0 if past is None else F.pad(past.h2o[l] * torch.arange(c, 0, -1, device=q.device), (0, t))
+                cols.append((attention_column_sums(q, k, h2o_chunk) + prior) / torch.arange(n, 0, -1, device=q.device))
             x = x + blk.mlp(blk.mlp_norm(x))
         logits = self.lm_head(self.norm(x[:, -1:])).float()[:, 0]
-        return Prefill(keys=keys, values=values, queries=queries, o_proj=o_proj,
-                       resid_norm=torch.stack(resid).cpu(), out_norm=torch.stack(out).cpu(),
-                       h2o=cols if h2o else None, logits=logits, window=w)
+        resid, out = torch.stack(resid).cpu(), torch.stack(out).cpu()  # (L, min(w, t)) squared row norms
+        if past is not None:
+            resid, out = torch.cat([past.resid_rows, resid], 1)[:, -w:], torch.cat([past.out_rows, out], 1)[:, -w:]
+        return Prefill(keys=keys, values=values, queries=queries, o_proj=o_proj, resid_norm=resid.sum(1).sqrt(),
+                       out_norm=out.sum(1).sqrt(), h2o=cols if h2o else None, logits=logits, window=w,
+                       resid_rows=resid, out_rows=out)
 
 
-def attention_column_means(q: Tensor, k: Tensor, chunk: int) -> Tensor:
-    """H2O's accumulated attention: q (1, H, n, D), k (1, H_kv, n, D) -> (1, H, n) float32, the
-    causal attention each key j receives summed over all queries, divided by the n - j queries
-    that can see it. Computed `chunk` queries at a time."""
-    _, H, n, D = q.shape
-    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, n, D)
-    total = torch.zeros(1, H, n, device=q.device)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)  # queries a..b-1 see keys 0..b-1 at most: the rest is never computed
-        s = q[:, :, a:b].float() @ kf[:, :, :b].transpose(-1, -2) / math.sqrt(D)  # (1, H, c, b)
-        causal = torch.arange(b, device=q.device)[None, :] <= torch.arange(a, b, device=q.device)[:, None]
-        total[..., :b] += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
-    return total / torch.arange(n, 0, -1, device=q.device)
+def attention_column_sums(q: Tensor, k: Tensor, chunk: int) -> Tensor:
+    """The causal attention each key receives, summed over the queries q (1, H, t, D) of the last t
+    of the S positions of k (1, H_kv, S, D) -> (1, H, S) float32, `chunk` queries at a time. H2O's
+    score divides the sums over all queries by the S - j queries that see key j (Model.prefill)."""
+    (_, H, t, D), S = q.shape, k.shape[2]
+    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, S, D)
+    total = torch.zeros(1, H, S, device=q.device)
+    for a in range(0, t, chunk):
+        see = S - t + min(a + chunk, t)  # queries a.. see keys 0..see-1 at most: the rest is never computed
+        s = q[:, :, a:a + chunk].float() @ kf[:, :, :see].transpose(-1, -2) / math.sqrt(D)  # (1, H, chunk, see)
+        causal = torch.arange(see, device=q.device)[None, :] <= torch.arange(S - t + a, see, device=q.device)[:, None]
+        total[..., :see] += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
+    return total
 
 
 # ----------------------------------------------------------------------------- generation
@@ -376,7 +388,8 @@ class Tokenizer:
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
         if (folder / "chat_template.jinja").exists():
             self.chat_template = (folder / "chat_template.jinja").read_text()
-        self.bos_token, self.eos_token = _token_str(tc.get("bos_token")), _token_str(tc.get("eos_token"))
+        self.bos_token, self.eos_token = [t.get("content") if isinstance(t, dict) else t  # AddedToken dicts too
+                                          for t in (tc.get("bos_token"), tc.get("eos_token"))]
         eos = gen.get("eos_token_id", [])
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.eos_token and self.tk.token_to_id(self.eos_token) is not None:
@@ -413,10 +426,6 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-
-
-def _token_str(t) -> str | None:
-    return t.get("content") if isinstance(t, dict) else t
 
 
 # ----------------------------------------------------------------------------- loading

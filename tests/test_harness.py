@@ -1,0 +1,308 @@
+"""harness.py and Model.prefill(past=): a prefill continued by the question equals a one-shot
+prefill of the whole prompt (every field, and the kept sets of the methods); the question
+prefilled onto a compressed cache against a float64 loop; run_unit's cases, skips and prefills;
+and, on the default model, aware-through-the-continuation against eval_niah.run_cell."""
+import copy
+import math
+
+import pytest
+import torch
+
+import eval_niah as E
+import harness as Hn
+from cache import KVCache
+from methods import compress, select
+from model import decode_greedy, load_model
+from test_model import BASE, make_checkpoint
+
+METHODS = ["snapkv", "laprox", "h2o", "tova", "knorm", "adakv", "pyramidkv", "criticalkv", "streamingllm", "random"]
+
+
+def rel_diff(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_same_prefill(got, want, tol=1e-5):
+    """Every field of two Prefills, within `tol` relative to each tensor's largest entry."""
+    assert (got.n, got.window, got.n_layers) == (want.n, want.window, want.n_layers)
+    for name in ("keys", "values", "queries", "h2o"):
+        for l, (a, b) in enumerate(zip(getattr(got, name), getattr(want, name))):
+            assert a.shape == b.shape and rel_diff(a, b) <= tol, f"{name}[{l}]: {rel_diff(a, b):.2e}"
+    assert all(a is b for a, b in zip(got.o_proj, want.o_proj))
+    for name in ("resid_norm", "out_norm", "resid_rows", "out_rows", "logits"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and rel_diff(a, b) <= tol, f"{name}: {rel_diff(a, b):.2e}"
+
+
+def kept_sets(prefill, method, budget):
+    return [[i.tolist() for i in layer] for layer in select(prefill, method, budget)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random checkpoints of a few families, loaded: {family: model}."""
+    out = {}
+    for seed, family in enumerate(["llama-gqa", "llama-mha-tied", "qwen2-bias", "qwen3-qknorm"]):
+        _, folder = make_checkpoint(tmp_path_factory.mktemp(family), family, seed=20 + seed)
+        out[family] = load_model(str(folder))[0]
+    return out
+
+
+def random_ids(n, seed):
+    return torch.randint(3, BASE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- the continuation
+
+SPLITS = [(39, 8), (36, 8), (32, 8), (20, 8), (5, 8), (36, 12)]
+
+
+@pytest.mark.parametrize("family, c, past_window", [("llama-gqa", c, pw) for c, pw in SPLITS] + [
+    ("llama-mha-tied", 36, 8), ("qwen2-bias", 20, 8), ("qwen3-qknorm", 36, 8), ("qwen3-qknorm", 5, 8)])
+def test_continuation_equals_one_shot(tiny, family, c, past_window):
+    """n = 40, w = 8: the question is 1, 4 or 8 tokens (the window spans the split), 20 (it does not),
+    35 (the context is shorter than the window); a past made with a wider window works too."""
+    model = tiny[family]
+    ids = random_ids(40, seed=c)
+    one_shot = model.prefill(ids, window=8, h2o=True, h2o_chunk=7)
+    context = model.prefill(ids[:, :c], window=past_window, h2o=True, h2o_chunk=7)
+    continued = model.prefill(ids[:, c:], window=8, h2o=True, h2o_chunk=7, past=context)
+    assert_same_prefill(continued, one_shot)
+    for m in METHODS:
+        assert kept_sets(continued, m, 12) == kept_sets(one_shot, m, 12), m
+
+
+def test_continuation_checks_its_past(tiny):
+    model = tiny["llama-gqa"]
+    ids = random_ids(30, seed=1)
+    narrow = model.prefill(ids[:, :20], window=4)
+    with pytest.raises(ValueError, match="window >= this one's"):
+        model.prefill(ids[:, 20:], window=8, past=narrow)
+    with pytest.raises(ValueError, match="h2o=True"):
+        model.prefill(ids[:, 20:], window=4, h2o=True, past=narrow)
+    handmade = copy.copy(narrow)
+    handmade.resid_rows = None
+    with pytest.raises(ValueError, match="past must come from model.prefill"):
+        model.prefill(ids[:, 20:], window=4, past=handmade)
+    assert model.prefill(ids[:, 20:], window=4, past=narrow).n == 30
+
+
+# ----------------------------------------------------------------------------- the agnostic path
+
+def reference_forward(model, ids, readable):
+    """float64 forward with a plain loop over query heads, where in layer l query i of KV head g
+    reads key j iff readable(l, g)[i, j]. ids: (1, n) -> logits (n, vocab) float64, and per layer
+    (residual after the attention add, attention output), each (n, d)."""
+    m = copy.deepcopy(model).double()
+    cfg = m.config
+    H, G, D, n = cfg.n_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim, ids.shape[1]
+    x, streams = m.embed(ids), []
+    for l, blk in enumerate(m.layers):
+        q, k, v = blk.attn.qkv(blk.attn_norm(x), torch.arange(n), m.inv_freq("cpu"))
+        heads = []
+        for h in range(H):
+            s = (q[0, h] @ k[0, h // G].T) / math.sqrt(D)
+            heads.append(s.masked_fill(~readable(l, h // G), -math.inf).softmax(-1) @ v[0, h // G])
+        y = blk.attn.o_proj(torch.stack(heads, 1).reshape(1, n, H * D))
+        x = x + y
+        streams.append((x[0], y[0]))
+        x = x + blk.mlp(blk.mlp_norm(x))
+    return m.lm_head(m.norm(x))[0], streams
+
+
+def test_prefill_window_rows_match_float64_loop(tiny):
+    """resid_rows / out_rows (what a continuation needs) and the norms made from them, against the loop."""
+    model = tiny["qwen3-qknorm"]
+    ids = random_ids(30, seed=30)
+    p = model.prefill(ids, window=8)
+    logits, streams = reference_forward(model, ids, lambda l, g: torch.ones(30, 30, dtype=torch.bool).tril())
+    resid = torch.stack([x[-8:].pow(2).sum(-1) for x, _ in streams])
+    out = torch.stack([y[-8:].pow(2).sum(-1) for _, y in streams])
+    assert rel_diff(p.resid_rows, resid) <= 1e-5 and rel_diff(p.out_rows, out) <= 1e-5
+    assert rel_diff(p.resid_norm, resid.sum(1).sqrt()) <= 1e-5 and rel_diff(p.out_norm, out.sum(1).sqrt()) <= 1e-5
+    assert rel_diff(p.logits[0], logits[-1]) <= 1e-5
+
+
+@pytest.mark.parametrize("uneven", [True, False])
+@pytest.mark.parametrize("t", [1, 6])
+def test_question_onto_a_compressed_cache_matches_float64_loop(tiny, uneven, t):
+    """Model.forward(question, cache) over a cache that kept a different subset of the context per
+    (layer, KV head): each question token reads the kept context entries and the question tokens
+    up to itself; the context's own entries were made with full attention."""
+    model = tiny["llama-gqa"]
+    c, L, H_kv = 30, model.config.n_layers, model.config.n_kv_heads
+    ids = random_ids(c + t, seed=40 + t)
+    gen = torch.Generator().manual_seed(41)
+    sizes = [[int(s) for s in torch.randint(1, c + 1, (H_kv,), generator=gen)] if uneven else [17] * H_kv
+             for _ in range(L)]
+    kept = [[torch.randperm(c, generator=gen)[:s].sort().values for s in layer] for layer in sizes]
+    cache = KVCache.from_prefill(model.prefill(ids[:, :c], window=8), kept)
+    with torch.no_grad():
+        got = model(ids[:, c:], cache)[0]
+
+    def readable(l, g):
+        causal = torch.ones(c + t, c + t, dtype=torch.bool).tril()
+        context_key = torch.zeros(c + t, dtype=torch.bool)
+        context_key[kept[l][g]] = True
+        question_reads = context_key | (torch.arange(c + t) >= c)
+        causal[c:] &= question_reads  # the question rows; the context rows read everything before them
+        return causal
+
+    want = reference_forward(model, ids, readable)[0][c:]
+    assert rel_diff(got, want) <= 1e-5
+    assert cache.pos == c + t and cache.lengths.tolist() == [[s + t for s in layer] for layer in sizes]
+
+
+class Spy:
+    """The model, logging the prefills run_unit asks for: (tokens, on a past?, h2o?)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def prefill(self, ids, **kw):
+        self.calls.append((ids.shape[1], kw.get("past") is not None, kw["h2o"]))
+        return self.model.prefill(ids, **kw)
+
+    def __call__(self, ids, cache):
+        return self.model(ids, cache)
+
+
+def greedy(model, log=None):
+    """A decode callable: 6 greedy tokens; `log` collects the first-token logits."""
+    def decode(cache):
+        if log is not None:
+            log.append(cache.last_logits.clone())
+        return decode_greedy(model, cache, 6)
+    return decode
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3-qknorm"])
+def test_agnostic_full_gives_the_one_shot_logits(tiny, family):
+    model = tiny[family]
+    ids = random_ids(40, seed=50)
+    cases = Hn.make_cases({"full": ("full", {})}, [0.5], ["agnostic", "aware"])
+    log = []
+    results = list(Hn.run_unit(model, ids[0, :31].tolist(), ids[0, 31:].tolist(), cases, greedy(model, log), window=8))
+    one_shot = model.prefill(ids, window=8)
+    assert [r.case.protocol for r in results] == ["agnostic", "aware"]
+    for logits in log:
+        assert (logits - one_shot.logits).abs().max() <= 1e-4
+    assert results[0].generated == results[1].generated == decode_greedy(model, KVCache.from_prefill(one_shot), 6)
+    assert results[0].kept_fraction == results[1].kept_fraction == 1.0
+    assert (results[0].kept_of, results[1].kept_of) == ("context", "prompt")
+
+
+def test_run_unit_budgets_skips_and_prefills(tiny):
+    """c = 30, t = 10, w = 8. At budget 0.2 the agnostic context gives 6 tokens a head (< 8) and the
+    aware prompt 8 (< 8 + streamingllm's 4 sinks): both skipped for every method, "full" never.
+    At 0.5: 20 of 40 prompt tokens a head (aware), 15 of 30 context tokens (agnostic)."""
+    model = Spy(tiny["llama-gqa"])
+    ids = random_ids(40, seed=60)
+    methods = {"full": ("full", {}), "laprox": ("laprox", {}), "snapkv:pool=0": ("snapkv", {"pool": 0}),
+               "streamingllm": ("streamingllm", {})}
+    cases = Hn.make_cases(methods, [0.2, 0.5], list(Hn.PROTOCOLS))
+    assert len(cases) == 2 * (1 + 3 * 2)
+    results = list(Hn.run_unit(model, ids[0, :30].tolist(), ids[0, 30:].tolist(), cases,
+                               greedy(model.model), window=8))
+    assert sorted(map(id, (r.case for r in results))) == sorted(map(id, cases))
+    skipped = {(r.case.method, r.case.protocol) for r in results if r.skipped}
+    assert skipped == {(m, p) for m in methods if m != "full" for p in Hn.PROTOCOLS}
+    assert all(r.case.budget == 0.2 for r in results if r.skipped)
+    assert model.calls == [(30, False, False), (10, True, False)]  # one context prefill, then its continuation
+    for r in results:
+        if not r.skipped and r.case.name != "full":
+            assert r.kept_of == ("prompt" if r.case.protocol == "aware" else "context")
+            assert r.kept_fraction == pytest.approx(0.5)
+            assert r.cache_mb > 0 and len(r.generated) >= 1 and (r.question_s > 0) == (r.case.protocol == "agnostic")
+    row = results[-1].row()
+    assert row["method"] == results[-1].case.method and "generated" in row and "decode_s" in row
+
+
+def test_run_unit_prefills_once_and_asks_h2o_only_when_needed(tiny):
+    model = Spy(tiny["llama-gqa"])
+    ids = random_ids(40, seed=61)
+    ctx, q = ids[0, :30].tolist(), ids[0, 30:].tolist()
+    aware_only = Hn.make_cases({"h2o": ("h2o", {}), "snapkv": ("snapkv", {})}, [0.5], ["aware"])
+    list(Hn.run_unit(model, ctx, q, aware_only, greedy(model.model), window=8))
+    agnostic_only = Hn.make_cases({"snapkv": ("snapkv", {})}, [0.5], ["agnostic"])
+    list(Hn.run_unit(model, ctx, q, agnostic_only, greedy(model.model), window=8))
+    assert model.calls == [(40, False, True), (30, False, False)]
+
+
+def test_argument_errors(tiny):
+    with pytest.raises(ValueError, match="expected a comma list of aware, agnostic"):
+        Hn.parse_protocols("aware,blind")
+    assert Hn.parse_protocols("agnostic, aware,agnostic") == ["agnostic", "aware"]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        Hn.make_cases({"full": ("full", {})}, [0.5], ["blind"])
+    with pytest.raises(ValueError, match="non-empty context and question"):
+        Hn.encode_split(None, "abc", 3)
+    with pytest.raises(ValueError, match="non-empty context and question"):
+        next(Hn.run_unit(tiny["llama-gqa"], [5, 6], [], [], greedy(tiny["llama-gqa"])))
+
+
+# ----------------------------------------------------------------------------- the default model
+
+@pytest.fixture(scope="module")
+def default():
+    """(model, tok, context ids, question ids, one-shot prefill of the whole prompt with h2o, w = 16)
+    of a short NIAH prompt on the default model."""
+    model, tok = load_model()
+    hay = E.haystack_ids(tok, E.read_haystack(), 400)
+    prompt = E.build_prompt(tok, hay, 300, 0.5)
+    text, context = prompt["text"], prompt["context"]
+    context_ids, question_ids = Hn.encode_split(tok, text, text.index(context) + len(context))
+    one_shot = model.prefill(torch.tensor([context_ids + question_ids]), window=16, h2o=True)
+    return model, tok, context_ids, question_ids, one_shot
+
+
+def test_encode_split_keeps_the_text(default):
+    _, tok, context_ids, question_ids, _ = default
+    assert 230 < len(context_ids) and 10 < len(question_ids) < 70
+    text = tok.decode(context_ids + question_ids, skip_special_tokens=False)
+    assert tok.decode(question_ids, skip_special_tokens=False).startswith(" </book>.")
+    assert text.endswith(E.QUESTION + "<|im_end|>\n<|im_start|>assistant\n" + E.ANSWER_PREFIX)
+
+
+def test_default_model_continuation_equals_one_shot(default):
+    model, _, context_ids, question_ids, one_shot = default
+    context = model.prefill(torch.tensor([context_ids]), window=16, h2o=True)
+    continued = model.prefill(torch.tensor([question_ids]), window=16, h2o=True, past=context)
+    assert_same_prefill(continued, one_shot)
+    for m in ["laprox", "snapkv", "h2o", "tova", "knorm"]:  # all of METHODS on the tiny models
+        assert kept_sets(continued, m, 0.1) == kept_sets(one_shot, m, 0.1), m
+
+
+def test_aware_through_the_continuation_matches_run_cell(default):
+    """The harness with both protocols (aware from the continuation) generates exactly what
+    eval_niah.run_cell does from a one-shot prefill of the same ids; agnostic "full" starts from
+    the one-shot logits within 1e-4 and answers the same. (Few cases: decoding is the slow part.)"""
+    from model import generate
+    model, tok, context_ids, question_ids, one_shot = default
+    specs = ["full", "laprox", "snapkv:pool=0"]
+    cases = [c for c in Hn.make_cases({s: E.method_spec(s) for s in specs}, [0.1], list(Hn.PROTOCOLS))
+             if c.protocol == "aware" or c.name in ("full", "laprox")]
+    first_logits = []
+
+    def decode(cache):
+        first_logits.append(cache.last_logits.clone())
+        return generate(model, tok, cache=cache, max_new_tokens=8, stop_strings=("\n",))
+
+    results = list(Hn.run_unit(model, context_ids, question_ids, cases, decode, window=16))
+    assert not any(r.skipped for r in results) and len(results) == len(cases) == len(first_logits)
+    got = {(r.case.method, r.case.budget, r.case.protocol): r for r in results}
+    want = E.run_cell(model, tok, context_ids + question_ids, [(c.method, c.budget) for c in cases
+                                                              if c.protocol == "aware"],
+                      window=16, max_new_tokens=8, device="cpu")
+    for r in want:
+        assert got[r["method"], r["budget"], "aware"].generated == r["generated"], (r["method"], r["budget"])
+        assert got[r["method"], r["budget"], "aware"].kept_fraction == r["kept_fraction"]
+    (agnostic_full,) = [x for r, x in zip(results, first_logits) if r.case.name == "full" and r.case.protocol == "agnostic"]
+    assert (agnostic_full - one_shot.logits).abs().max() <= 1e-4
+    assert got["full", 1.0, "agnostic"].generated == got["full", 1.0, "aware"].generated
+    print({k: r.generated for k, r in got.items()})
