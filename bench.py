@@ -34,7 +34,7 @@ from eval_niah import (DEFAULT_METHODS, build_parser, build_prompt, clock, hayst
                        run_cell)
 from laprox import eviction_error
 from methods import compress, select
-from default_model import DEFAULT_MODEL
+from checkpoint import DEFAULT_MODEL
 from model import decode_greedy, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

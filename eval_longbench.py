@@ -234,7 +234,7 @@ def score_prediction(task: str, pred: str, answers: list[str], all_classes) -> f
 def fetch_data() -> Path:
     """The folder of official jsonl files, downloaded once from the hub (THUDM/LongBench,
     data.zip, as the official README offers) and unpacked under $LAPROX_CACHE/longbench."""
-    from default_model import cache_root
+    from checkpoint import cache_root
     root = cache_root() / "longbench"
     found = sorted(root.rglob("narrativeqa.jsonl")) if root.is_dir() else []
     if found:

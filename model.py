@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache import KVCache, Prefill
-from default_model import read_config, read_json, read_tokenizer, resolve_checkpoint, weight_files
+from checkpoint import read_config, read_json, read_tokenizer, resolve_checkpoint, weight_files
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -72,7 +72,7 @@ def test_modules_never_import_scripts():
 def test_the_bottom_of_the_house():
     assert GRAPH["cache"] == set(), "cache.py holds the data and the rules; it imports nothing of the project"
     assert GRAPH["kernels"] == set(), "kernels.py takes what it needs as arguments"
-    assert "model" not in GRAPH["default_model"] and "model" not in GRAPH["laprox"]
+    assert "model" not in GRAPH["checkpoint"] and "model" not in GRAPH["laprox"]
 
 
 # ----------------------------------------------------------------------------- the README guide

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from default_model import convert_gguf, find_default_gguf
+from checkpoint import convert_gguf, find_default_gguf
 from model import generate, load_model
 
 
@@ -119,9 +119,9 @@ def test_default_model_knows_paris(ckpt):
 
 def test_default_model_loads_from_user_cache(tmp_path, monkeypatch):
     """load_model() converts once into $LAPROX_CACHE and reads the folder afterwards."""
-    import default_model
+    import checkpoint
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
-    folder = default_model.default_checkpoint_dir()
+    folder = checkpoint.default_checkpoint_dir()
     assert folder == tmp_path / "smollm2-135m-instruct" and (folder / "model.safetensors").exists()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     model, _ = load_model("smollm2-135m")
@@ -150,7 +150,7 @@ import subprocess
 import sys
 import time
 
-from default_model import MANIFEST, VERIFIED, ensure_folder, manifest_problem, write_folder
+from checkpoint import MANIFEST, VERIFIED, ensure_folder, manifest_problem, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,7 +212,7 @@ def test_hashes_are_checked_once_then_only_sizes(tmp_path):
 RACE = """
 import sys, time
 from pathlib import Path
-import default_model as D
+import checkpoint as D
 
 def slow_writer(folder):
     for i in range(4):
@@ -263,7 +263,7 @@ def test_concurrent_first_use_then_zeroed_weights(tmp_path):
     env = {**os.environ, "LAPROX_CACHE": str(tmp_path)}
     out = tmp_path / "smollm2-135m-instruct"
     files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
-    cmd = [sys.executable, "-c", "import default_model; default_model.default_checkpoint_dir()"]
+    cmd = [sys.executable, "-c", "import checkpoint; checkpoint.default_checkpoint_dir()"]
     race([cmd, cmd], out, files | {MANIFEST}, env)
     assert set(os.listdir(out)) == files | {MANIFEST, VERIFIED}
     assert {p.name for p in tmp_path.iterdir()} == {out.name, f".{out.name}.lock"}
