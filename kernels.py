@@ -105,58 +105,76 @@ class Plan:
     gram: tuple[Config, ...]
 
 
-def _rows_smem(rows, block_n, d_pad, itemsize, num_stages):
-    """Estimated shared memory of a (rows x D) @ (D x block_n) logits tile: the query tile, the
-    key block once per pipeline stage, and the (rows x block_n) float32 scratch for layout changes."""
-    return itemsize * d_pad * (rows + block_n * max(1, num_stages)) + 4 * rows * block_n
+# Candidate block sizes, best first by expectation (not tuned on a GPU yet: bench_kernels.py
+# --gpu-check times every candidate that fits); plan_launch keeps those that fit the device.
+STATS_CANDIDATES = ((64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1))
+GRAM_CANDIDATES = ((32, 64, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4))           # (rows, block_n, warps)
+QUAD_CANDIDATES = ((128, 0, 8, 2), (256, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2),
+                   (64, 32, 4, 2), (128, 0, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))  # block_e 0: all of D
+GRAM_REGISTER_PRODUCT = 16384   # most numbers the gram kernel's (BLOCK_T, G_PAD, G_PAD, BLOCK_N) product may hold
+SMEM_SLACK = 1024               # bytes of shared memory the estimates keep in reserve (barriers, reductions)
+
+
+def _logits_smem(rows, block_n, d_pad, itemsize, num_stages):
+    """Estimated shared memory of a (rows x D) @ (D x block_n) logits tile: the query tile, the key
+    block once per pipeline stage, and a (rows x block_n) float32 scratch for layout changes."""
+    return itemsize * d_pad * (rows + block_n * max(1, num_stages)) + 4 * rows * block_n + SMEM_SLACK
+
+
+def _quad_smem(block_n, block_e, d_pad, itemsize, num_stages):
+    """Estimated shared memory of the quadratic-form GEMM: the V block (float32 unless the M
+    pieces are bfloat16), and per pipeline stage the M tiles of every piece plus the V columns of
+    the epilogue (reloaded, or converted from the V block when BLOCK_E covers D); without
+    pipelining, one M tile and the epilogue's columns (calibrated on Triton 3.9's allocation)."""
+    pieces, m_item = (M_PIECES, 2) if itemsize == 2 else (1, 4)
+    v_item = 2 if pieces > 1 else 4
+    m_tile = d_pad * block_e * m_item
+    v_cols = block_n * block_e * itemsize
+    if num_stages <= 1:
+        return block_n * d_pad * v_item + m_tile + v_cols + SMEM_SLACK
+    per_stage = pieces * m_tile + (v_cols if block_e < d_pad else 0)
+    return block_n * d_pad * v_item + num_stages * per_stage + SMEM_SLACK
 
 
 def plan_launch(G: int, w: int, D: int, itemsize: int, group: str, smem_limit: int):
-    """Block sizes for the three kernels from the device's shared memory per block.
+    """Block sizes for the three kernels from the shared memory one block may use on the device.
 
     G: query heads per KV head; w: window rows; D: head dim; itemsize: bytes per input element
-    (2 for bfloat16 / float16, 4 for float32); group: "exact" or "sum"; smem_limit: bytes of shared
-    memory one block may use (torch.cuda.get_device_properties(dev).shared_memory_per_block_optin).
-    Returns (Plan, None), or (None, reason) when no tiling fits.
+    (2 for bfloat16 / float16, 4 for float32); group: "exact" or "sum"; smem_limit: bytes
+    (device_smem_limit, or SMEM_LIMITS[capability] offline). Window rows are tiled BLOCK_T at a
+    time with all G heads of the group in the tile (BLOCK_T * G_PAD >= 16 rows for tl.dot), keys
+    BLOCK_N at a time; among the candidates above, those whose estimated shared memory fits are
+    kept, best first. Returns (Plan, None), or (None, reason) when some kernel has none left.
     """
     if G > MAX_GROUP:
         return None, (f"a GQA group of G={G} query heads per KV head is more than the kernels hold in "
                       f"one tile ({MAX_GROUP})")
     g_pad, d_pad = _next_pow2(G), max(16, _next_pow2(D))
-    m_item = 2 if itemsize == 2 else 4          # M pieces are bfloat16 for 16-bit inputs, else float32
-    pieces = M_PIECES if itemsize == 2 else 1
 
-    def row_tiles(rows_wanted):
-        """Window rows per tile: at least 16 rows for tl.dot, at most what w needs."""
-        block_t = max(1, min(_next_pow2(w), rows_wanted // g_pad))
-        return max(block_t, 16 // g_pad)
+    def block_t(rows):
+        return max(16 // g_pad, min(_next_pow2(w), max(1, rows // g_pad)))
 
     stats, gram, quad = [], [], []
-    for rows, block_n, stages in ((64, 64, 3), (64, 64, 2), (32, 64, 2), (32, 32, 2), (16, 32, 1), (16, 16, 1)):
-        bt = row_tiles(rows)
-        smem = _rows_smem(bt * g_pad, block_n, d_pad, itemsize, stages)
+    for rows, block_n, warps, stages in STATS_CANDIDATES:
+        bt = block_t(rows)
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, itemsize, stages)
         if smem <= smem_limit:
-            stats.append(Config(bt, block_n, 0, 4, stages, smem))
-    # the gram kernel holds a (BLOCK_T, G_PAD, G_PAD, BLOCK_N) product in registers: keep it <= 16k
-    for rows, block_n in ((32, 64), (32, 32), (16, 32), (16, 16)):
-        bt = row_tiles(rows)
-        if group == "exact" and bt * g_pad * g_pad * block_n > 16384 and block_n > 16:
-            continue
-        smem = _rows_smem(bt * g_pad, block_n, d_pad, itemsize, 1) + 4 * g_pad * g_pad * block_n
-        if smem <= smem_limit:
-            gram.append(Config(bt, block_n, 0, 4, 1, smem))
-    for block_n, block_e, stages, warps in ((128, 128, 2, 8), (128, 64, 2, 8), (64, 64, 2, 4),
-                                            (64, 32, 2, 4), (32, 32, 1, 4), (16, 16, 1, 4)):
-        block_e = min(block_e, d_pad)
-        # V block (operand A, loaded once) + per stage: the pieces of an M tile and the V columns
-        smem = (block_n * d_pad * (itemsize if pieces > 1 else 4)
-                + max(1, stages) * (pieces * d_pad * block_e * m_item + block_n * block_e * itemsize))
+            stats.append(Config(bt, block_n, 0, warps, stages, smem))
+    for rows, block_n, warps in GRAM_CANDIDATES:
+        bt = block_t(rows)
+        product = bt * g_pad * (g_pad if group == "exact" else 1) * block_n
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, itemsize, 1) + 4 * g_pad * g_pad * block_n
+        if smem <= smem_limit and (product <= GRAM_REGISTER_PRODUCT or block_n == 16):
+            gram.append(Config(bt, block_n, 0, warps, 1, smem))
+    for block_n, block_e, warps, stages in QUAD_CANDIDATES:
+        block_e = min(block_e or d_pad, d_pad)
+        smem = _quad_smem(block_n, block_e, d_pad, itemsize, stages)
         if smem <= smem_limit:
             quad.append(Config(0, block_n, block_e, warps, stages, smem))
     if not (stats and gram and quad):
         return None, (f"no tiling for G={G}, D={D}, {itemsize}-byte inputs fits in {smem_limit} bytes of "
                       f"shared memory per block")
-    return Plan(tuple(stats), tuple(quad), tuple(gram)), None
+    return Plan(tuple(dict.fromkeys(stats)), tuple(dict.fromkeys(quad)), tuple(dict.fromkeys(gram))), None
 
 
 def device_smem_limit(device) -> int:
@@ -267,7 +285,10 @@ if triton is not None:
                 if UPCAST:
                     m = m.to(tl.float32)
                 vm = tl.dot(v, m, vm, input_precision=PRECISION)              # v_j^T M_p, columns e
-            v_e = tl.load(v_rows + e[None, :], mask=key_ok[:, None] & (e < D)[None, :], other=0.0)
+            if BLOCK_E == D_PAD:    # the whole row at once: v itself, no second load
+                v_e = v
+            else:
+                v_e = tl.load(v_rows + e[None, :], mask=key_ok[:, None] & (e < D)[None, :], other=0.0)
             qf += tl.sum(vm * v_e.to(tl.float32), axis=1)
             last = (it % N_E) == N_E - 1                                      # pair i complete
             tl.store(QV + (bg.to(tl.int64) * n_pairs + i) * n + j, qf, mask=key_ok & last)
