@@ -75,12 +75,12 @@ def time_cuda(fn, repeats):
     return statistics.median(times), peak
 
 
-def compare_on_gpu(n, dtype, shape, group="exact", repeats=5) -> dict:
+def compare_on_gpu(n, dtype, shape, group="exact", repeats=5, device="cuda") -> dict:
     """One layer of `shape` (H, H_kv, D, w, d) with n keys on CUDA: median ms and peak MiB of the
     PyTorch and Triton paths, and their largest relative difference. M is computed (and cached)
     before either is timed."""
     import kernels
-    q, k, v, o = make_inputs(n, dtype=dtype, device="cuda", **shape)
+    q, k, v, o = make_inputs(n, dtype=dtype, device=device, **shape)
     M = laprox.value_gram_pairs(o, shape["H"], shape["D"], shape["H_kv"])
     t_ref, m_ref = time_cuda(lambda: laprox.laprox_scores(q, k, v, o, group=group), repeats)
     t_tri, m_tri = time_cuda(lambda: kernels.laprox_scores_triton(q, k, v, M, group=group), repeats)
@@ -130,14 +130,13 @@ def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfl
     opt-in limit and registers x threads within 64K."""
     import kernels
     shapes = REAL_MODELS if shapes is None else shapes
-    itemsize = 4 if dtype == torch.float32 else 2
     compiled, rows = {}, []
     for cap in targets:
         limit = kernels.SMEM_LIMITS[cap]
         for model, (H, H_kv, D) in shapes.items():
             G = H // H_kv
             for w in windows:
-                plan, why = kernels.plan_launch(G, w, D, itemsize, group, limit)
+                plan, why = kernels.plan_launch(G, w, D, dtype, group, limit)
                 if plan is None:
                     rows.append(dict(target=cap, model=model, w=w, kernel="-", config=None, launches=False, why=why))
                     continue
@@ -187,14 +186,16 @@ def print_compile_table(rows, dtype):
 
 # ------------------------------------------------------------------------------ GPU check
 
-def gpu_check(out_dir, repeats, time_limit):
+def gpu_check(out_dir, repeats, time_limit, device="cuda", timing_ns=(8192, 32768, 131072), sweep_n=32768,
+              probe_ns=(8192, 32768)):
     """Everything one GPU session should measure, in one run: each step prints its result or its
-    error and goes on; the steps left when time_limit seconds have passed are skipped."""
+    error and goes on; the steps left when time_limit seconds have passed are skipped. (device and
+    the sizes are parameters only so that the script itself can be dry-run small.)"""
     import triton
     import kernels
     t_start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "smem_limit": kernels.device_smem_limit("cuda"), "correctness": [], "timing": [], "sweep": [],
+              "smem_limit": kernels.device_smem_limit(device), "correctness": [], "timing": [], "sweep": [],
               "attention_probe": []}
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}, "
           f"shared memory per block {report['smem_limit']} B", flush=True)
@@ -235,10 +236,9 @@ def gpu_check(out_dir, repeats, time_limit):
             o = torch.randn(512, H * D, generator=gen) / (H * D) ** 0.5
             q, k, v = (t.to(dtype) for t in (q, k, v))
             ref = laprox.laprox_scores(q, k, v, o, group=group)
-            qc, kc, vc, oc = (t.cuda() for t in (q, k, v, o))
+            qc, kc, vc, oc = (t.to(device) for t in (q, k, v, o))
             M = laprox.value_gram_pairs(oc, H, D, H_kv)
-            plan, _ = kernels.plan_launch(H // H_kv, w, D, 4 if dtype == torch.float32 else 2, group,
-                                          report["smem_limit"])
+            plan, _ = kernels.plan_launch(H // H_kv, w, D, dtype, group, report["smem_limit"])
             variants = [("default", plan)]
             if every:
                 for name in KERNELS:
@@ -268,12 +268,12 @@ def gpu_check(out_dir, repeats, time_limit):
     print(f"\n2. one Llama-3.1-8B layer ({LLAMA_8B}), bfloat16, median of {repeats}:", flush=True)
     print(f"{'n':>8} {'torch ms':>10} {'triton ms':>10} {'speedup':>8} {'torch MiB':>10} {'triton MiB':>11} "
           f"{'memory':>7} {'max rel diff':>13}", flush=True)
-    for n in (8192, 32768, 131072):
+    for n in timing_ns:
         if time_left() < 0.25 * time_limit:
             print(f"{n:>8} skipped: time", flush=True)
             continue
         try:
-            r = compare_on_gpu(n, torch.bfloat16, LLAMA_8B, repeats=repeats)
+            r = compare_on_gpu(n, torch.bfloat16, LLAMA_8B, repeats=repeats, device=device)
             r["n"] = n
             report["timing"].append(r)
             print(f"{n:>8} {r['torch_ms']:>10.2f} {r['triton_ms']:>10.2f} {r['torch_ms'] / r['triton_ms']:>7.2f}x "
@@ -286,11 +286,11 @@ def gpu_check(out_dir, repeats, time_limit):
     save()
 
     # 3. every candidate config of each kernel at n = 32k, the others at their default (for tuning)
-    print("\n3. candidate sweep at n = 32768, Llama-3.1-8B layer, bfloat16 (ms of the whole score):", flush=True)
+    print(f"\n3. candidate sweep at n = {sweep_n}, Llama-3.1-8B layer, bfloat16 (ms of the whole score):", flush=True)
     try:
-        q, k, v, o = make_inputs(32768, dtype=torch.bfloat16, device="cuda", **LLAMA_8B)
+        q, k, v, o = make_inputs(sweep_n, dtype=torch.bfloat16, device=device, **LLAMA_8B)
         M = laprox.value_gram_pairs(o, 32, 128, 8)
-        plan, _ = kernels.plan_launch(4, 32, 128, 2, "exact", report["smem_limit"])
+        plan, _ = kernels.plan_launch(4, 32, 128, torch.bfloat16, "exact", report["smem_limit"])
         for name in KERNELS:
             for i, cfg in enumerate(getattr(plan, name)):
                 if time_left() < 0.1 * time_limit:
@@ -316,11 +316,11 @@ def gpu_check(out_dir, repeats, time_limit):
     try:
         import torch.nn.functional as F
         from model import attention
-        for n in (8192, 32768):
+        for n in probe_ns:
             if time_left() < 0.02 * time_limit:
                 break
-            q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
-            kv = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(1, 32, n, 128, device=device, dtype=torch.bfloat16)
+            kv = torch.randn(1, 8, n, 128, device=device, dtype=torch.bfloat16)
             for label, fn in (("model.attention", lambda: attention(q, kv, kv)),
                               ("is_causal=True", lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True,
                                                                                         enable_gqa=True))):

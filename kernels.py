@@ -115,32 +115,35 @@ GRAM_REGISTER_PRODUCT = 16384   # most numbers the gram kernel's (BLOCK_T, G_PAD
 SMEM_SLACK = 1024               # bytes of shared memory the estimates keep in reserve (barriers, reductions)
 
 
-def _logits_smem(rows, block_n, d_pad, itemsize, num_stages):
+def _logits_smem(rows, block_n, d_pad, dtype, num_stages):
     """Estimated shared memory of a (rows x D) @ (D x block_n) logits tile: the query tile, the key
-    block once per pipeline stage, and a (rows x block_n) float32 scratch for layout changes."""
-    return itemsize * d_pad * (rows + block_n * max(1, num_stages)) + 4 * rows * block_n + SMEM_SLACK
+    block once per pipeline stage, a (rows x block_n) float32 scratch for layout changes. float32
+    inputs go through 3xTF32, which keeps a high and a low part of each operand."""
+    tf32x3 = dtype == torch.float32
+    item = 4 if tf32x3 else 2
+    return (item * d_pad * (rows * (1 + tf32x3) + block_n * (max(1, num_stages) + tf32x3))
+            + 4 * rows * block_n + SMEM_SLACK)
 
 
-def _quad_smem(block_n, block_e, d_pad, itemsize, num_stages):
-    """Estimated shared memory of the quadratic-form GEMM: the V block (float32 unless the M
-    pieces are bfloat16), and per pipeline stage the M tiles of every piece plus the V columns of
-    the epilogue (reloaded, or converted from the V block when BLOCK_E covers D); without
-    pipelining, one M tile and the epilogue's columns (calibrated on Triton 3.9's allocation)."""
-    pieces, m_item = (M_PIECES, 2) if itemsize == 2 else (1, 4)
-    v_item = 2 if pieces > 1 else 4
-    m_tile = d_pad * block_e * m_item
-    v_cols = block_n * block_e * itemsize
-    if num_stages <= 1:
-        return block_n * d_pad * v_item + m_tile + v_cols + SMEM_SLACK
-    per_stage = pieces * m_tile + (v_cols if block_e < d_pad else 0)
-    return block_n * d_pad * v_item + num_stages * per_stage + SMEM_SLACK
+def _quad_smem(block_n, block_e, d_pad, dtype, num_stages):
+    """Estimated shared memory of the quadratic-form GEMM (calibrated on Triton 3.9's allocation).
+    bfloat16: the V block, and per pipeline stage the three M pieces' tiles plus the V columns of
+    the epilogue when they are reloaded (without pipelining: one M tile and the epilogue's columns).
+    float32 / float16 (3xTF32 on float32 V and M): high and low parts of the V block, and one M
+    tile per stage plus one for its split."""
+    if dtype == torch.bfloat16:
+        v_block, m_tile, v_cols = block_n * d_pad * 2, d_pad * block_e * 2, block_n * block_e * 2
+        if num_stages <= 1:
+            return v_block + m_tile + v_cols + SMEM_SLACK
+        return v_block + num_stages * (M_PIECES * m_tile + (v_cols if block_e < d_pad else 0)) + SMEM_SLACK
+    return 2 * block_n * d_pad * 4 + (max(1, num_stages) + 1) * d_pad * block_e * 4 + SMEM_SLACK
 
 
-def plan_launch(G: int, w: int, D: int, itemsize: int, group: str, smem_limit: int):
+def plan_launch(G: int, w: int, D: int, dtype: torch.dtype, group: str, smem_limit: int):
     """Block sizes for the three kernels from the shared memory one block may use on the device.
 
-    G: query heads per KV head; w: window rows; D: head dim; itemsize: bytes per input element
-    (2 for bfloat16 / float16, 4 for float32); group: "exact" or "sum"; smem_limit: bytes
+    G: query heads per KV head; w: window rows; D: head dim; dtype: the inputs' (bfloat16, float16
+    or float32); group: "exact" or "sum"; smem_limit: bytes
     (device_smem_limit, or SMEM_LIMITS[capability] offline). Window rows are tiled BLOCK_T at a
     time with all G heads of the group in the tile (BLOCK_T * G_PAD >= 16 rows for tl.dot), keys
     BLOCK_N at a time; among the candidates above, those whose estimated shared memory fits are
@@ -154,25 +157,28 @@ def plan_launch(G: int, w: int, D: int, itemsize: int, group: str, smem_limit: i
     def block_t(rows):
         return max(16 // g_pad, min(_next_pow2(w), max(1, rows // g_pad)))
 
+    # 3xTF32 holds high and low parts of float32 operands: twice the warps keep the logits
+    # kernels from spilling registers (measured with --compile-check)
+    more_warps = 2 if dtype == torch.float32 else 1
     stats, gram, quad = [], [], []
     for rows, block_n, warps, stages in STATS_CANDIDATES:
         bt = block_t(rows)
-        smem = _logits_smem(bt * g_pad, block_n, d_pad, itemsize, stages)
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, dtype, stages)
         if smem <= smem_limit:
-            stats.append(Config(bt, block_n, 0, warps, stages, smem))
+            stats.append(Config(bt, block_n, 0, warps * more_warps, stages, smem))
     for rows, block_n, warps in GRAM_CANDIDATES:
         bt = block_t(rows)
         product = bt * g_pad * (g_pad if group == "exact" else 1) * block_n
-        smem = _logits_smem(bt * g_pad, block_n, d_pad, itemsize, 1) + 4 * g_pad * g_pad * block_n
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, dtype, 1) + 4 * g_pad * g_pad * block_n
         if smem <= smem_limit and (product <= GRAM_REGISTER_PRODUCT or block_n == 16):
-            gram.append(Config(bt, block_n, 0, warps, 1, smem))
+            gram.append(Config(bt, block_n, 0, warps * more_warps, 1, smem))
     for block_n, block_e, warps, stages in QUAD_CANDIDATES:
         block_e = min(block_e or d_pad, d_pad)
-        smem = _quad_smem(block_n, block_e, d_pad, itemsize, stages)
+        smem = _quad_smem(block_n, block_e, d_pad, dtype, stages)
         if smem <= smem_limit:
             quad.append(Config(0, block_n, block_e, warps, stages, smem))
     if not (stats and gram and quad):
-        return None, (f"no tiling for G={G}, D={D}, {itemsize}-byte inputs fits in {smem_limit} bytes of "
+        return None, (f"no tiling for G={G}, D={D}, {dtype} inputs fits in {smem_limit} bytes of "
                       f"shared memory per block")
     return Plan(tuple(dict.fromkeys(stats)), tuple(dict.fromkeys(quad)), tuple(dict.fromkeys(gram))), None
 
@@ -425,9 +431,8 @@ def laprox_scores_triton(queries, keys, values, M, *, group="exact", plan=None, 
     _require_triton(keys)
     dtype = queries.dtype if queries.dtype == keys.dtype == values.dtype else torch.float32
     q, k, v = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (queries, keys, values))
-    itemsize = 4 if dtype == torch.float32 else 2
     if plan is None:
-        plan, why = plan_launch(G, w, D, itemsize, group, device_smem_limit(k.device))
+        plan, why = plan_launch(G, w, D, dtype, group, device_smem_limit(k.device))
         if plan is None:
             raise KernelDoesNotFit(why)
     G_PAD, D_PAD = _next_pow2(G), max(16, _next_pow2(D))

@@ -190,16 +190,16 @@ def test_plans_fit_each_target_and_tile_rows_for_tl_dot():
     for cap, limit in kernels.SMEM_LIMITS.items():
         for G in (1, 3, 4, 7, 8, 16):
             for w in (5, 16, 128):
-                for itemsize in (2, 4):
-                    p, why = kernels.plan_launch(G, w, 128, itemsize, "exact", limit)
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    p, why = kernels.plan_launch(G, w, 128, dtype, "exact", limit)
                     assert p is not None, why
                     for cfg in p.stats + p.quad + p.gram:
                         assert cfg.smem <= limit
                     for cfg in p.stats + p.gram:
                         assert cfg.block_t * kernels._next_pow2(G) >= 16
-    p, why = kernels.plan_launch(4, 32, 128, 2, "exact", 4096)
+    p, why = kernels.plan_launch(4, 32, 128, torch.bfloat16, "exact", 4096)
     assert p is None and "4096 bytes" in why
-    p, why = kernels.plan_launch(kernels.MAX_GROUP + 1, 32, 128, 2, "exact", kernels.SMEM_LIMITS[90])
+    p, why = kernels.plan_launch(kernels.MAX_GROUP + 1, 32, 128, torch.bfloat16, "exact", kernels.SMEM_LIMITS[90])
     assert p is None and "GQA group" in why
 
 
