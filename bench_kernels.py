@@ -186,8 +186,23 @@ def print_compile_table(rows, dtype):
 
 # ------------------------------------------------------------------------------ GPU check
 
-def gpu_check(out_dir, repeats, time_limit, device="cuda", timing_ns=(8192, 32768, 131072), sweep_n=32768,
-              probe_ns=(8192, 32768)):
+CHECK_CASES = [  # (label, B, H, H_kv, D, w, n, dtype, group, every candidate?)
+    ("llama-8b", 1, 32, 8, 128, 32, 1000, torch.bfloat16, "exact", True),
+    ("llama-8b", 1, 32, 8, 128, 32, 1000, torch.float32, "exact", False),
+    ("llama-8b sum", 1, 32, 8, 128, 32, 1000, torch.bfloat16, "sum", False),
+    ("qwen2.5-7b w=128", 1, 28, 4, 128, 128, 777, torch.bfloat16, "exact", False),
+    ("qwen2.5-14b w=64", 1, 40, 8, 128, 64, 555, torch.bfloat16, "exact", False),
+    ("llama-70b w=128", 1, 64, 8, 128, 128, 600, torch.bfloat16, "exact", False),
+    ("qwen2.5-1.5b", 1, 12, 2, 128, 16, 999, torch.bfloat16, "exact", False),
+    ("smollm2 fp32", 1, 9, 3, 64, 32, 1234, torch.float32, "exact", False),
+    ("G=7 w=5 B=2 fp16", 2, 7, 1, 128, 5, 301, torch.float16, "exact", False),
+    ("G=3 D=96 w=37", 1, 6, 2, 96, 37, 413, torch.bfloat16, "sum", False),
+    ("MHA G=1", 1, 4, 4, 64, 20, 250, torch.float32, "exact", False),
+]
+
+
+def gpu_check(out_dir, repeats, time_limit, device="cuda", cases=CHECK_CASES, timing_ns=(8192, 32768, 131072),
+              sweep_n=32768, probe_ns=(8192, 32768)):
     """Everything one GPU session should measure, in one run: each step prints its result or its
     error and goes on; the steps left when time_limit seconds have passed are skipped. (device and
     the sizes are parameters only so that the script itself can be dry-run small.)"""
@@ -210,19 +225,6 @@ def gpu_check(out_dir, repeats, time_limit, device="cuda", timing_ns=(8192, 3276
                 json.dump(report, f, indent=1, default=str)
 
     # 1. correctness: every candidate of every kernel on the Llama shape, the default plan elsewhere
-    cases = [  # (label, B, H, H_kv, D, w, n, dtype, group, all candidates?)
-        ("llama-8b", 1, 32, 8, 128, 32, 1000, torch.bfloat16, "exact", True),
-        ("llama-8b", 1, 32, 8, 128, 32, 1000, torch.float32, "exact", False),
-        ("llama-8b sum", 1, 32, 8, 128, 32, 1000, torch.bfloat16, "sum", False),
-        ("qwen2.5-7b w=128", 1, 28, 4, 128, 128, 777, torch.bfloat16, "exact", False),
-        ("qwen2.5-14b w=64", 1, 40, 8, 128, 64, 555, torch.bfloat16, "exact", False),
-        ("llama-70b w=128", 1, 64, 8, 128, 128, 600, torch.bfloat16, "exact", False),
-        ("qwen2.5-1.5b", 1, 12, 2, 128, 16, 999, torch.bfloat16, "exact", False),
-        ("smollm2 fp32", 1, 9, 3, 64, 32, 1234, torch.float32, "exact", False),
-        ("G=7 w=5 B=2 fp16", 2, 7, 1, 128, 5, 301, torch.float16, "exact", False),
-        ("G=3 D=96 w=37", 1, 6, 2, 96, 37, 413, torch.bfloat16, "sum", False),
-        ("MHA G=1", 1, 4, 4, 64, 20, 250, torch.float32, "exact", False),
-    ]
     print("\n1. correctness vs the PyTorch path on the CPU (float32; which agrees with float64 to 1e-4):", flush=True)
     for label, B, H, H_kv, D, w, n, dtype, group, every in cases:
         if time_left() < 0.4 * time_limit:
@@ -289,8 +291,9 @@ def gpu_check(out_dir, repeats, time_limit, device="cuda", timing_ns=(8192, 3276
     print(f"\n3. candidate sweep at n = {sweep_n}, Llama-3.1-8B layer, bfloat16 (ms of the whole score):", flush=True)
     try:
         q, k, v, o = make_inputs(sweep_n, dtype=torch.bfloat16, device=device, **LLAMA_8B)
-        M = laprox.value_gram_pairs(o, 32, 128, 8)
-        plan, _ = kernels.plan_launch(4, 32, 128, torch.bfloat16, "exact", report["smem_limit"])
+        H, H_kv, D, w = (LLAMA_8B[x] for x in ("H", "H_kv", "D", "w"))
+        M = laprox.value_gram_pairs(o, H, D, H_kv)
+        plan, _ = kernels.plan_launch(H // H_kv, w, D, torch.bfloat16, "exact", report["smem_limit"])
         for name in KERNELS:
             for i, cfg in enumerate(getattr(plan, name)):
                 if time_left() < 0.1 * time_limit:

@@ -305,8 +305,9 @@ def group_norm(C, pairs, group="exact"):
 
 def _key_chunk(B, H_kv, w, n_pairs, D):
     """Keys per step of the PyTorch path: bounds its float32 temporaries (the GEMM's
-    (B*chunk, P*D) product per KV head, a pair's attention product) to about 2^24 numbers."""
-    return max(1, 2 ** 24 // (B * H_kv * max(n_pairs * D, w)))
+    (B*chunk, P*D) product per KV head, a pair's attention product) to about 2^26 numbers,
+    half the (H, w, n) attention of a 128k-token Llama-3.1-8B layer, in few enough steps."""
+    return max(1, 2 ** 26 // (B * H_kv * max(n_pairs * D, w)))
 
 
 def laprox_scores(queries, keys, values, o_proj_weight, *, group="exact", center=False, key_chunk=None):
