@@ -1,50 +1,56 @@
-"""Fused Triton kernel for the LaProx score (spec section 6).
+"""Triton kernels for the LaProx score (spec section 6).
 
-Computes exactly what laprox.laprox_scores computes (group="exact" or "sum", center=False),
-without ever materialising the (B, H, w, n) window attention. Read laprox.py first: the
-step numbers (1)-(6) below refer to its docstring.
+Compute exactly what laprox.laprox_scores computes (group="exact" or "sum", center=False) without
+ever materialising the (B, H, w, n) window attention. Read laprox.py first: the step numbers
+(1)-(6) below refer to its docstring. This module imports nothing of the project: the caller
+passes the value Gram matrices M (laprox.value_gram_pairs, computed once per weight).
 
-Two passes over the keys, both parallel over (key block, batch x KV head):
+Three kernels per layer, each parallel over (block of keys, batch x KV head):
 
-  pass 1  For every window row of every query head in the GQA group, stream over the key
-          blocks of one chunk of keys with the online softmax (running max m, running sum
-          l of exp(s - m)). Each program writes the (m, l) of its chunk; a tiny torch
-          reduction merges the chunks into the log-sum-exp lse of every row.
-          (Splitting the keys into chunks keeps the GPU busy when B x H_kv is small.)
-  pass 2  Each program takes one block of BLOCK_N keys, recomputes the logits of all
-          G x w window rows, p = exp(s - lse) (step (1), causal mask included), and
-          forms in registers, per key j:
-             gram_a[h, h', j] = a_{h,j} . a_{h',j}          (G x G, attention columns)
-             gram_v[h, h', j] = v_j^T M_{hh'} v_j           (G x G, step (6))
-          with M (H_kv, G, G, D, D) precomputed in torch (laprox.value_gram_matrices).
-          Score: sqrt(sum gram_a * gram_v) (exact) or sum_h sqrt(gram_a[hh] gram_v[hh]) (sum).
+  _softmax_stats          step (1). Online softmax over one chunk of keys: running max and sum of
+                          exp for every window row of every query head of the group. A tiny torch
+                          reduction merges the chunks into the log-sum-exp (lse) of each row.
+  _value_quadratic_forms  step (6). q_p(j) = v_j^T M_p v_j for every key j and head pair p: one
+                          GEMM per KV head, V_g (n x D) @ [M_p for all pairs] (D x P*D), computed
+                          BLOCK_N keys x BLOCK_E columns at a time, with the row-wise dot against
+                          v_j fused into the epilogue. Writes (B*H_kv, pairs, n) float32.
+  _attention_gram_scores  steps (1), (5), (4). For one block of keys, recomputes the probabilities
+                          p = exp(s - lse) of the window rows, one tile of rows at a time,
+                          accumulates the G x G Gram of attention columns, multiplies it with the
+                          value Gram from the previous kernel and writes the score.
 
-Tiles. The G query heads of a group and the w window rows are stacked into
-ROWS = G_PAD x W_PAD rows (row r = head r // W_PAD, window row r % W_PAD), padded to powers
-of two (W_PAD >= 16 for tl.dot) and masked, so any G (1, 2, 3, 4, 7, ...) and any small w
-work. D must be a power of two (64 and 128 in practice). n needs no padding: the last
-key block is masked.
+Layout of M. M is (H_kv, P, D, D) float32 with P = G(G+1)/2: the head pairs a <= b of a group in
+row-major order (0,0), (0,1), .., (0,G-1), (1,1), .., (G-1,G-1), so pair (a, b) sits at
+p = a*G - a*(a-1)/2 + (b - a). M[g, p] = W_h^T W_h' for h = g*G + a, h' = g*G + b.
 
-The loops over heads and head pairs inside pass 2 are runtime loops, not unrolled, so
-compilation takes seconds for any G. Block sizes and warps come from launch_config.
+Tiles. A tile of window rows holds BLOCK_T window rows of all G query heads of the group,
+interleaved (tile row r is window row t0 + r // G_PAD of head r % G_PAD), so that the G x G Gram
+of every key can be formed inside the tile. G is padded to a power of two G_PAD <= 16 and the
+head dim D to a power of two D_PAD >= 16; padded rows, columns, window rows past w and keys past
+n are masked, so any G, w, n and D work. Block sizes are planned from the shared memory the
+device lets one block use (plan_launch), at run time.
 
-Precision: float32 throughout (inputs of any float dtype are upcast when loaded);
-tl.dot uses input_precision="ieee" by default so the result matches the PyTorch path to
-about 1e-6 relative; "tf32" is faster on GPUs if that accuracy is not needed.
+Precision. The score must agree with the float64 reference to 1e-4 relative, which plain TF32
+(10-bit mantissa) does not. bfloat16 / float16 inputs go to the tensor cores as they are: the
+products of two 16-bit numbers are exact in float32 and accumulate in float32. For the quadratic
+forms, M (float32) is split into three bfloat16 pieces, M = M0 + M1 + M2 to about 2^-24, and
+v^T M v is accumulated from three bfloat16 GEMMs, smallest piece first (bfloat16 inputs; float16
+values are not bfloat16-exact, so they take the float32 route). float32 inputs use Triton's
+3xTF32 (input_precision="tf32x3": each operand split into a TF32 high and low part, three TF32
+products), which is float32-accurate. The softmax and all reductions run in float32.
 
-Running on a CPU: set TRITON_INTERPRET=1 in the environment *before* triton is imported
-(i.e. before importing this module); the kernel then runs in Triton's interpreter (slow,
-for tests). Without it, CPU tensors are refused with a clear error.
+Running on a CPU: set TRITON_INTERPRET=1 in the environment *before* triton is imported (i.e.
+before importing this module); the kernels then run in Triton's interpreter (slow, for tests).
+Without it, CPU tensors are refused with a clear error.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
-
-from laprox import _check_group, check_qkv, value_gram_matrices
 
 try:
     import triton
@@ -57,152 +63,298 @@ except ImportError as _err:  # triton is optional: the PyTorch path in laprox.py
 # Triton reads TRITON_INTERPRET when @triton.jit runs, i.e. when this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+MAX_GROUP = 16          # query heads per KV head the kernels hold in one tile (G_PAD <= 16)
+M_PIECES = 3            # bfloat16 pieces of M for bfloat16 inputs
+SMEM_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}   # opt-in shared memory per block (bytes)
 
-def triton_available():
-    """True if triton imported; the kernel then runs on CUDA tensors (or any, when INTERPRET)."""
+
+class KernelDoesNotFit(RuntimeError):
+    """No tiling of the kernels fits this device or shape; the message says why."""
+
+
+def triton_available() -> bool:
+    """True if triton imported; the kernels then run on CUDA tensors (or any, under INTERPRET)."""
     return triton is not None
 
 
-def kernel_fits(head_dim: int) -> bool:
-    """The kernel tiles the head dim: it must be a power of two >= 16 (64 and 128 in practice)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
 
+
+# ------------------------------------------------------------------------------ planning
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of one kernel. block_t: window rows per tile (0 where unused); block_n:
+    keys per program block; block_e: columns of M per GEMM tile (0 where unused); smem: the
+    estimated shared memory in bytes (checked by `python bench_kernels.py --compile-check`)."""
+    block_t: int
+    block_n: int
+    block_e: int
+    num_warps: int
+    num_stages: int
+    smem: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The three kernels' configs for one shape on one device; each tuple is best-first, every
+    entry fits the device by estimate (the launch falls back to the next one if it does not)."""
+    stats: tuple[Config, ...]
+    quad: tuple[Config, ...]
+    gram: tuple[Config, ...]
+
+
+# Candidate block sizes, best first by expectation (not tuned on a GPU yet: bench_kernels.py
+# --gpu-check times every candidate that fits); plan_launch keeps those that fit the device.
+STATS_CANDIDATES = ((64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1))
+GRAM_CANDIDATES = ((32, 64, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4))           # (rows, block_n, warps)
+QUAD_CANDIDATES = ((128, 0, 8, 2), (256, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2),
+                   (64, 32, 4, 2), (128, 0, 8, 1), (64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))  # block_e 0: all of D
+GRAM_REGISTER_PRODUCT = 16384   # most numbers the gram kernel's (BLOCK_T, G_PAD, G_PAD, BLOCK_N) product may hold
+SMEM_SLACK = 1024               # bytes of shared memory the estimates keep in reserve (barriers, reductions)
+
+
+def _logits_smem(rows, block_n, d_pad, dtype, num_stages):
+    """Estimated shared memory of a (rows x D) @ (D x block_n) logits tile: the query tile, the key
+    block once per pipeline stage, a (rows x block_n) float32 scratch for layout changes. float32
+    inputs go through 3xTF32, which keeps a high and a low part of each operand."""
+    tf32x3 = dtype == torch.float32
+    item = 4 if tf32x3 else 2
+    return (item * d_pad * (rows * (1 + tf32x3) + block_n * (max(1, num_stages) + tf32x3))
+            + 4 * rows * block_n + SMEM_SLACK)
+
+
+def _quad_smem(block_n, block_e, d_pad, dtype, num_stages):
+    """Estimated shared memory of the quadratic-form GEMM (calibrated on Triton 3.9's allocation).
+    bfloat16: the V block, and per pipeline stage the three M pieces' tiles plus the V columns of
+    the epilogue when they are reloaded (without pipelining: one M tile and the epilogue's columns).
+    float32 / float16 (3xTF32 on float32 V and M): high and low parts of the V block, and one M
+    tile per stage plus one for its split."""
+    if dtype == torch.bfloat16:
+        v_block, m_tile, v_cols = block_n * d_pad * 2, d_pad * block_e * 2, block_n * block_e * 2
+        if num_stages <= 1:
+            return v_block + m_tile + v_cols + SMEM_SLACK
+        return v_block + num_stages * (M_PIECES * m_tile + (v_cols if block_e < d_pad else 0)) + SMEM_SLACK
+    return 2 * block_n * d_pad * 4 + (max(1, num_stages) + 1) * d_pad * block_e * 4 + SMEM_SLACK
+
+
+def plan_launch(G: int, w: int, D: int, dtype: torch.dtype, group: str, smem_limit: int):
+    """Block sizes for the three kernels from the shared memory one block may use on the device.
+
+    G: query heads per KV head; w: window rows; D: head dim; dtype: the inputs' (bfloat16, float16
+    or float32); group: "exact" or "sum"; smem_limit: bytes
+    (device_smem_limit, or SMEM_LIMITS[capability] offline). Window rows are tiled BLOCK_T at a
+    time with all G heads of the group in the tile (BLOCK_T * G_PAD >= 16 rows for tl.dot), keys
+    BLOCK_N at a time; among the candidates above, those whose estimated shared memory fits are
+    kept, best first. Returns (Plan, None), or (None, reason) when some kernel has none left.
+    """
+    if G > MAX_GROUP:
+        return None, (f"a GQA group of G={G} query heads per KV head is more than the kernels hold in "
+                      f"one tile ({MAX_GROUP})")
+    g_pad, d_pad = _next_pow2(G), max(16, _next_pow2(D))
+
+    def block_t(rows):
+        return max(16 // g_pad, min(_next_pow2(w), max(1, rows // g_pad)))
+
+    # 3xTF32 holds high and low parts of float32 operands: twice the warps keep the logits
+    # kernels from spilling registers (measured with --compile-check)
+    more_warps = 2 if dtype == torch.float32 else 1
+    stats, gram, quad = [], [], []
+    for rows, block_n, warps, stages in STATS_CANDIDATES:
+        bt = block_t(rows)
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, dtype, stages)
+        if smem <= smem_limit:
+            stats.append(Config(bt, block_n, 0, warps * more_warps, stages, smem))
+    for rows, block_n, warps in GRAM_CANDIDATES:
+        bt = block_t(rows)
+        product = bt * g_pad * (g_pad if group == "exact" else 1) * block_n
+        smem = _logits_smem(bt * g_pad, block_n, d_pad, dtype, 1) + 4 * g_pad * g_pad * block_n
+        if smem <= smem_limit and (product <= GRAM_REGISTER_PRODUCT or block_n == 16):
+            gram.append(Config(bt, block_n, 0, warps * more_warps, 1, smem))
+    for block_n, block_e, warps, stages in QUAD_CANDIDATES:
+        block_e = min(block_e or d_pad, d_pad)
+        smem = _quad_smem(block_n, block_e, d_pad, dtype, stages)
+        if smem <= smem_limit:
+            quad.append(Config(0, block_n, block_e, warps, stages, smem))
+    if not (stats and gram and quad):
+        return None, (f"no tiling for G={G}, D={D}, {dtype} inputs fits in {smem_limit} bytes of "
+                      f"shared memory per block")
+    return Plan(tuple(dict.fromkeys(stats)), tuple(dict.fromkeys(quad)), tuple(dict.fromkeys(gram))), None
+
+
+def device_smem_limit(device) -> int:
+    """Shared memory (bytes) one block may use on `device` (the opt-in maximum), read at run time;
+    in the interpreter (a CPU) the sm_80 figure, which the tests plan against."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return SMEM_LIMITS[80]
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if not limit:  # older torch: ask Triton's driver, which checks launches against the same number
+        limit = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    return int(limit)
+
+
+# ------------------------------------------------------------------------------ the kernels
 
 if triton is not None:
 
     @triton.jit
-    def _load_group_queries(Q, bg, w, G: tl.constexpr, D: tl.constexpr,
-                            G_PAD: tl.constexpr, W_PAD: tl.constexpr):
-        """Queries of the G heads of KV group bg, stacked: (G_PAD * W_PAD, D) float32."""
-        r = tl.arange(0, G_PAD * W_PAD)
-        a = r // W_PAD                                   # head within the group
-        t = r % W_PAD                                    # window row
-        ok = (a < G) & (t < w)
-        dd = tl.arange(0, D)
-        head = bg.to(tl.int64) * G + a                   # (b*H_kv + g)*G + a = b*H + h
-        ptr = Q + (head * w + t)[:, None] * D + dd[None, :]
-        return tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    def _load_row_tile(Q, q_off, sq_h, sq_t, t0, G, w, D: tl.constexpr, D_PAD: tl.constexpr,
+                       G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Queries of window rows t0 .. t0+BLOCK_T-1 of the G heads of one group, interleaved:
+        tile row r is window row t0 + r // G_PAD of head r % G_PAD. Returns (q, t, a, row_ok)."""
+        r = tl.arange(0, BLOCK_T * G_PAD)
+        t = t0 + r // G_PAD
+        a = r % G_PAD
+        row_ok = (t < w) & (a < G)
+        dd = tl.arange(0, D_PAD)
+        ptr = Q + q_off + a.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + dd[None, :]
+        q = tl.load(ptr, mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
+        return q, t, a, row_ok
 
     @triton.jit
-    def _laprox_pass1(Q, K, Mpart, Lpart, n, w, n_chunks, blocks_per_prog, scale,
-                      G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        """Online-softmax (max, sum) of every window row over one chunk of keys."""
+    def _softmax_stats(Q, K, Mpart, Lpart, sq_b, sq_h, sq_t, sk_b, sk_h, sk_n,
+                       H_kv, G, n, w, n_chunks, blocks_per_chunk, scale,
+                       D: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Running (max, sum of exp) of one tile of window rows over one chunk of keys, step (1)."""
         chunk = tl.program_id(0)
-        bg = tl.program_id(1)                            # b * H_kv + g
-        ROWS: tl.constexpr = G_PAD * W_PAD
-        r = tl.arange(0, ROWS)
-        last = n - w + (r % W_PAD)                       # last key each row may see (causal)
-        q = _load_group_queries(Q, bg, w, G, D, G_PAD, W_PAD)
-        dd = tl.arange(0, D)
-        jj = tl.arange(0, BLOCK_N)
-        k_base = K + bg.to(tl.int64) * n * D
-        m_i = tl.full([ROWS], -1.0e30, tl.float32)
-        l_i = tl.zeros([ROWS], tl.float32)
-        for i in range(blocks_per_prog):
-            j = (chunk * blocks_per_prog + i) * BLOCK_N + jj
-            k = tl.load(k_base + j[:, None] * D + dd[None, :], mask=(j < n)[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
+        t0 = tl.program_id(1) * BLOCK_T
+        bg = tl.program_id(2)                                    # b * H_kv + g
+        b = bg // H_kv
+        g = bg % H_kv
+        q, t, a, row_ok = _load_row_tile(Q, b.to(tl.int64) * sq_b + (g * G).to(tl.int64) * sq_h,
+                                         sq_h, sq_t, t0, G, w, D, D_PAD, G_PAD, BLOCK_T)
+        if UPCAST:
+            q = q.to(tl.float32)
+        last = n - w + t                                         # causal: the last key row t sees
+        dd = tl.arange(0, D_PAD)
+        k_base = K + b.to(tl.int64) * sk_b + g.to(tl.int64) * sk_h
+        m_i = tl.full([BLOCK_T * G_PAD], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+        for i in range(blocks_per_chunk):
+            j = (chunk * blocks_per_chunk + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + j.to(tl.int64)[:, None] * sk_n + dd[None, :],
+                        mask=(j < n)[:, None] & (dd < D)[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             vis = (j[None, :] <= last[:, None]) & (j < n)[None, :]
             s = tl.where(vis, s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, axis=1)
             m_i = m_new
-        out = (bg.to(tl.int64) * ROWS + r) * n_chunks + chunk
-        tl.store(Mpart + out, m_i)
-        tl.store(Lpart + out, l_i)
+        out = ((bg.to(tl.int64) * G + a) * w + t) * n_chunks + chunk   # row (b, h, t) of (B, H, w)
+        tl.store(Mpart + out, m_i, mask=row_ok)
+        tl.store(Lpart + out, l_i, mask=row_ok)
 
     @triton.jit
-    def _quad_form(v, V_base, M_pair, j, key_ok, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
-        """v_j^T M v_j for the BLOCK_N keys of the block: (BLOCK_N,). M taken BLOCK_E columns at a time."""
-        dd = tl.arange(0, D)
-        ee = tl.arange(0, BLOCK_E)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for e0 in range(0, D, BLOCK_E):
-            m = tl.load(M_pair + dd[:, None] * D + (e0 + ee)[None, :])                 # (D, BLOCK_E)
-            vm = tl.dot(v, m, input_precision=PRECISION)                               # (BLOCK_N, BLOCK_E)
-            v_e = tl.load(V_base + j[:, None] * D + (e0 + ee)[None, :], mask=key_ok[:, None], other=0.0)
-            acc += tl.sum(vm * v_e.to(tl.float32), axis=1)
-        return acc
+    def _value_quadratic_forms(V, Mw, QV, sv_b, sv_h, sv_n, H_kv, G, n, n_pairs, m_pairs, piece_stride,
+                               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_E: tl.constexpr, PIECES: tl.constexpr, DIAGONAL: tl.constexpr,
+                               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """v_j^T M_p v_j for BLOCK_N keys of one (batch, KV head), step (6): (BLOCK_N x D) @ (D x D)
+        per pair and piece, BLOCK_E columns at a time, the dot against v_j fused in the epilogue.
 
-    @triton.jit
-    def _laprox_pass2(Q, K, V, Mg, LSE, Out, n, w, H_kv, scale,
-                      G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_SUM: tl.constexpr,
-                      PRECISION: tl.constexpr):
-        """Scores of one block of BLOCK_N keys of one (batch, KV head)."""
+        Mw: (PIECES, H_kv, m_pairs, D, D), piece_stride elements apart; PIECES = 1: float32 M,
+        PIECES > 1: bfloat16 pieces of M, largest first. DIAGONAL: only the pairs (a, a) (group
+        "sum"), n_pairs = G of them; else all n_pairs = m_pairs. QV: (B*H_kv, n_pairs, n).
+        """
         blk = tl.program_id(0)
-        bg = tl.program_id(1)                            # b * H_kv + g
+        bg = tl.program_id(1)
+        b = bg // H_kv
         g = bg % H_kv
-        ROWS: tl.constexpr = G_PAD * W_PAD
-        r = tl.arange(0, ROWS)
-        row_ok = ((r // W_PAD) < G) & ((r % W_PAD) < w)
-        last = n - w + (r % W_PAD)
-        dd = tl.arange(0, D)
         j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = j < n
+        dd = tl.arange(0, D_PAD)
+        ee = tl.arange(0, BLOCK_E)
+        v_rows = V + b.to(tl.int64) * sv_b + g.to(tl.int64) * sv_h + j.to(tl.int64)[:, None] * sv_n
+        v = tl.load(v_rows + dd[None, :], mask=key_ok[:, None] & (dd < D)[None, :], other=0.0)
+        if PIECES == 1 or UPCAST:
+            v = v.to(tl.float32)
+        N_E: tl.constexpr = D_PAD // BLOCK_E
+        qf = tl.zeros([BLOCK_N], tl.float32)
+        # one flat loop over (pair, column block), so that the M tiles of the next step are
+        # prefetched (software pipelining) while this one multiplies
+        for it in range(n_pairs * N_E):
+            i = it // N_E
+            e = (it % N_E) * BLOCK_E + ee
+            p = i * G - i * (i - 1) // 2 if DIAGONAL else i                    # pair (i, i), or pair i
+            m_ptr = Mw + (g.to(tl.int64) * m_pairs + p) * D * D + dd[:, None] * D + e[None, :]
+            m_ok = (dd < D)[:, None] & (e < D)[None, :]
+            vm = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+            for s in tl.static_range(PIECES):                                 # smallest piece first
+                m = tl.load(m_ptr + (PIECES - 1 - s) * piece_stride, mask=m_ok, other=0.0)
+                if UPCAST:
+                    m = m.to(tl.float32)
+                vm = tl.dot(v, m, vm, input_precision=PRECISION)              # v_j^T M_p, columns e
+            if BLOCK_E == D_PAD:    # the whole row at once: v itself, no second load
+                v_e = v
+            else:
+                v_e = tl.load(v_rows + e[None, :], mask=key_ok[:, None] & (e < D)[None, :], other=0.0)
+            qf += tl.sum(vm * v_e.to(tl.float32), axis=1)
+            last = (it % N_E) == N_E - 1                                      # pair i complete
+            tl.store(QV + (bg.to(tl.int64) * n_pairs + i) * n + j, qf, mask=key_ok & last)
+            qf = tl.where(last, 0.0, qf)
 
-        # step (1): probabilities of all G*w window rows on this key block
-        q = _load_group_queries(Q, bg, w, G, D, G_PAD, W_PAD)
-        lse = tl.load(LSE + bg.to(tl.int64) * ROWS + r)
-        kv_off = bg.to(tl.int64) * n * D
-        k = tl.load(K + kv_off + j[:, None] * D + dd[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
-        vis = row_ok[:, None] & (j[None, :] <= last[:, None]) & key_ok[None, :]
-        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)                 # (ROWS, BLOCK_N)
-        P3 = tl.reshape(p, (G_PAD, W_PAD, BLOCK_N))                      # [head, row, key]
-
+    @triton.jit
+    def _attention_gram_scores(Q, K, LSE, QV, Out, sq_b, sq_h, sq_t, sk_b, sk_h, sk_n,
+                               H_kv, G, n, w, n_pairs, scale,
+                               D: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SUM: tl.constexpr,
+                               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Scores of BLOCK_N keys of one (batch, KV head): attention-column Gram x value Gram, steps (5), (4)."""
+        blk = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = bg // H_kv
+        g = bg % H_kv
+        j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = j < n
+        dd = tl.arange(0, D_PAD)
+        k_ptr = K + b.to(tl.int64) * sk_b + g.to(tl.int64) * sk_h + j.to(tl.int64)[:, None] * sk_n + dd[None, :]
+        k = tl.load(k_ptr, mask=key_ok[:, None] & (dd < D)[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        q_off = b.to(tl.int64) * sq_b + (g * G).to(tl.int64) * sq_h
         ga = tl.arange(0, G_PAD)
-        sel_a = ga[:, None, None]                                        # first G index
-        sel_c = ga[None, :, None]                                        # second G index
-
-        # step (5), first factor: gram_a[h, h', j] = a_{h,j} . a_{h',j}
-        gram_a = tl.zeros((G_PAD, G_PAD, BLOCK_N), tl.float32)
-        for x in range(G):
-            p_x = tl.sum(tl.where(sel_a == x, P3, 0.0), axis=0)         # (W_PAD, BLOCK_N) head x
-            row = tl.sum(P3 * p_x[None, :, :], axis=1)                   # (G_PAD, BLOCK_N)
-            gram_a = tl.where(sel_a == x, row[None, :, :], gram_a)
-
-        # step (6): gram_v[h, h', j] = v_j^T M_{hh'} v_j, symmetric
-        v = tl.load(V + kv_off + j[:, None] * D + dd[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
-        gram_v = tl.zeros((G_PAD, G_PAD, BLOCK_N), tl.float32)
-        M_g = Mg + g.to(tl.int64) * (G * G * D * D)
-        for x in range(G):
-            # group="sum" needs the diagonal only; "exact" the pairs x <= y (mirrored)
-            for y in range(x, x + 1 if GROUP_SUM else G):
-                qf = _quad_form(v, V + kv_off, M_g + (x * G + y) * D * D, j, key_ok,
-                                D, BLOCK_N, BLOCK_E, PRECISION)
-                pair = ((sel_a == x) & (sel_c == y)) | ((sel_a == y) & (sel_c == x))
-                gram_v = tl.where(pair, qf[None, None, :], gram_v)
-
-        # steps (4)-(5): combine the two Grams
+        qv_base = QV + bg.to(tl.int64) * n_pairs * n
+        if GROUP_SUM:   # only the diagonal: gram_v[a, j] = v_j^T M_aa v_j, stored as pair a
+            gram_v = tl.load(qv_base + ga[:, None] * n + j[None, :],
+                             mask=(ga < G)[:, None] & key_ok[None, :], other=0.0)
+            gram_a = tl.zeros([G_PAD, BLOCK_N], tl.float32)
+        else:           # gram_v[a, c, j] from pair (min(a, c), max(a, c))
+            a3 = ga[:, None, None]
+            c3 = ga[None, :, None]
+            lo = tl.minimum(a3, c3)
+            hi = tl.maximum(a3, c3)
+            pair = lo * G - lo * (lo - 1) // 2 + (hi - lo)
+            gram_v = tl.load(qv_base + pair * n + j[None, None, :],
+                             mask=(a3 < G) & (c3 < G) & key_ok[None, None, :], other=0.0)
+            gram_a = tl.zeros([G_PAD, G_PAD, BLOCK_N], tl.float32)
+        for t0 in range(0, w, BLOCK_T):
+            q, t, a, row_ok = _load_row_tile(Q, q_off, sq_h, sq_t, t0, G, w, D, D_PAD, G_PAD, BLOCK_T)
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(LSE + (bg.to(tl.int64) * G + a) * w + t, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            vis = row_ok[:, None] & (j[None, :] <= (n - w + t)[:, None]) & key_ok[None, :]
+            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)                     # step (1)
+            p3 = tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_N))                        # [window row, head, key]
+            if GROUP_SUM:
+                gram_a += tl.sum(p3 * p3, axis=0)                                # ||a_{h,j}||^2
+            else:
+                gram_a += tl.sum(p3[:, :, None, :] * p3[:, None, :, :], axis=0)  # a_{h,j} . a_{h',j}
         if GROUP_SUM:
-            diag = sel_a == sel_c
-            term = tl.where(diag, tl.sqrt(tl.maximum(gram_a * gram_v, 0.0)), 0.0)
-            score = tl.sum(tl.sum(term, axis=0), axis=0)
+            score = tl.sum(tl.sqrt(tl.maximum(gram_a * gram_v, 0.0)), axis=0)
         else:
             score = tl.sqrt(tl.maximum(tl.sum(tl.sum(gram_a * gram_v, axis=0), axis=0), 0.0))
         tl.store(Out + bg.to(tl.int64) * n + j, score, mask=key_ok)
 
 
-def _next_pow2(x):
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def launch_config(G_PAD, W_PAD):
-    """(BLOCK_N of pass 1, BLOCK_N of pass 2, num_warps) for a tile of G_PAD x W_PAD rows.
-
-    Chosen from ptxas resource usage for sm_90 (D = 128, float32 dots): these settings
-    compile without register spills for G_PAD = 1, 2, 4, 8 at W_PAD = 32; larger blocks or
-    4 warps spill. Not tuned by timing (no GPU was available when this was written).
-    """
-    rows = G_PAD * W_PAD
-    block_n1 = 32 if rows <= 128 else 16
-    block_n2 = 32 if rows == 64 else 16
-    return block_n1, block_n2, 8
-
+# ------------------------------------------------------------------------------ host side
 
 def _require_triton(tensor):
     if triton is None:
@@ -211,70 +363,192 @@ def _require_triton(tensor):
             f"or use the PyTorch path laprox.laprox_scores") from _TRITON_IMPORT_ERROR
     if not tensor.is_cuda and not INTERPRET:
         raise RuntimeError(
-            "the Triton kernel needs CUDA tensors; to run it on a CPU set TRITON_INTERPRET=1 in the "
+            "the Triton kernels need CUDA tensors; to run them on a CPU set TRITON_INTERPRET=1 in the "
             "environment before triton is imported (slow, for tests), or use laprox.laprox_scores")
 
 
-def laprox_scores_triton(queries, keys, values, o_proj_weight, *, group="exact", center=False,
-                         block_n=None, keys_per_program=None, precision="ieee"):
-    """LaProx scores of one layer with the fused kernel; same result as laprox.laprox_scores.
-
-    queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D);
-    o_proj_weight: (d, H*D). group in {"exact", "sum"}. Returns (B, H_kv, n) float32.
-    center=True is not implemented in the kernel (use laprox.laprox_scores).
-    block_n: keys per block in both passes (power of two >= 16; default: launch_config).
-    keys_per_program: keys one pass-1 program streams over (default: enough programs to
-    fill the GPU). precision: tl.dot input precision, "ieee" (default) or "tf32".
-    """
-    if center:
-        raise NotImplementedError("center=True is not implemented in the Triton kernel; "
-                                  "use laprox.laprox_scores(..., center=True)")
-    _check_group(group)
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    _require_triton(keys)
-    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
-    if not kernel_fits(D):
-        raise ValueError(f"the kernel needs a power-of-two head dim >= 16 (64 and 128 are typical), got D={D}")
-    for name, t in (("queries", queries), ("keys", keys), ("values", values)):
+def _check_inputs(queries, keys, values, M, group):
+    """Shapes and dtypes; returns (B, H, H_kv, G, w, n, D)."""
+    if group not in ("exact", "sum"):
+        raise ValueError(f"group must be 'exact' or 'sum', got {group!r}")
+    if queries.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape:
+        raise ValueError(f"expected queries (B, H, w, D) and keys, values (B, H_kv, n, D) of one shape, got "
+                         f"{tuple(queries.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    B, H, w, D = queries.shape
+    _, H_kv, n, _ = keys.shape
+    if keys.shape[0] != B or keys.shape[3] != D or H_kv < 1 or H % H_kv:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} disagree: need the same "
+                         f"batch and head dim, and H a multiple of H_kv")
+    if not 1 <= w <= n:
+        raise ValueError(f"window w={w} must satisfy 1 <= w <= n={n}")
+    G = H // H_kv
+    P = G * (G + 1) // 2
+    if M.shape != (H_kv, P, D, D) or M.dtype != torch.float32:
+        raise ValueError(f"M must be float32 (H_kv, G(G+1)/2, D, D) = {(H_kv, P, D, D)} as laprox.value_gram_pairs "
+                         f"returns it, got {M.dtype} {tuple(M.shape)}")
+    for name, t in (("queries", queries), ("keys", keys), ("values", values), ("M", M)):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != keys.device:
             raise ValueError(f"{name} is on {t.device} but keys are on {keys.device}")
+    return B, H, H_kv, G, w, n, D
 
-    G_PAD, W_PAD = _next_pow2(G), max(16, _next_pow2(w))
-    BLOCK_N1, BLOCK_N2, num_warps = launch_config(G_PAD, W_PAD)
-    if block_n is not None:
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-        BLOCK_N1 = BLOCK_N2 = block_n
-    ROWS = G_PAD * W_PAD
-    BLOCK_E = min(D, 64)
 
-    q, k, v = queries.contiguous(), keys.contiguous(), values.contiguous()
-    M = value_gram_matrices(o_proj_weight.to(keys.device), H, D, H_kv).contiguous()  # (H_kv, G, G, D, D)
+def split_bfloat16(M: torch.Tensor, pieces: int = M_PIECES) -> torch.Tensor:
+    """M (float32, any shape) as `pieces` bfloat16 tensors, largest first, whose sum is M to about
+    2^-8 per piece: (pieces, *M.shape). Each piece is the bfloat16 rounding of what is left."""
+    out, rest = [], M.float()
+    for _ in range(pieces):
+        piece = rest.to(torch.bfloat16)
+        out.append(piece)
+        rest = rest - piece.float()
+    return torch.stack(out)
+
+
+def _first_that_fits(name, configs, launch):
+    """launch(cfg) with the first config the device accepts (OutOfResources moves on to the next);
+    returns what launch returns."""
+    errors = []
+    for cfg in configs:
+        try:
+            return launch(cfg)
+        except triton.runtime.errors.OutOfResources as err:
+            errors.append(f"{cfg}: {err}")
+    raise KernelDoesNotFit(f"{name} ran out of resources with every planned config: " + "; ".join(errors))
+
+
+def laprox_scores_triton(queries, keys, values, M, *, group="exact", plan=None, keys_per_chunk=None):
+    """LaProx scores of one layer with the Triton kernels; the same result as laprox.laprox_scores.
+
+    queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D), any strides
+    with a contiguous last dim; M: (H_kv, P, D, D) float32 value Gram matrices in the pair layout
+    of the module docstring (laprox.value_gram_pairs); group: "exact" or "sum".
+    plan: a Plan (default: plan_launch for this device); keys_per_chunk: keys one _softmax_stats
+    program streams over (default: enough programs to fill the GPU).
+    Returns (B, H_kv, n) float32. Raises KernelDoesNotFit when no tiling fits the device.
+    """
+    B, H, H_kv, G, w, n, D = _check_inputs(queries, keys, values, M, group)
+    _require_triton(keys)
+    dtype = queries.dtype if queries.dtype == keys.dtype == values.dtype else torch.float32
+    q, k, v = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (queries, keys, values))
+    if plan is None:
+        plan, why = plan_launch(G, w, D, dtype, group, device_smem_limit(k.device))
+        if plan is None:
+            raise KernelDoesNotFit(why)
+    G_PAD, D_PAD = _next_pow2(G), max(16, _next_pow2(D))
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"   # 16-bit operands: exact products anyway
+    # Triton's interpreter multiplies bfloat16 blocks as raw integers: there, 16-bit operands are
+    # upcast to float32 before tl.dot (exact, so the tests still check the same numbers)
+    upcast = INTERPRET and dtype != torch.float32
     scale = 1.0 / math.sqrt(D)
+    dev = k.device
+    BHkv = B * H_kv
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
 
-    # pass 1: per-chunk (max, sum), then merge the chunks into lse (B*H_kv, ROWS)
-    n_blocks1 = triton.cdiv(n, BLOCK_N1)
-    if keys_per_program is None:
-        target = 4 * (torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 1)
-        blocks_per_prog = max(1, triton.cdiv(n_blocks1 * B * H_kv, target))
-    else:
-        blocks_per_prog = max(1, triton.cdiv(int(keys_per_program), BLOCK_N1))
-    n_chunks = triton.cdiv(n_blocks1, blocks_per_prog)
-    Mpart = torch.empty(B * H_kv, ROWS, n_chunks, device=k.device, dtype=torch.float32)
-    Lpart = torch.empty_like(Mpart)
-    _laprox_pass1[(n_chunks, B * H_kv)](
-        q, k, Mpart, Lpart, n, w, n_chunks, blocks_per_prog, scale,
-        G=G, D=D, G_PAD=G_PAD, W_PAD=W_PAD, BLOCK_N=BLOCK_N1, PRECISION=precision, num_warps=num_warps)
-    m = Mpart.amax(dim=-1, keepdim=True)
-    lse = (m.squeeze(-1) + torch.log((Lpart * torch.exp(Mpart - m)).sum(-1))).contiguous()
+    def stats(cfg):      # 1. (max, sum) of every window row per chunk of keys
+        n_blocks, row_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(w, cfg.block_t)
+        if keys_per_chunk is None:
+            per = max(1, triton.cdiv(n_blocks * row_tiles * BHkv, 4 * sms))
+        else:
+            per = max(1, triton.cdiv(int(keys_per_chunk), cfg.block_n))
+        n_chunks = triton.cdiv(n_blocks, per)
+        m_part = torch.empty(B * H * w, n_chunks, device=dev, dtype=torch.float32)
+        l_part = torch.empty_like(m_part)
+        _softmax_stats[(n_chunks, row_tiles, BHkv)](
+            q, k, m_part, l_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            H_kv, G, n, w, n_chunks, per, scale, D=D, D_PAD=D_PAD, G_PAD=G_PAD, BLOCK_T=cfg.block_t,
+            BLOCK_N=cfg.block_n, PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return m_part, l_part
 
-    # pass 2: scores block by block
-    out = torch.empty(B * H_kv, n, device=k.device, dtype=torch.float32)
-    _laprox_pass2[(triton.cdiv(n, BLOCK_N2), B * H_kv)](
-        q, k, v, M, lse, out, n, w, H_kv, scale,
-        G=G, D=D, G_PAD=G_PAD, W_PAD=W_PAD, BLOCK_N=BLOCK_N2, BLOCK_E=BLOCK_E,
-        GROUP_SUM=(group == "sum"), PRECISION=precision, num_warps=num_warps)
+    m_part, l_part = _first_that_fits("_softmax_stats", plan.stats, stats)
+    m_max = m_part.amax(dim=1, keepdim=True)
+    lse = (m_max.squeeze(1) + torch.log((l_part * torch.exp(m_part - m_max)).sum(1))).contiguous()  # (B*H*w,)
+    del m_part, l_part
+
+    # 2. value quadratic forms, one GEMM over the head pairs ("sum" needs the diagonal pairs only)
+    n_pairs = G if group == "sum" else G * (G + 1) // 2
+    if dtype == torch.bfloat16:
+        Mw, quad_precision = split_bfloat16(M), "tf32"
+    else:                # float32, and float16 values (upcast in the kernel): 3xTF32 on float32 M
+        Mw, quad_precision = M.contiguous().unsqueeze(0), "tf32x3"
+    qv = torch.empty(BHkv, n_pairs, n, device=dev, dtype=torch.float32)
+
+    def quad(cfg):
+        _value_quadratic_forms[(triton.cdiv(n, cfg.block_n), BHkv)](
+            v, Mw, qv, v.stride(0), v.stride(1), v.stride(2), H_kv, G, n, n_pairs, M.shape[1], Mw[0].numel(),
+            D=D, D_PAD=D_PAD, BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, PIECES=Mw.shape[0],
+            DIAGONAL=group == "sum", PRECISION=quad_precision, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _first_that_fits("_value_quadratic_forms", plan.quad, quad)
+    del Mw
+
+    # 3. attention-column Gram per key, combined with the value Gram into the score
+    out = torch.empty(BHkv, n, device=dev, dtype=torch.float32)
+
+    def gram(cfg):
+        _attention_gram_scores[(triton.cdiv(n, cfg.block_n), BHkv)](
+            q, k, lse, qv, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            H_kv, G, n, w, n_pairs, scale, D=D, D_PAD=D_PAD, G_PAD=G_PAD, BLOCK_T=cfg.block_t,
+            BLOCK_N=cfg.block_n, GROUP_SUM=group == "sum", PRECISION=precision, UPCAST=upcast,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _first_that_fits("_attention_gram_scores", plan.gram, gram)
     return out.view(B, H_kv, n)
+
+
+# ------------------------------------------------------------------------------ offline compilation
+
+def _kernel_signature(name: str, dtype: torch.dtype):
+    """(jit function, {arg: Triton type}) of one kernel for inputs of `dtype`, as a launch would
+    specialise it (pointers and strides 16-divisible)."""
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    m_ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    fn = {"stats": _softmax_stats, "quad": _value_quadratic_forms, "gram": _attention_gram_scores}[name]
+    types = {"Q": ptr, "K": ptr, "V": ptr, "Mw": m_ptr, "Mpart": "*fp32", "Lpart": "*fp32",
+             "LSE": "*fp32", "QV": "*fp32", "Out": "*fp32", "scale": "fp32"}
+    return fn, {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "i32") for p in fn.params}
+
+
+def compile_offline(name: str, cfg: Config, G: int, D: int, dtype: torch.dtype, group: str, capability: int) -> dict:
+    """Compile kernel `name` ("stats", "quad" or "gram") with config `cfg` for an NVIDIA GPU of
+    compute capability `capability` (80, 86, 89, 90) with Triton's own compiler, no GPU needed.
+
+    Returns {"shared": bytes of shared memory, "registers": per thread, "spill_stores": bytes,
+    "spill_loads": bytes, "threads": per block}; registers and spills come from ptxas -v on the PTX.
+    """
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    fn, sig = _kernel_signature(name, dtype)
+    g_pad, d_pad = _next_pow2(G), max(16, _next_pow2(D))
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"
+    const = {"D": D, "D_PAD": d_pad, "UPCAST": False}
+    if name == "quad":
+        const.update(BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, PIECES=M_PIECES if dtype == torch.bfloat16 else 1,
+                     DIAGONAL=group == "sum", PRECISION="tf32" if dtype == torch.bfloat16 else "tf32x3")
+    else:
+        const.update(G_PAD=g_pad, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, PRECISION=precision)
+        if name == "gram":
+            const["GROUP_SUM"] = group == "sum"
+    divisible = [i for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or a.startswith(("sq_", "sk_", "sv_")) or a == "piece_stride"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    src = ASTSource(fn, sig, const, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    arch = sm_arch_from_capability(capability)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", ptx, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)) if regs else 0,
+            "spill_stores": int(spills.group(1)) if spills else 0, "spill_loads": int(spills.group(2)) if spills else 0,
+            "threads": 32 * cfg.num_warps}

@@ -88,7 +88,9 @@ computed in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 
 import torch
 
@@ -173,41 +175,100 @@ def value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads):
     return torch.einsum("xgad,xgbe->gabde", W, W).contiguous()      # sum over the d model dims
 
 
+def head_pairs(G):
+    """The pairs (a, b), a <= b, of query heads in a GQA group of G, in the order of the pair
+    layout: (0,0), (0,1), .., (0,G-1), (1,1), .., (G-1,G-1); G(G+1)/2 of them. M_{h'h} = M_{hh'}^T,
+    so these pairs carry all of (5)'s value Gram."""
+    return [(a, b) for a in range(G) for b in range(a, G)]
+
+
+# M depends on the weights only: it is computed once per o_proj weight and kept here, keyed by
+# the tensor's id, with a weak reference to the tensor (its entry goes when the tensor does,
+# e.g. when another model is loaded) and a fingerprint (storage address, version counter, shape,
+# strides, dtype, device) that any in-place change, reload or move of the weight alters. Writes
+# through `.data` bypass the version counter (as they bypass autograd): call
+# clear_value_gram_cache() after those.
+_GRAM_CACHE = {}   # id(weight) -> (weakref to weight, fingerprint, M pairs)
+
+
+def _weight_fingerprint(weight):
+    try:
+        version = weight._version
+    except RuntimeError:   # inference tensors keep no version counter: never cached
+        return None
+    return weight.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device
+
+
+def _forget_gram(key, ref):
+    if key in _GRAM_CACHE and _GRAM_CACHE[key][0] is ref:
+        del _GRAM_CACHE[key]
+
+
+def clear_value_gram_cache():
+    """Drop every cached M (they are recomputed on the next call)."""
+    _GRAM_CACHE.clear()
+
+
+def value_gram_pairs(o_proj_weight, n_heads, head_dim, n_kv_heads):
+    """M_{hh'} for the head pairs of head_pairs(G) only: (H_kv, P, D, D) float32, P = G(G+1)/2,
+    M_pairs[g, p] = M[g, a, b] for (a, b) = head_pairs(G)[p] (see value_gram_matrices).
+
+    Computed once per weight tensor and then served from a cache that cannot go stale (above):
+    every prompt, and both the PyTorch and the Triton path, reuse it. Lives on the weight's device.
+    """
+    key, fingerprint = id(o_proj_weight), _weight_fingerprint(o_proj_weight)
+    hit = _GRAM_CACHE.get(key)
+    if fingerprint is not None and hit is not None and hit[0]() is o_proj_weight \
+            and hit[1] == (fingerprint, n_heads, head_dim, n_kv_heads):
+        return hit[2]
+    M = value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads)
+    a, b = zip(*head_pairs(n_heads // n_kv_heads))
+    M_pairs = M[:, list(a), list(b)].contiguous()
+    if fingerprint is not None:
+        ref = weakref.ref(o_proj_weight, lambda r, key=key: _forget_gram(key, r))
+        _GRAM_CACHE[key] = (ref, (fingerprint, n_heads, head_dim, n_kv_heads), M_pairs)
+    return M_pairs
+
+
+def full_value_grams(M_pairs, G):
+    """The pair layout back to (H_kv, G, G, D, D): M[g, b, a] = M[g, a, b]^T."""
+    H_kv, _, D, _ = M_pairs.shape
+    M = M_pairs.new_empty(H_kv, G, G, D, D)
+    for p, (a, b) in enumerate(head_pairs(G)):
+        M[:, a, b] = M_pairs[:, p]
+        M[:, b, a] = M_pairs[:, p].transpose(-1, -2)
+    return M
+
+
 # ---------------------------------------------------------------- (5) the two G x G Grams
 
-def attention_column_gram(attn, n_kv_heads):
+def attention_column_gram(attn, n_kv_heads, pairs):
     """Gram of attention columns within each GQA group, first factor of step (5).
 
-    attn: (B, H, w, n). Returns (B, H_kv, G, G, n): [b, g, a, a', j] = a_{h,j} . a_{h',j}.
+    attn: (B, H, w, n); pairs: list of head pairs (a, b) of a group (head_pairs).
+    Returns (B, H_kv, len(pairs), n): [b, g, p, j] = a_{h,j} . a_{h',j}, h = g*G + a, h' = g*G + b.
     """
     B, H, w, n = attn.shape
-    G = H // n_kv_heads
-    P = attn.reshape(B, n_kv_heads, G, w, n)
-    out = P.new_empty(B, n_kv_heads, G, G, n)
-    for a in range(G):
-        for c in range(a, G):                                   # symmetric in (h, h')
-            out[:, :, a, c] = (P[:, :, a] * P[:, :, c]).sum(2)  # dot over the w window rows
-            out[:, :, c, a] = out[:, :, a, c]
-    return out
+    P = attn.view(B, n_kv_heads, H // n_kv_heads, w, n)
+    return torch.stack([torch.linalg.vecdot(P[:, :, a], P[:, :, b], dim=2) for a, b in pairs], dim=2)
 
 
-def projected_value_gram(values, M):
+def projected_value_gram(values, M_pairs):
     """Gram of projected values within each GQA group, second factor of step (5), via (6).
 
-    values: (B, H_kv, n, D); M: (H_kv, G, G, D, D).
-    Returns (B, H_kv, G, G, n) float32: [b, g, a, a', j] = v_j^T M_{hh'} v_j = u_{h,j} . u_{h',j}.
-    Only pairs a <= a' are computed: M_{h'h} = M_{hh'}^T gives the same number.
+    values: (B, H_kv, n, D); M_pairs: (H_kv, P, D, D), one D x D matrix per head pair.
+    Returns (B, H_kv, P, n) float32: [b, g, p, j] = v_j^T M_p v_j = u_{h,j} . u_{h',j}.
+    One GEMM per KV head over all pairs at once, V_g (B*n x D) @ [M_0 | M_1 | ..] (D x P*D),
+    in float32: plain TF32 would miss the 1e-4 agreement (the Triton path splits the operands
+    to keep float32 accuracy on tensor cores).
     """
     B, H_kv, n, D = values.shape
-    G = M.shape[1]
-    V = values.float().transpose(0, 1).reshape(H_kv, B * n, D)        # one batch per KV head
-    out = V.new_empty(B, H_kv, G, G, n)
-    for a in range(G):
-        for c in range(a, G):
-            VM = torch.bmm(V, M[:, a, c])                                # v_j^T M_{hh'}, (H_kv, B*n, D)
-            vMv = torch.linalg.vecdot(VM, V).view(H_kv, B, n).transpose(0, 1)
-            out[:, :, a, c] = out[:, :, c, a] = vMv
-    return out
+    P = M_pairs.shape[1]
+    V = values.float().transpose(0, 1).reshape(H_kv, B * n, D)             # one batch per KV head
+    M_cat = M_pairs.permute(0, 2, 1, 3).reshape(H_kv, D, P * D)            # [M_0 | M_1 | ..]
+    VM = torch.bmm(V, M_cat).view(H_kv, B * n, P, D)                       # v_j^T M_p for every p
+    vMv = torch.matmul(VM, V.unsqueeze(-1)).squeeze(-1)                    # (H_kv, B*n, P)
+    return vMv.view(H_kv, B, n, P).permute(1, 0, 3, 2)
 
 
 def centering_correction(attn, values, M):
@@ -235,55 +296,91 @@ def centering_correction(attn, values, M):
 
 # ------------------------------------------------------------------ (4)-(5) the score
 
-def group_norm(C, group="exact"):
-    """Turn per-pair terms C (B, H_kv, G, G, n) into scores (B, H_kv, n), steps (4)-(5).
+def group_norm(C, pairs, group="exact"):
+    """Turn per-pair terms C (B, H_kv, len(pairs), n) into scores (B, H_kv, n), steps (4)-(5).
 
-    group="exact": sqrt(sum_{h,h'} C_{hh'}) = ||T_{g,j}||_F.
-    group="sum":   sum_h sqrt(C_{hh}) = sum_h ||a_h|| ||u_h||, an upper bound.
+    group="exact": sqrt(sum_{h,h'} C_{hh'}) = ||T_{g,j}||_F, each pair a < b counted twice
+    (C_{h'h} = C_{hh'}); `pairs` must then be all of head_pairs(G).
+    group="sum":   sum_h sqrt(C_{hh}) = sum_h ||a_h|| ||u_h||, an upper bound (diagonal pairs only).
     Tiny negative values from rounding are clamped to 0 before the square root.
     """
     _check_group(group)
     if group == "exact":
-        return C.sum(dim=(2, 3)).clamp_min(0).sqrt()
-    return torch.diagonal(C, dim1=2, dim2=3).clamp_min(0).sqrt().sum(-1)
+        twice = C.new_tensor([1.0 if a == b else 2.0 for a, b in pairs])
+        return torch.einsum("bgpn,p->bgn", C, twice).clamp_min(0).sqrt()
+    diagonal = [p for p, (a, b) in enumerate(pairs) if a == b]
+    return C[:, :, diagonal].clamp_min(0).sqrt().sum(2)
 
 
-def laprox_scores(queries, keys, values, o_proj_weight, *, group="exact", center=False):
+def _key_chunk(B, H_kv, w, n_pairs, D):
+    """Keys per step of the PyTorch path: bounds its float32 temporaries (the GEMM's
+    (B*chunk, P*D) product per KV head, a pair's attention product) to about 2^26 numbers,
+    half the (H, w, n) attention of a 128k-token Llama-3.1-8B layer, in few enough steps."""
+    return max(1, 2 ** 26 // (B * H_kv * max(n_pairs * D, w)))
+
+
+def laprox_scores(queries, keys, values, o_proj_weight, *, group="exact", center=False, key_chunk=None):
     """LaProx score s_{g,j} = ||T_{g,j}||_F of every KV entry of one layer (PyTorch path).
 
     queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D);
     o_proj_weight: (d, H*D). group in {"exact", "sum"}; center=True is the research
     variant of step (9). Returns (B, H_kv, n) float32 (higher = more important).
+    The window attention (B, H, w, n) is the one layer-sized tensor held; the Grams are formed
+    key_chunk keys at a time (default: _key_chunk). M comes from value_gram_pairs (cached).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
     _check_group(group)
     A = window_attention(queries, keys)                         # (1)  (B, H, w, n)
-    M = value_gram_matrices(o_proj_weight, H, D, H_kv)          # (6)  (H_kv, G, G, D, D)
-    C = attention_column_gram(A, H_kv) * projected_value_gram(values, M)   # (5) per pair
-    if center:
-        C = C + centering_correction(A, values, M)              # (9)
-    return group_norm(C, group)                                 # (4)-(5)
+    M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)   # (6)  (H_kv, P, D, D)
+    pairs = head_pairs(G)
+    if center:                                                  # (9), the research variant, unchunked
+        C = attention_column_gram(A, H_kv, pairs) * projected_value_gram(values, M)
+        correction = centering_correction(A, values, full_value_grams(M, G))
+        C = C + torch.stack([correction[:, :, a, b] for a, b in pairs], dim=2)
+        return group_norm(C, pairs, group)
+    if group == "sum":                                          # the diagonal pairs are all it needs
+        keep = [p for p, (a, b) in enumerate(pairs) if a == b]
+        pairs, M = [pairs[p] for p in keep], M[:, keep]
+    step = key_chunk or _key_chunk(B, H_kv, w, len(pairs), D)
+    scores = A.new_empty(B, H_kv, n)
+    for j in range(0, n, step):
+        keys_j = slice(j, j + step)
+        C = attention_column_gram(A[..., keys_j], H_kv, pairs) * projected_value_gram(values[:, :, keys_j], M)  # (5)
+        scores[..., keys_j] = group_norm(C, pairs, group)      # (4)-(5)
+    return scores
+
+
+log = logging.getLogger(__name__)
+_FALLBACKS_LOGGED = set()   # reasons already logged by laprox_scores_auto
 
 
 def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="exact", center=False,
                        use_triton=None):
     """laprox_scores on the best available path; same arguments and result.
 
-    use_triton=None: the Triton kernel (kernels.py) when the tensors are on CUDA, center=False,
-    triton is installed and the head dim suits the kernel; the PyTorch path otherwise. True
-    forces the kernel (on a CPU it then needs TRITON_INTERPRET=1 set before triton is
-    imported); False forces PyTorch.
+    use_triton=None: the Triton kernels (kernels.py) when the tensors are on CUDA, center=False
+    and triton is installed; the PyTorch path otherwise. True forces the kernels (on a CPU they
+    then need TRITON_INTERPRET=1 set before triton is imported); False forces PyTorch. When no
+    tiling of the kernels fits the device (kernels.KernelDoesNotFit), the PyTorch path runs
+    instead, and one line says why (logged once per reason).
     """
     if use_triton is None:
         use_triton = keys.is_cuda and not center
         if use_triton:
-            from kernels import kernel_fits, triton_available   # lazy: triton is optional on a CPU
-            use_triton = triton_available() and kernel_fits(keys.shape[-1])
+            import kernels   # lazy: triton is optional on a CPU
+            use_triton = kernels.triton_available()
     if use_triton:
         if center:
             raise ValueError("center=True is only implemented in the PyTorch path; pass use_triton=False")
-        from kernels import laprox_scores_triton
-        return laprox_scores_triton(queries, keys, values, o_proj_weight, group=group)
+        import kernels
+        B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
+        M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)
+        try:
+            return kernels.laprox_scores_triton(queries, keys, values, M, group=group)
+        except kernels.KernelDoesNotFit as why:
+            if str(why) not in _FALLBACKS_LOGGED:
+                _FALLBACKS_LOGGED.add(str(why))
+                log.warning("LaProx score: the Triton kernels do not fit (%s); using the PyTorch path", why)
     return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
 
 

@@ -1,21 +1,29 @@
-"""The Triton kernel (kernels.py) against the PyTorch path (laprox.py), in Triton's interpreter.
+"""The Triton kernels (kernels.py) and the PyTorch path (laprox.py) against float64 references,
+the value Gram cache, the launch planner and an offline compile for real GPUs.
 
-TRITON_INTERPRET must be in the environment before triton is imported, hence the first lines.
-Shapes are tiny: the interpreter runs every program one after the other in numpy.
+The kernels run in Triton's interpreter: TRITON_INTERPRET must be in the environment before
+triton is imported, hence the first lines. Shapes are tiny (the interpreter runs every program
+one after the other in numpy) but cross every tile boundary: explicit plans with small blocks.
 """
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import gc  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import laprox  # noqa: E402
+from test_laprox import naive_scores  # noqa: E402  float64 loops over T_{g,j}, independent of laprox
 
 try:
     import triton  # noqa: E402,F401
@@ -23,6 +31,7 @@ except ImportError as err:  # pragma: no cover
     pytest.skip(f"triton is not importable ({err}); the kernel tests need it", allow_module_level=True)
 
 import kernels  # noqa: E402
+from kernels import Config, Plan  # noqa: E402
 
 if not (kernels.INTERPRET or torch.cuda.is_available()):  # pragma: no cover
     pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU: "
@@ -40,33 +49,63 @@ def make_layer(seed, B=1, H_kv=2, G=1, w=32, n=67, D=64, d=40, dtype=torch.float
 
 
 def assert_rel_close(got, ref, rtol=1e-4):
+    """Largest relative error over entries (|ref| floored at 1e-6 of its max) below rtol."""
     assert got.shape == ref.shape and got.dtype == torch.float32
+    got, ref = got.double(), ref.double()
     rel = ((got - ref).abs() / ref.abs().clamp_min(1e-6 * ref.abs().max())).max().item()
     assert rel <= rtol, f"max relative error {rel:.3e}"
 
 
-CASES = [  # (B, H_kv, G, w, n, D, block_n, keys_per_program, group)
-    (1, 2, 1, 32, 67, 64, None, None, "exact"),     # MHA, n not a multiple of the block
-    (1, 1, 2, 32, 50, 128, 16, 32, "exact"),        # several pass-1 chunks to merge
-    (2, 1, 3, 8, 37, 64, 16, None, "exact"),        # G=3 (padded to 4), small w (padded to 16), B=2
-    (1, 1, 4, 16, 45, 64, 32, None, "exact"),
-    (1, 1, 7, 5, 29, 128, 16, 16, "exact"),         # G=7 (padded to 8), w=5, D=128
-    (1, 2, 3, 32, 41, 128, None, None, "sum"),
-    (1, 1, 7, 8, 33, 64, 16, None, "sum"),
+def plan(stats=(4, 16, 4, 1), quad=(16, 16, 4, 1), gram=(4, 16, 4)):
+    """An explicit small plan: stats (BLOCK_T, BLOCK_N, warps, stages), quad (BLOCK_N, BLOCK_E, warps,
+    stages), gram (BLOCK_T, BLOCK_N, warps)."""
+    return Plan(stats=(Config(stats[0], stats[1], 0, stats[2], stats[3], 0),),
+                quad=(Config(0, quad[0], quad[1], quad[2], quad[3], 0),),
+                gram=(Config(gram[0], gram[1], 0, gram[2], 1, 0),))
+
+
+# ------------------------------------------------------------------ the kernels vs float64
+
+CASES = [  # (B, H_kv, G, w, n, D, dtype, group, plan or None, keys_per_chunk)
+    # G=3 (padded to 4), w=37: 10 row tiles of 4 (last partial), n=67: 5 key blocks of 16 (last partial),
+    # 2 key chunks of 48 in the stats kernel, BLOCK_E 16 < D: 4 column blocks per pair
+    (1, 2, 3, 37, 67, 64, torch.float32, "exact", plan(), 48),
+    # G=7 (padded to 8): 2 window rows x 8 heads per tile, w=5 -> 3 tiles; D=96 (padded to 128); B=2
+    (2, 1, 7, 5, 45, 96, torch.float32, "exact", plan((2, 16, 4, 1), (16, 32, 4, 1), (2, 16, 4)), None),
+    # bfloat16: M in three bfloat16 pieces; BLOCK_E = D (the epilogue reuses v); G=5, w=20
+    (1, 2, 5, 20, 70, 64, torch.bfloat16, "exact", plan((4, 32, 4, 2), (32, 64, 4, 2), (4, 32, 4)), 32),
+    # float16 (3xTF32 route), MHA (G=1: 16 window rows per tile), group "sum" (diagonal pairs only)
+    (1, 3, 1, 40, 53, 64, torch.float16, "sum", plan((16, 16, 4, 1), (16, 32, 4, 1), (16, 16, 4)), None),
+    (1, 1, 6, 9, 41, 128, torch.float32, "sum", plan((2, 16, 4, 1), (16, 64, 4, 1), (2, 16, 4)), None),
+    # the planner's own choice for this "device" (the interpreter plans against sm_80's limit)
+    (1, 2, 4, 32, 131, 128, torch.bfloat16, "exact", None, None),
 ]
 
 
-@pytest.mark.parametrize("B,H_kv,G,w,n,D,block_n,kpp,group", CASES)
-def test_triton_matches_pytorch(B, H_kv, G, w, n, D, block_n, kpp, group):
-    q, k, v, o = make_layer(seed=B * 1000 + G * 100 + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
-    got = kernels.laprox_scores_triton(q, k, v, o, group=group, block_n=block_n, keys_per_program=kpp)
-    assert_rel_close(got, laprox.laprox_scores(q, k, v, o, group=group))
+@pytest.mark.parametrize("B,H_kv,G,w,n,D,dtype,group,p,kpc", CASES)
+def test_kernels_match_float64_across_tile_boundaries(B, H_kv, G, w, n, D, dtype, group, p, kpc):
+    q, k, v, o = make_layer(seed=B * 1000 + G * 100 + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D, dtype=dtype)
+    M = laprox.value_gram_pairs(o, H_kv * G, D, H_kv)
+    got = kernels.laprox_scores_triton(q, k, v, M, group=group, plan=p, keys_per_chunk=kpc)
+    assert got.shape == (B, H_kv, n)
+    assert_rel_close(got, naive_scores(q.double(), k.double(), v.double(), o, group=group))
 
 
-def test_bfloat16_inputs():
-    q, k, v, o = make_layer(seed=5, H_kv=1, G=2, w=16, n=40, D=64, dtype=torch.bfloat16)
-    got = kernels.laprox_scores_triton(q, k, v, o)
-    assert_rel_close(got, laprox.laprox_scores(q, k, v, o))
+def test_noncontiguous_keys_and_values_as_the_model_stores_them():
+    """model.py's keys and values are (B, n, H_kv, D) buffers seen transposed: read in place."""
+    q, k, v, o = make_layer(seed=3, H_kv=2, G=2, w=8, n=30, D=64)
+    k_t, v_t = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not k_t.is_contiguous()
+    M = laprox.value_gram_pairs(o, 4, 64, 2)
+    assert_rel_close(kernels.laprox_scores_triton(q, k_t, v_t, M, plan=plan()), laprox.laprox_scores(q, k, v, o))
+
+
+def test_split_bfloat16_pieces_sum_to_m():
+    M = torch.randn(3, 5, 16, 16, dtype=torch.float64) * torch.logspace(-3, 1, 16, dtype=torch.float64)
+    pieces = kernels.split_bfloat16(M.float())
+    assert pieces.shape == (3, 3, 5, 16, 16) and pieces.dtype == torch.bfloat16
+    assert (pieces.double().sum(0) - M.float().double()).abs().max() <= 2 ** -24 * M.abs().max()
+    assert (pieces[0].double() - M).abs().max() > 1e-4 * M.abs().max()     # one piece alone would not do
 
 
 def test_dispatch_and_scorer_use_the_kernel_when_asked():
@@ -79,17 +118,107 @@ def test_dispatch_and_scorer_use_the_kernel_when_asked():
     assert_rel_close(laprox.laprox_scorer(prefill, use_triton=True)[0], ref / 2.0)
 
 
+def test_falls_back_to_pytorch_with_one_logged_line_when_no_tiling_fits(caplog):
+    q, k, v, o = make_layer(seed=7, H_kv=1, G=kernels.MAX_GROUP * 2, w=4, n=12, D=16)
+    with caplog.at_level(logging.WARNING, logger="laprox"):
+        for _ in range(2):
+            got = laprox.laprox_scores_auto(q, k, v, o, use_triton=True)
+    assert_rel_close(got, laprox.laprox_scores(q, k, v, o))
+    lines = [r.getMessage() for r in caplog.records if "Triton kernels do not fit" in r.getMessage()]
+    assert len(lines) == 1 and f"G={kernels.MAX_GROUP * 2}" in lines[0]
+
+
 def test_kernel_argument_checks():
     q, k, v, o = make_layer(seed=7, H_kv=1, G=2, w=8, n=20, D=64)
-    with pytest.raises(NotImplementedError, match="center"):
-        kernels.laprox_scores_triton(q, k, v, o, center=True)
+    M = laprox.value_gram_pairs(o, 2, 64, 1)
     with pytest.raises(ValueError, match="group"):
-        kernels.laprox_scores_triton(q, k, v, o, group="max")
-    with pytest.raises(ValueError, match="block_n"):
-        kernels.laprox_scores_triton(q, k, v, o, block_n=24)
-    with pytest.raises(ValueError, match="power-of-two head dim"):
-        q2, k2, v2, o2 = make_layer(seed=8, H_kv=1, G=2, w=8, n=20, D=48)
-        kernels.laprox_scores_triton(q2, k2, v2, o2)
-    with pytest.raises(ValueError, match="multiple"):
-        kernels.laprox_scores_triton(q[:, :1].repeat(1, 3, 1, 1), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1),
-                                     o[:, :1].repeat(1, 3 * 64))
+        kernels.laprox_scores_triton(q, k, v, M, group="max")
+    with pytest.raises(ValueError, match="M must be float32"):
+        kernels.laprox_scores_triton(q, k, v, laprox.value_gram_matrices(o, 2, 64, 1))
+    with pytest.raises(ValueError, match="M must be float32"):
+        kernels.laprox_scores_triton(q, k, v, M.double())
+    with pytest.raises(ValueError, match="window"):
+        kernels.laprox_scores_triton(q, k[:, :, :4], v[:, :, :4], M)
+    with pytest.raises(ValueError, match="H a multiple of H_kv"):
+        kernels.laprox_scores_triton(q[:, :1].repeat(1, 3, 1, 1), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), M)
+
+
+# ------------------------------------------------------------------ the PyTorch path
+
+@pytest.mark.parametrize("group", ["exact", "sum"])
+def test_pytorch_path_in_key_chunks_matches_float64(group):
+    q, k, v, o = make_layer(seed=8, H_kv=2, G=3, w=8, n=41, D=64)
+    ref = naive_scores(q, k, v, o, group=group)
+    for chunk in (7, 41, None):       # chunks that do not divide n, one chunk, the default
+        assert_rel_close(laprox.laprox_scores(q, k, v, o, group=group, key_chunk=chunk), ref)
+
+
+# ------------------------------------------------------------------ M computed once per weight
+
+def test_value_grams_are_computed_once_and_follow_the_weight():
+    _, _, v, o = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
+    o = torch.nn.Parameter(o, requires_grad=False)            # as model.py holds o_proj.weight
+    M = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert M.shape == (2, 6, 64, 64)
+    full = laprox.value_gram_matrices(o, 6, 64, 2)
+    for p, (a, b) in enumerate(laprox.head_pairs(3)):
+        torch.testing.assert_close(M[:, p], full[:, a, b])
+    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # reused, not recomputed
+    q, k, _, _ = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
+    laprox.laprox_scores(q, k, v, o)
+    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # the scorer used the same one
+    with torch.no_grad():
+        o.mul_(1.5)                                               # in place: same tensor, same address
+    M2 = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert M2 is not M
+    torch.testing.assert_close(M2, 2.25 * M)
+    assert_rel_close(laprox.laprox_scores(q, k, v, o), naive_scores(q, k, v, o.detach()))
+
+
+def test_value_gram_cache_lets_go_of_a_dropped_weight():
+    o = torch.randn(40, 4 * 64)
+    M = weakref.ref(laprox.value_gram_pairs(o, 4, 64, 2))
+    assert M() is not None
+    del o
+    gc.collect()
+    assert M() is None                                            # nothing stale is kept
+
+
+# ------------------------------------------------------------------ planning and compiling
+
+def test_plans_fit_each_target_and_tile_rows_for_tl_dot():
+    for cap, limit in kernels.SMEM_LIMITS.items():
+        for G in (1, 3, 4, 7, 8, 16):
+            for w in (5, 16, 128):
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    p, why = kernels.plan_launch(G, w, 128, dtype, "exact", limit)
+                    assert p is not None, why
+                    for cfg in p.stats + p.quad + p.gram:
+                        assert cfg.smem <= limit
+                    for cfg in p.stats + p.gram:
+                        assert cfg.block_t * kernels._next_pow2(G) >= 16
+    p, why = kernels.plan_launch(4, 32, 128, torch.bfloat16, "exact", 4096)
+    assert p is None and "4096 bytes" in why
+    p, why = kernels.plan_launch(kernels.MAX_GROUP + 1, 32, 128, torch.bfloat16, "exact", kernels.SMEM_LIMITS[90])
+    assert p is None and "GQA group" in why
+
+
+def _compiler_tools_missing():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return not os.path.exists(get_ptxas(90).path)
+    except Exception:  # noqa: BLE001 - no NVIDIA backend in this triton
+        return True
+
+
+@pytest.mark.skipif(_compiler_tools_missing(), reason="triton's NVIDIA compiler tools (ptxas) are not installed")
+def test_compile_check_every_target_launches_a_representative_subset():
+    """Triton's own compiler, for sm_80/86/89/90, no GPU: every kernel of the plan for the tightest
+    shapes fits in the target's shared memory and register file (in a fresh process: this one runs
+    the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench_kernels.py"), "--compile-check", "--quick"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "0 kernels that would not launch" in r.stdout and "sm_86" in r.stdout and "sm_90" in r.stdout
