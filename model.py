@@ -147,9 +147,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of the T newest positions. q: (1|B, h_q, T, D); k, v: (B, h_kv, S, D)
     with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t."""
     T, S = q.shape[2], k.shape[2]
-    mask = None
-    if T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
