@@ -353,7 +353,7 @@ def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("model, message", [
-    ("nobody/no-such-model", "cannot load --model nobody/no-such-model: RuntimeError: could not download"),
+    ("nobody/no-such-model", "cannot load --model nobody/no-such-model: OSError: could not download"),
     ("./no/such/folder", "cannot load --model ./no/such/folder: FileNotFoundError: no checkpoint folder"),
 ])
 def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, message):
