@@ -92,7 +92,6 @@ import math
 import random
 import re
 import string
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +194,9 @@ def sample_rng(seed: int, task: str, length: int, index: int, part: str = "") ->
 @functools.lru_cache(maxsize=None)
 def wonderwords_lists() -> dict[str, list[str]]:
     """wonderwords' noun, adjective and verb lists, one word (or compound, "contact lens") an entry."""
-    from wonderwords.random_word import _get_words_from_text_file as read_list  # what RULER calls
-    return {kind: read_list(f"{kind}list.txt") for kind in ("noun", "adjective", "verb")}
+    from importlib.resources import files  # the package's own text files, as RULER reads them
+    read = lambda name: [w.rstrip() for w in (files("wonderwords.assets") / name).read_text().splitlines() if w.strip()]
+    return {kind: read(f"{kind}list.txt") for kind in ("noun", "adjective", "verb")}
 
 
 def draw_value(rng: random.Random, kind: str) -> str:
@@ -828,6 +828,7 @@ def run(args, model=None, tok=None) -> list[dict]:
                 row = dict(model=model_name, task=task, length=length, index=index, method=r["method"],
                            budget=r["budget"], score=score(r["generated"], sample["answers"], sample["metric"]),
                            prediction=postprocess(r["generated"]), answers=sample["answers"],
+                           new_tokens=len(tok.encode(r["generated"], add_special_tokens=False)),  # re-tokenized
                            kept_fraction=r["kept_fraction"], cache_mb=r["cache_mb"],
                            prompt_tokens=len(sample["ids"]), context_tokens=sample["n_context"],
                            prefill_s=r["prefill_s"], compress_s=r["compress_s"], decode_s=r["decode_s"],
