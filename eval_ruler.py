@@ -621,8 +621,8 @@ def check_args(args) -> tuple[list[str], list[int], list[str], list[float]]:
     if qa and args.data_dir is None:
         raise ValueError(f"{', '.join(qa)} need(s) --data-dir DIR with RULER's squad.json / hotpotqa.json "
                          f"(SQuAD v2.0 dev, HotpotQA dev distractor); the synthetic tasks need no data")
-    for t in qa:
-        qa_file(args.data_dir, TASKS[t].args["dataset"])
+    for t in qa:  # read now (cached): a wrong file fails here, before the model loads
+        read_qa(str(qa_file(args.data_dir, TASKS[t].args["dataset"])), TASKS[t].args["dataset"])
     return tasks, lengths, methods, budgets
 
 

@@ -264,11 +264,16 @@ def test_cli_errors_are_one_line(argv, match, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and re.search(match, err)
 
 
-def test_cli_error_for_a_data_dir_without_the_file(capsys, tmp_path):
+def test_cli_errors_for_qa_files(capsys, tmp_path):
     with pytest.raises(SystemExit):
         R.main(["--tasks", "qa_2", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "hotpotqa.json" in err
+    (tmp_path / "squad.json").write_text('{"data": [{"title": "no paragraphs"}]}')
+    with pytest.raises(SystemExit):
+        R.main(["--tasks", "qa_1", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a squad file" in err
 
 
 # ----------------------------------------------------------------------------- reports and a tiny run
