@@ -9,33 +9,21 @@ from pathlib import Path
 import pytest
 
 import eval_ruler as R
+from test_niah import WordTok as NiahWordTok
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class WordTok:
-    """Stand-in tokenizer: a token is a word with the whitespace before it (decode(encode(x)) == x),
-    a bos id first with add_special_tokens, and a chat template."""
-    BOS = 0
-
-    def __init__(self):
-        self.ids, self.pieces = {}, ["<s>"]
+class WordTok(NiahWordTok):
+    """test_niah's stand-in tokenizer (a token is a word with the whitespace before it, a chat
+    template) with a bos id first when add_special_tokens, as model.Tokenizer has."""
+    BOS = -1
 
     def encode(self, text, add_special_tokens=True):
-        out = [self.BOS] if add_special_tokens else []
-        for piece in re.findall(r"\s*\S+|\s+", text):
-            if piece not in self.ids:
-                self.ids[piece] = len(self.pieces)
-                self.pieces.append(piece)
-            out.append(self.ids[piece])
-        return out
+        return ([self.BOS] if add_special_tokens else []) + super().encode(text)
 
     def decode(self, ids):
-        return "".join(self.pieces[i] for i in ids if i != self.BOS)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
-        return text + ("<|assistant|>\n" if add_generation_prompt else "")
+        return super().decode([i for i in ids if i != self.BOS])
 
 
 class RawTok(WordTok):
@@ -146,9 +134,9 @@ def test_task_settings_follow_ruler(tok):
 
 def test_same_sample_in_another_process():
     """No hash() salt, no global random state: a fresh interpreter with another PYTHONHASHSEED draws the same."""
-    code = ("import json, eval_ruler as R, tests.test_ruler as T;"
+    code = ("import json, eval_ruler as R, test_ruler as T;"
             "print(json.dumps([R.make_sample(T.WordTok(), t, 900, 3, seed=7)['text'] for t in R.SYNTHETIC]))")
-    env = dict(os.environ, PYTHONHASHSEED="12345")
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     here = [R.make_sample(WordTok(), t, 900, 3, seed=7)["text"] for t in R.SYNTHETIC]
     assert json.loads(out.stdout) == here
