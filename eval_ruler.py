@@ -68,13 +68,16 @@ Deviations from RULER, and why:
   from that sample's own generator. QA sample i asks the i-th answerable question of the file,
   as RULER does; the seed draws its distractor documents and their order.
 
-Run time (default model, float32, 2 CPU cores; measured by timing one sample of each task with
-the 7 default methods at 4000 tokens; see the project's report for the numbers): about
-PREFILL_S for the prefill plus, per (method, budget), a compression and a greedy decode of up to
-the task's token count; a sample costs ~S_PER_SAMPLE s with the default methods at one budget,
-so the default --samples keeps `python eval_ruler.py --budget 0.05` within 30 minutes. It grows
-linearly in --samples, in the number of tasks, and (for the decode part) in methods x budgets;
-the prefill grows a little faster than linearly in the length (attention is quadratic).
+Run time (default model, float32, 2 CPU cores, 4000 tokens, the 7 default methods at one budget):
+a sample is one prefill (10.7 s alone: bench.py), 7 compressions (~1.5 s) and 7 greedy decodes
+of ~400 tokens together on average at ~0.05 s a token (from ~40 tokens when the answer is a
+number, as in niah_single_1, to 7 x 128 when every method rambles, as in niah_multivalue):
+~32 s a sample, ~6 min for one sample of each of the 11 tasks, so the default --samples 4
+takes ~24 min. (Measured on a machine shared by other jobs, so in single-thread CPU seconds,
+one sample a task: prefill 27 s, compressions 3 s, decodes 32 s for 400 tokens; scaled to 2
+idle cores by bench.py's prefill and decode rates.) Time grows linearly in --samples and in the
+number of tasks, the decode part also in methods x budgets, and the prefill a little faster than
+linearly in the length (attention is quadratic).
 
 How many samples: a task's score is a mean of per-sample scores in [0, 1], so its 95% confidence
 interval has half-width ~ 1.96 * sd / sqrt(N); with sd <= 0.5 (the worst case, scores all 0 or
