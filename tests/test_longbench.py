@@ -586,7 +586,8 @@ def test_samsum_decoding_matches_transformers_generate_with_the_official_argumen
     import torch
     transformers = pytest.importorskip("transformers")
     from cache import KVCache
-    from model import default_checkpoint_dir, load_model
+    from checkpoint import default_checkpoint_dir
+    from model import load_model
     model, tok = load_model()
     ids = lb.build_prompt_ids(tok, SAMSUM, "samsum", max_length=7500)
     prefill = model.prefill(torch.tensor([ids]))
