@@ -31,8 +31,8 @@ import torch
 
 from cache import kept_counts
 from eval_niah import answer, build_parser, build_prompt, haystack_ids, read_haystack
-from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases, parse_list,
-                     parse_methods, run_main, run_unit)
+from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
+                     parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL

@@ -363,8 +363,10 @@ def stat_rows(rows: list[dict]) -> list[dict]:
 def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets, meta: dict,
                   protocols: tuple = ("aware",)) -> dict:
     """Heatmap PNG per (method, budget, protocol), scores_vs_budget.png, summary.md and
-    summary.json; returns the summary: {"meta", "protocols": {protocol: summarize(...)}, "stats":
-    stats.summarize over the cells (means with 95% CIs, paired differences, loss ratio)}."""
+    summary.json; returns the summary: {"meta", "score", "exact", "rouge1", "kept_fraction", "n"
+    (summarize of the first protocol, aware by default, as before the protocols), "protocols":
+    {protocol: summarize(...)}, "stats": stats.summarize over the cells (means with 95% CIs,
+    paired differences, loss ratio)}."""
     groups = grid_rows(rows, lengths, depths, methods, budgets, protocols)
     for (m, b, p), rs in sorted(groups.items()):
         plot_heatmap(rs, out / heatmap_name(m, b, p),
@@ -372,8 +374,8 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
     kept = [r for rs in groups.values() for r in rs]
     statistics_, stats_md = statistics(stat_rows(kept), out / "scores_vs_budget.png",
                                        f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells")
-    summary = dict(meta=meta, protocols={p: summarize(groups, methods, budgets, p) for p in protocols},
-                   stats=statistics_)
+    tables = {p: summarize(groups, methods, budgets, p) for p in protocols}
+    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics_)
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
           "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]

@@ -284,11 +284,13 @@ def test_encode_split_cuts_the_prompts_own_ids():
 def test_parsers_and_device_checks():
     assert Hn.parse_budgets("0.05, 0.2,0.05") == [0.05, 0.2]
     assert Hn.parse_budgets("0.05,128,1", tokens=True) == [0.05, 128, 1]
-    for text, tokens, match in [("0", False, "out of range"), ("1.5", True, "out of range"), ("128", False, r"\(0, 1\]"),
-                                ("abc", False, "not a number"), ("nan", False, "out of range"), ("", False, "empty")]:
+    for text, tokens, match in [("0", False, "out of range"), ("1.5", True, "out of range"),
+                                ("128", False, r"\(0, 1\]"), ("abc", False, "not a number"),
+                                ("nan", False, "out of range"), ("", False, "empty")]:
         with pytest.raises(ValueError, match=match):
             Hn.parse_budgets(text, tokens)
-    assert Hn.parse_methods("full, laprox:pool=0,full") == {"full": ("full", {}), "laprox:pool=0": ("laprox", {"pool": 0})}
+    assert Hn.parse_methods("full, laprox:pool=0,full") == {"full": ("full", {}),
+                                                             "laprox:pool=0": ("laprox", {"pool": 0})}
     for spec, match in [("laprox:center=no", "takes a bool"), ("snap-kv", "unknown method"), ("laprox:pool=4", "odd")]:
         with pytest.raises(ValueError, match=match):
             Hn.parse_methods(f"full,{spec}")
@@ -367,8 +369,8 @@ def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
             Hn.OutputLock(out).__enter__()
     with Hn.OutputLock(out):  # released on exit
         pass
-    code = ("import sys, time, harness; lock = harness.OutputLock(sys.argv[1]).__enter__(); print('locked', flush=True); "
-            "time.sleep(120)")
+    code = ("import sys, time, harness; lock = harness.OutputLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=Path(Hn.__file__).parent,
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -318,7 +318,8 @@ def test_malformed_data_lines_are_one_line_errors(data_dir, tmp_path, line, mess
     with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
         lb.load_task(data_dir, "hotpotqa")
     assert len(lb.load_task(data_dir, "hotpotqa", limit=1)) == 1  # lines beyond --limit are not read
-    assert re.search(re.escape(message), fails(capsys, ["--data-dir", str(data_dir), "--tasks", "hotpotqa", "--out", str(tmp_path / "out")]))
+    assert re.search(re.escape(message), fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "hotpotqa", "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
@@ -338,7 +339,8 @@ def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path, caps
     with pytest.raises(ConnectionError, match="--data-dir") as err:
         lb.fetch_data()
     assert "THUDM/LongBench" in str(err.value) and "network is unreachable" in str(err.value)
-    assert re.search("--data-dir", fails(capsys, ["--tasks", "trec", "--out", str(tmp_path / "out")]))  # the command line says the same
+    assert re.search("--data-dir", fails(capsys,
+        ["--tasks", "trec", "--out", str(tmp_path / "out")]))  # the command line says the same
 
 
 def test_download_unpacks_data_zip(monkeypatch, tmp_path):
@@ -370,28 +372,34 @@ def test_download_unpacks_data_zip(monkeypatch, tmp_path):
     (["--device", "nonsense"], "--device 'nonsense' is not a device"),
 ])
 def test_bad_arguments_fail_before_model_work(argv, message, data_dir, tmp_path, capsys):
-    assert re.search(re.escape(message), fails(capsys, argv + ["--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
+    assert re.search(re.escape(message), fails(capsys,
+        argv + ["--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_dir_fails_before_model_work(tmp_path, capsys):
-    assert re.search("is not a folder", fails(capsys, ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]))
+    assert re.search("is not a folder", fails(capsys,
+        ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]))
     (tmp_path / "a-file").write_text("x")
-    assert re.search("a-file is not a folder", fails(capsys, ["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "out")]))
+    assert re.search("a-file is not a folder", fails(capsys,
+        ["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "out")]))
 
 
 def test_cuda_without_cuda_is_a_one_line_error(data_dir, tmp_path, capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert re.search("--device cuda: CUDA is not available .* use --device cpu", fails(capsys, ["--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
+    assert re.search("--device cuda: CUDA is not available .* use --device cpu", fails(capsys,
+        ["--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
 def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("not a folder")
-    assert re.search("--out .*taken is a file, not a folder", fails(capsys, ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken")]))
-    assert re.search("cannot create the output folder --out .*taken/sub", fails(capsys, ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken" / "sub")]))
+    assert re.search("--out .*taken is a file, not a folder", fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken")]))
+    assert re.search("cannot create the output folder --out .*taken/sub", fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken" / "sub")]))
 
 
 @pytest.mark.parametrize("model, message", [
@@ -400,7 +408,9 @@ def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path, capsys):
 ])
 def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, message, capsys):
     """The hub id fails offline (conftest sets HF_HUB_OFFLINE=1) before any prefill."""
-    assert re.search(re.escape(message), fails(capsys, ["--model", model, "--data-dir", str(data_dir), "--tasks", "trec", "--methods", "full", "--out", str(tmp_path / "out")]))
+    assert re.search(re.escape(message), fails(capsys,
+        ["--model", model, "--data-dir", str(data_dir), "--tasks", "trec", "--methods", "full",
+         "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out" / "predictions.jsonl").exists() or not (tmp_path / "out" / "predictions.jsonl").read_text()
 
 
@@ -684,7 +694,8 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
     argv = ["--model", str(folder), "--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa",
             "--methods", "full", "--out", str(out)]
     assert re.search(r"context \(512 tokens\) is too short .* pass --max-length", fails(capsys, argv))
-    assert re.search("--max-length 490 does not fit hotpotqa: .* use --max-length 480 or less", fails(capsys, argv + ["--max-length", "490"]))
+    assert re.search("--max-length 490 does not fit hotpotqa: .* use --max-length 480 or less", fails(capsys,
+        argv + ["--max-length", "490"]))
     assert not (out / "predictions.jsonl").exists()
     capsys.readouterr()
     lb.main(argv + ["--max-length", "480"])

@@ -158,7 +158,8 @@ def test_argument_and_length_checks():
                        (["--budget", "0"], r"\(0, 1\]"), (["--budget", "2"], r"\(0, 1\]"),
                        (["--lengths", "-5"], "positive"), (["--window", "0"], "window"),
                        (["--protocol", "aware,blind"], "aware, agnostic"), (["--max-new-tokens", "0"], ">= 1"),
-                       (["--methods", "laprox:colour=red"], "unknown flag"), (["--methods", "laprox:pool"], "key=value")]:
+                       (["--methods", "laprox:colour=red"], "unknown flag"),
+                       (["--methods", "laprox:pool"], "key=value")]:
         with pytest.raises(ValueError, match=match):
             check(bad)
     E.check_lengths([2000, 7500], 8192, 24, min_length=120)
@@ -193,6 +194,7 @@ def test_reports_from_rows(tmp_path):
     aware = s["protocols"]["aware"]
     assert aware["score"]["snapkv"] == {"0.05": 0.5, "0.2": 0.75}
     assert aware["score"]["full"] == {"0.05": 1.0, "0.2": 1.0} and aware["n"]["full"]["0.05"] == 6
+    assert s["score"] == aware["score"] and s["exact"] == aware["exact"]  # the first protocol's, as before
     for name in ("heatmap_full.png", "heatmap_snapkv_0.05.png", "heatmap_snapkv_0.2.png", "heatmap_full_agnostic.png",
                  "heatmap_snapkv_0.2_agnostic.png", "scores_vs_budget.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
@@ -200,7 +202,8 @@ def test_reports_from_rows(tmp_path):
     assert saved["protocols"]["agnostic"]["exact"]["full"]["0.2"] == 1.0
     at = {b["budget"]: b for b in saved["stats"]["protocols"]["aware"]["budgets"]}
     assert at[0.05]["scores"]["snapkv"]["mean"] == pytest.approx(0.5) and at[0.05]["scores"]["snapkv"]["n"] == 6
-    assert at[0.05]["differences"]["snapkv"]["mean"] == pytest.approx(0.25) and at[0.05]["differences"]["snapkv"]["significant"]
+    difference = at[0.05]["differences"]["snapkv"]
+    assert difference["mean"] == pytest.approx(0.25) and difference["significant"]
     assert at[0.05]["loss_ratio"]["ratio"] == pytest.approx(0.5) and at[0.05]["best_baseline"] == "snapkv"
     md = (tmp_path / "summary.md").read_text()
     assert "full (no eviction)" in md and "no multiple-comparison correction" in md.lower()
@@ -232,8 +235,9 @@ def test_both_protocols_on_a_small_grid(small_run):
     out = Path(argv[-1])
     assert len(rows) == len(lines) == 2 * 2 * 3  # cells x protocols x (full, laprox, snapkv:pool=0)
     for r in map(json.loads, lines):
-        assert {"method", "budget", "protocol", "length", "depth", "score", "exact", "kept_fraction", "kept_of", "answer",
-                "prompt_tokens", "context_tokens", "prefill_s", "compress_s", "question_s", "decode_s"} <= set(r)
+        assert {"method", "budget", "protocol", "length", "depth", "score", "exact", "kept_fraction", "kept_of",
+                "answer", "prompt_tokens", "context_tokens", "prefill_s", "compress_s", "question_s",
+                "decode_s"} <= set(r)
         assert r["length"] == 600 and r["depth"] in (0.0, 1.0) and 0 <= r["score"] <= 1
         assert r["prompt_tokens"] == 600 and 500 < r["context_tokens"] < 590
         assert r["kept_of"] == ("prompt" if r["protocol"] == "aware" else "context")
@@ -285,7 +289,8 @@ def test_resume_after_a_torn_line_and_one_run_per_out(default_model, small_run, 
     err = capsys.readouterr().err
     assert "skipped 1 unreadable line(s)" in err and err.count("warning") == 1
     last = json.loads(lines[-1])
-    assert [(r["method"], r["protocol"], r["depth"]) for r in redone] == [(last["method"], last["protocol"], last["depth"])]
+    case = lambda r: (r["method"], r["protocol"], r["depth"])
+    assert [case(r) for r in redone] == [case(last)]
     assert redone[0]["generated"] == last["generated"]
     now = results.read_text().splitlines()
     assert now[:-1] == torn.splitlines() and json.loads(now[-1])["generated"] == last["generated"]
