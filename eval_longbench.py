@@ -38,7 +38,7 @@ from pathlib import Path
 
 from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, read_rows, run_main,
-                     statistics)
+                     stats_report)
 
 # ---- the official tables (THUDM/LongBench, LongBench/config/*.json), English tasks ----
 
@@ -588,7 +588,7 @@ def run(args) -> list[dict]:
         wanted = {case_key(task, s, c) for task, s in work for c in cases}
         lines = [x for x in latest(before + new, line_key) if line_key(x) in wanted]
         results = aggregate(lines)
-        summary, stats_md = statistics(stat_rows(lines), out / "scores_vs_budget.png",
+        summary, stats_md = stats_report(stat_rows(lines), out / "scores_vs_budget.png",
                                        f"LongBench {model_name}", scale=100, digits=2)
         (out / "results.json").write_text(json.dumps(
             {"model": model_name, "tasks": tasks, "methods": list(methods), "budgets": budgets,

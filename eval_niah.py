@@ -33,7 +33,7 @@ from pathlib import Path
 
 from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
-                     read_rows, run_main, skipped_at_lengths, statistics)
+                     read_rows, run_main, skipped_at_lengths, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -372,10 +372,10 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
         plot_heatmap(rs, out / heatmap_name(m, b, p),
                      ("full cache" if m == "full" else f"{m} @ budget {b:g}") + ("" if p == "aware" else f", {p}"))
     kept = [r for rs in groups.values() for r in rs]
-    statistics_, stats_md = statistics(stat_rows(kept), out / "scores_vs_budget.png",
+    statistics, stats_md = stats_report(stat_rows(kept), out / "scores_vs_budget.png",
                                        f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells")
     tables = {p: summarize(groups, methods, budgets, p) for p in protocols}
-    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics_)
+    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
           "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]

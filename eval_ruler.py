@@ -3,13 +3,19 @@
     python eval_ruler.py --budget 0.05                      # 11 tasks at 4000 tokens, SmolLM2-135M, CPU
     python eval_ruler.py --tasks niah_single_2,vt,cwe --lengths 4000,8000 --budget 0.01,0.05,0.2
     python eval_ruler.py --tasks qa_1,qa_2 --data-dir DIR   # DIR: squad.json, hotpotqa.json (RULER's files)
+    python eval_ruler.py --budget 0.05 --protocol aware,agnostic   # also question-agnostic (harness.py)
 
 Every sample is a function of (--seed, task, length, index) and the model's tokenizer only: its
 random draws come from a random.Random seeded with a SHA-256 of those four, so it is the same on
-any machine. Each sample is prefilled once and every (method, budget) is evaluated on that prefill
-(eviction happens after prefill, so the prefill does not depend on the method). One JSON line per
-(sample, method, budget) goes to <out>/results.jsonl as it finishes (a rerun skips finished ones);
-then summary.md / summary.json (mean score per task and pooled, per method x budget) and a plot.
+any machine. The prompt splits where the task's context ends (everything after it, the question,
+the answer prefix, the chat template's closing tokens, is the question of --protocol agnostic).
+Each sample is prefilled once and every (method, budget, protocol) is evaluated on that prefill
+(harness.run_unit: eviction happens after prefill, so the prefill does not depend on the method).
+One JSON line per (sample, method, budget, protocol) goes to <out>/results.jsonl as it finishes (a
+rerun skips finished ones; one run per --out at a time); then summary.md / summary.json and one
+plot per length: the pooled score (the mean of the task means) and each task's, per method x
+budget x protocol, with 95% bootstrap CIs over the samples, LaProx's paired differences with
+every baseline, its loss vs full and the loss ratio (stats.py).
 
 The tasks (RULER's scripts/synthetic.yaml, generators in scripts/data/synthetic/, metric in
 scripts/eval/synthetic/constants.py; lm-evaluation-harness's lm_eval/tasks/ruler is a second reading):
@@ -103,7 +109,7 @@ import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
 from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
-                     read_rows, run_main, skipped_at_lengths, statistics)
+                     read_rows, run_main, skipped_at_lengths, stats_report)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -700,7 +706,7 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
     summary = {"meta": meta, "lengths": {}}
     for l in lengths:
         at_l = stat_rows([r for r in rows if r["length"] == l])
-        result, stats_md = statistics(at_l, out / f"scores_{l}.png", f"RULER {meta['model']}, {l} tokens")
+        result, stats_md = stats_report(at_l, out / f"scores_{l}.png", f"RULER {meta['model']}, {l} tokens")
         per_task = task_cis(at_l, tasks) if at_l else {}
         summary["lengths"][str(l)] = {"stats": result, "tasks": per_task}
         md += [f"## length {l}: pooled score over the tasks, with 95% bootstrap CIs over the samples", "", stats_md, ""]

@@ -46,7 +46,7 @@ Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, e
                is skipped with a warning), RowWriter (every row starts on a fresh line), latest
                (the newest row per case), fingerprint (the configuration a row was made with)
     running    load_checkpoint, evaluate (each unit's cases through run_unit, rows written as
-               they finish, skipped budgets said once), statistics (stats.py on the score rows)
+               they finish, skipped budgets said once), stats_report (stats.py on the score rows)
 """
 from __future__ import annotations
 
@@ -586,7 +586,8 @@ def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: 
     return made
 
 
-def statistics(rows: list[dict], plot: Path, title: str, scale: float = 1.0, digits: int = 3) -> tuple[dict, str]:
+def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0,
+                 digits: int = 3) -> tuple[dict | None, str]:
     """stats.summarize of score rows ({"unit", "stratum", "method", "budget", "protocol", "score"}:
     means with bootstrap CIs per method x budget x protocol, LaProx's paired differences, loss vs
     full and the loss ratio), its plot (score vs budget, CI bars, a panel per protocol) written to
