@@ -358,7 +358,7 @@ def test_rows_after_a_torn_line(tmp_path, capsys):
     assert [r["v"] for r in Hn.latest(rows, lambda r: r["k"])] == ["c", "b"]
 
 
-def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
+def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, capsys):
     import os
     import signal
     import subprocess
@@ -377,6 +377,10 @@ def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"--out {out} is in use by pid {holder.pid} .*-c.* wait for that run"):
             Hn.OutputLock(out).__enter__()
+        with pytest.raises(SystemExit) as done:  # an eval on that folder: one line, before any model work
+            E.main(["--lengths", "600", "--depths", "0", "--methods", "full", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and f"is in use by pid {holder.pid} (" in err, err
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

@@ -242,6 +242,9 @@ def test_qa_from_ruler_files(qa_dir, task, length):
     (["--tasks", "all"], "--data-dir"),
     (["--methods", "full,nope"], "unknown method"),
     (["--budget", "2"], r"\(0, 1\]"),
+    (["--protocol", "aware,blind"], "aware, agnostic"),
+    (["--methods", "full,laprox:center=no"], "takes a bool"),
+    (["--device", "bogus"], "is not a device"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
