@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 
 from cache import kept_counts
-from eval_niah import (DEFAULT_METHODS, build_parser, build_prompt, clock, haystack_ids, parse_list, read_haystack,
-                       run_cell)
+from eval_niah import answer, build_parser, build_prompt, haystack_ids, read_haystack
+from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
+                     parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
 from model import decode_greedy, load_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
                     "random", "h2o")
-NIAH_METHODS = tuple(DEFAULT_METHODS.split(","))  # eval_niah.py's default methods and answer length
+NIAH_METHODS = parse_methods(DEFAULT_METHODS)  # eval_niah.py's default methods, window and answer length
 NIAH_NEW_TOKENS = build_parser().get_default("max_new_tokens")
 
 
@@ -59,9 +59,14 @@ def timed(fn, device, repeats: int = 1):
     return statistics.median(times), out
 
 
+def niah_prompt(tok, hay: list[int], n: int) -> dict:
+    """A NIAH prompt of n tokens (needle in the middle; eval_niah.build_prompt): realistic text for every figure."""
+    return build_prompt(tok, hay, n, 0.5)
+
+
 def prompt_ids(tok, hay: list[int], n: int, device) -> torch.Tensor:
-    """A NIAH prompt of n tokens (needle in the middle): realistic text for every figure."""
-    return torch.tensor([build_prompt(tok, hay, n, 0.5)["ids"]], device=device)
+    """The (1, n) ids of niah_prompt."""
+    return torch.tensor([niah_prompt(tok, hay, n)["ids"]], device=device)
 
 
 def bench_load(name) -> dict:
@@ -118,15 +123,17 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
     return out
 
 
-def bench_shared_prefill(model, tok, ids, budget, window, device) -> dict:
-    """One NIAH cell, every default method, run exactly as eval_niah.py runs it (run_cell: prefill,
-    then per method compress and decode the answer): one shared prefill vs a prefill per method."""
-    cases = [(m, budget) for m in NIAH_METHODS]
-    ids = ids[0].tolist()
-    t_shared, _ = timed(lambda: list(run_cell(model, tok, ids, cases, window, NIAH_NEW_TOKENS, device)), device)
-    t_separate, _ = timed(lambda: [list(run_cell(model, tok, ids, [c], window, NIAH_NEW_TOKENS, device))
-                                   for c in cases], device)
-    return {"n": len(ids), "methods": len(cases), "shared_s": t_shared,
+def bench_shared_prefill(model, tok, prompt: dict, budget, window, device) -> dict:
+    """One NIAH cell, every default method, run exactly as eval_niah.py runs it by default
+    (harness.run_unit, protocol aware: one prefill, then per method compress and decode the answer
+    with eval_niah.answer): one shared prefill vs a prefill per method. prompt: a niah_prompt."""
+    cases = make_cases(NIAH_METHODS, [budget], ["aware"])
+    decode = lambda cache: answer(model, tok, cache, NIAH_NEW_TOKENS)
+    unit = lambda cases: list(run_unit(model, prompt["context_ids"], prompt["question_ids"], cases, decode,
+                                       window=window))
+    t_shared, _ = timed(lambda: unit(cases), device)
+    t_separate, _ = timed(lambda: [unit([c]) for c in cases], device)
+    return {"n": len(prompt["ids"]), "methods": len(cases), "shared_s": t_shared,
             "per_method_s": t_separate, "ratio": t_separate / t_shared}
 
 
@@ -211,10 +218,10 @@ def table(res: dict, budget: float) -> str:
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths for the overhead figures")
     ap.add_argument("--decode-length", type=int, default=7500)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -246,6 +253,7 @@ def check_args(a) -> tuple[list[int], list[float], list[int]]:
     for name, b in [("budget", a.budget)] + [("decode-budgets", b) for b in decode_budgets]:
         if not 0 < b <= 1:  # a fraction, as in eval_niah.py
             raise ValueError(f"--{name} must be a fraction of the KV entries in (0, 1], got {b}")
+    check_device(a.device)
     if Path(a.out).is_dir():
         raise ValueError(f"--out {a.out} is a folder; pass the path of the JSON file to write")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # a path through a file fails now, not after the run
@@ -255,7 +263,7 @@ def check_args(a) -> tuple[list[int], list[float], list[int]]:
 def run(a) -> dict:
     """The figures of the docstring for parsed arguments `a` (see build_bench_parser)."""
     lengths, decode_budgets, kernel_lengths = check_args(a)
-    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])  # a bad model or device fails first
+    model, tok = load_checkpoint(a.model, a.device, a.dtype)
     if a.layers:
         report_layers(model, tok, a.length, a.budget)
         return {}
@@ -274,8 +282,8 @@ def run(a) -> dict:
     res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device), decode_budgets, a.window,
                                  a.new_tokens, a.repeats, a.device)
     step(f"shared vs per-method prefill at {a.niah_length} tokens")
-    res["shared"] = bench_shared_prefill(model, tok, prompt_ids(tok, hay, a.niah_length, a.device), a.budget,
-                                         a.window, a.device)
+    res["shared"] = bench_shared_prefill(model, tok, niah_prompt(tok, hay, a.niah_length), a.budget, a.window,
+                                         a.device)
     if a.device.startswith("cuda"):
         step("Triton vs PyTorch scoring")
         res["kernel"] = bench_kernel(kernel_lengths, a.repeats)
@@ -288,12 +296,7 @@ def run(a) -> dict:
 
 def main(argv=None) -> dict:
     """The command line: a user error (bad argument, model, device, path) is one line and exit code 2."""
-    ap = build_bench_parser()
-    a = ap.parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, OSError) as e:  # OSError: a path, the disk or the hub
-        ap.exit(2, f"{ap.prog}: error: {e}\n")  # one line: the usage would only hide it
+    return run_main(build_bench_parser(), run, argv, interrupted="interrupted")
 
 
 if __name__ == "__main__":

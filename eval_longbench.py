@@ -10,16 +10,20 @@ context in thousands of tokens minus 500, as config/model2maxlen.json; --max-len
 override), checked to leave room for the chat template and the answer before any prefill;
 a checkpoint without a chat template gets the raw prompt; samsum decodes with pred.py's
 min_length and newline stop. What is ours: each sample is prefilled once, and every eviction
-method and budget is evaluated on that same prefill (eviction happens after prefill, so the
-prefill does not depend on the method).
+method, budget and protocol is evaluated on that prefill (harness.run_unit). Under --protocol
+agnostic the prompt splits where {context} ends in the official template (after truncation and
+the chat template): everything after it is the question, also on tasks without one (gov_report,
+passage_count, lcc: the instruction after the context). Scores come with 95% bootstrap CIs over
+the samples (stratified by task), LaProx's paired differences and the loss ratio (stats.py).
 
     python eval_longbench.py --budget 0.05                       # all 16 tasks, default model
     python eval_longbench.py --tasks hotpotqa,trec --limit 20 --methods full,laprox,snapkv
     python eval_longbench.py --data-dir ~/LongBench/data         # official jsonl files, no download
+    python eval_longbench.py --protocol aware,agnostic --budget 0.05,0.2
 
 Outputs under --out (default results/longbench/<model>/): predictions.jsonl (one line per
-sample, method and budget; a rerun skips what is there), results.json, results.md and
-scores_vs_budget.png.
+sample, method, budget and protocol; a rerun skips what is there; one run per --out at a time),
+results.json, results.md and scores_vs_budget.png.
 """
 from __future__ import annotations
 
@@ -28,10 +32,13 @@ import difflib
 import json
 import re
 import string
-import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
+
+from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, read_rows, run_main,
+                     stats_report)
 
 # ---- the official tables (THUDM/LongBench, LongBench/config/*.json), English tasks ----
 
@@ -84,10 +91,9 @@ NO_CHAT_TASKS = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
 # eval.py: only the first line of the prediction is scored on these tasks.
 FIRST_LINE_TASKS = {"trec", "triviaqa", "samsum", "lsht"}
 
-DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
-
-# The rules of pred.py that are code, not tables (part of every prediction's configuration hash).
-PROTOCOL = ("max_length: context // 1000 * 1000 - 500 unless given; middle truncation; chat template "
+# The rules of pred.py that are code, not tables (part of every prediction's configuration hash;
+# not the aware / agnostic protocol, which each prediction line names).
+OFFICIAL_RULES = ("max_length: context // 1000 * 1000 - 500 unless given; middle truncation; chat template "
             "except NO_CHAT_TASKS, raw prompt without one; greedy; samsum: min_length + stop on the newline id")
 
 HUB_REPO, HUB_FILE = "THUDM/LongBench", "data.zip"
@@ -306,20 +312,43 @@ def parse_sample(line: str, where: str) -> dict:
 
 # ---- prompts (pred.py) ----
 
-def build_prompt_ids(tok, sample: dict, task: str, max_length: int, chat: bool = True) -> list[int]:
-    """Token ids of the official prompt: the task template, the tokenised prompt cut in the
-    middle to `max_length` tokens (first and last max_length // 2 kept, decoded and joined
-    again as text), then the model's chat template except for NO_CHAT_TASKS. chat=False
-    (a checkpoint without a chat template) feeds the raw prompt, as pred.py's build_chat
-    does for a model it has no template for."""
-    prompt = DATASET2PROMPT[task].format(**sample)
+def build_prompt(tok, sample: dict, task: str, max_length: int, chat: bool = True) -> tuple[str, int]:
+    """The official prompt text and `context_end`, the character offset where its {context} ends
+    (everything after it, the question and the instructions that follow the context, the chat
+    template's closing tokens, is "the question": harness.encode_split).
+
+    As pred.py: the task template filled in, cut in the middle to `max_length` tokens when longer
+    (the first and last max_length // 2 tokens kept, decoded and joined again as text), then the
+    model's chat template except for NO_CHAT_TASKS. chat=False (a checkpoint without a chat
+    template) keeps the raw prompt, as pred.py's build_chat does for a model it has no template for.
+    After a cut, the context ends where the text after it (the tail) starts, when the kept end
+    holds the whole tail; else in the kept start if it lay there; else at the cut itself (the
+    question then is what is kept of a tail longer than half the prompt)."""
+    before, after = DATASET2PROMPT[task].split("{context}")
+    head, tail = before.format(**sample), after.format(**sample)
+    prompt = head + sample["context"] + tail
+    end = len(head) + len(sample["context"])
     ids = tok.encode(prompt)
     if len(ids) > max_length:
         half = int(max_length / 2)
-        prompt = tok.decode(ids[:half]) + tok.decode(ids[-half:])
+        first, second = tok.decode(ids[:half]), tok.decode(ids[-half:])
+        if second.endswith(tail):
+            end = len(first) + len(second) - len(tail)
+        elif not (end <= len(first) and prompt.startswith(first)):
+            end = len(first)
+        prompt = first + second
     if chat and task not in NO_CHAT_TASKS:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tok.encode(prompt)
+        wrapped = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        start = wrapped.find(prompt)
+        if start < 0:
+            raise ValueError(f"{task}: the chat template changed the prompt's text; its context cannot be located")
+        prompt, end = wrapped, start + end
+    return prompt, end
+
+
+def build_prompt_ids(tok, sample: dict, task: str, max_length: int, chat: bool = True) -> list[int]:
+    """Token ids of the official prompt (build_prompt): one tokenization of its text, as pred.py."""
+    return tok.encode(build_prompt(tok, sample, task, max_length, chat)[0])
 
 
 def has_chat_template(tok) -> bool:
@@ -390,110 +419,62 @@ def decode_answer(model, tok, cache, task: str) -> str:
     return tok.decode(decode_greedy(model, cache, DATASET2MAXLEN[task], stop_ids=stop, logits=first))
 
 
-# ---- the model-touching part ----
-
-def run_sample(model, tok, ids: list[int], task: str, runs: list[tuple[str, float | int | None]],
-               window: int, device: str) -> list[dict]:
-    """Prefill the prompt once, then for each (method, budget): compress the prefill's cache,
-    decode as pred.py does, and return {method, budget, pred, kept_fraction} per run.
-    ids: prompt token ids (n,); the prefill takes them as a (1, n) tensor."""
-    import torch
-    from methods import compress
-    prefill = model.prefill(torch.tensor([ids], device=device), window=window,
-                            h2o=any(m == "h2o" for m, _ in runs))
-    out = []
-    for method, budget in runs:
-        cache = compress(prefill, method=method, budget=1.0 if budget is None else budget)
-        out.append({"method": method, "budget": budget, "pred": decode_answer(model, tok, cache, task),
-                    "kept_fraction": cache.kept_fraction()})
-    return out
-
-
 # ---- predictions file ----
 
 PREDICTION_FIELDS = ("task", "index", "method", "budget", "pred", "answers", "all_classes", "kept_fraction", "config")
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """All prediction lines of `path` ([] if absent). Lines that are not a whole prediction
-    (a line cut short by a killed run) are skipped with one warning: their cases run again."""
-    if not path.is_file():
-        return []
-    lines, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                x = json.loads(line)
-            except json.JSONDecodeError:
-                x = None
-            if isinstance(x, dict) and all(k in x for k in PREDICTION_FIELDS):
-                lines.append(x)
-            else:
-                skipped.append(number)
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable line(s) of {path} (line {', '.join(map(str, skipped[:5]))}"
-              f"{', ...' if len(skipped) > 5 else ''}; cut short by an interrupted run?): their cases are not "
-              f"counted as done", file=sys.stderr)
-    return lines
+def run_key(task: str, index: int, method: str, budget, protocol: str = "aware") -> tuple:
+    """What identifies one prediction: (task, sample index, method, budget, protocol); "full"
+    has budget None."""
+    return task, int(index), method, None if budget is None else float(budget), protocol
 
 
-def open_for_append(path: Path):
-    """`path` opened to append lines, starting on a fresh line: after a run killed mid-write the
-    file ends in a torn line, and a line appended to it would be unreadable as well."""
-    torn = False
-    if path.is_file() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, 2)
-            torn = f.read(1) != b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if torn:
-        f.write("\n")
-    return f
+def line_key(line: dict) -> tuple:
+    """run_key of a prediction line; a line written before the protocols existed was aware."""
+    return run_key(line["task"], line["index"], line["method"], line["budget"], line.get("protocol", "aware"))
+
+
+def read_predictions(path: Path, config: str) -> list[dict]:
+    """The prediction lines of `path` made with this configuration, the last one per case (a
+    --no-resume rerun appends newer ones); a line that is not a whole prediction (cut short by a
+    killed run) is skipped with one warning and its case runs again (harness.read_rows)."""
+    lines = [dict(x, protocol=x.get("protocol", "aware")) for x in read_rows(path, required=PREDICTION_FIELDS)
+             if x.get("config") == config]
+    return latest(lines, line_key)
 
 
 def run_config(args) -> str:
     """Hash of what changes the predictions (checkpoint, dtype, window, truncation, prompts): lines
     of another configuration in the same predictions file are neither skipped nor scored."""
-    from eval_niah import fingerprint
     return fingerprint(dict(checkpoint=args.model, dtype=args.dtype, window=args.window, max_length=args.max_length,
-                            prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN, protocol=PROTOCOL))
-
-
-def run_key(task: str, index: int, method: str, budget) -> tuple:
-    """What identifies one prediction: (task, sample index, method, budget)."""
-    return task, int(index), method, None if budget is None else float(budget)
-
-
-def pending_runs(sample: dict, task: str, methods: list[str], budgets: list,
-                 done: set) -> list[tuple[str, float | int | None]]:
-    """(method, budget) pairs still to run on one sample; "full" runs once, with budget None."""
-    runs = [("full", None)] if "full" in methods else []
-    runs += [(m, b) for b in budgets for m in methods if m != "full"]
-    return [(m, b) for m, b in runs if run_key(task, sample["index"], m, b) not in done]
+                            prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN, protocol=OFFICIAL_RULES))
 
 
 # ---- scores ----
 
+def score_of(line: dict) -> float:
+    """A prediction line's score in [0, 1] (score_prediction)."""
+    return score_prediction(line["task"], line["pred"], line["answers"], line["all_classes"])
+
+
 def aggregate(lines: list[dict]) -> list[dict]:
-    """Per (method, budget): task scores (mean x 100, rounded to 2 decimals as eval.py does),
-    the six category averages, "avg" (over tasks, as KV-cache papers report) and
+    """Per (method, budget, protocol): task scores (mean x 100, rounded to 2 decimals as eval.py
+    does), the six category averages, "avg" (over tasks, as KV-cache papers report) and
     "avg_categories" (over categories, as the LongBench leaderboard), mean kept fraction, n."""
     groups: dict[tuple, list[dict]] = {}
     for line in lines:
-        groups.setdefault((line["method"], line["budget"]), []).append(line)
+        groups.setdefault((line["method"], line["budget"], line.get("protocol", "aware")), []).append(line)
     results = []
-    for (method, budget), group in groups.items():
+    for (method, budget, protocol), group in groups.items():
         per_task: dict[str, list[float]] = {}
         for x in group:
-            per_task.setdefault(x["task"], []).append(
-                score_prediction(x["task"], x["pred"], x["answers"], x["all_classes"]))
+            per_task.setdefault(x["task"], []).append(score_of(x))
         tasks = {t: round(100 * sum(v) / len(v), 2) for t, v in per_task.items()}
         cats = {c: round(sum(tasks[t] for t in ts if t in tasks) / sum(t in tasks for t in ts), 2)
                 for c, ts in CATEGORIES.items() if any(t in tasks for t in ts)}
         results.append({
-            "method": method, "budget": budget,
+            "method": method, "budget": budget, "protocol": protocol,
             "tasks": {t: tasks[t] for t in TASKS if t in tasks},
             "categories": cats,
             "avg": round(sum(tasks.values()) / len(tasks), 2),
@@ -504,35 +485,37 @@ def aggregate(lines: list[dict]) -> list[dict]:
     return results
 
 
-def results_markdown(results: list[dict], budgets: list) -> str:
-    """One table per budget: rows are tasks, categories, averages and the kept fraction;
-    columns are the methods ("full" in every table as the reference). Under it, the number
-    of samples each method was scored on per task: a budget that leaves a prompt less than
-    the window (+ sinks) skips that sample for that method, so averages can cover different
-    samples, which a note then names."""
+def results_markdown(results: list[dict], budgets: list, protocols: tuple = ("aware",)) -> str:
+    """One table per protocol and budget: rows are tasks, categories, averages and the kept
+    fraction (of the prompt under aware, of the context under agnostic); columns are the methods
+    ("full" in every table as the reference). Under it, the number of samples each method was
+    scored on per task: a budget that leaves a prompt (or context) less than some method's window
+    (+ sinks) skips that sample for every method but "full", which a note then names."""
     out = []
-    for b in budgets:
-        cols = [r for r in results if r["budget"] is None] + [r for r in results if r["budget"] == b]
-        if not cols:
-            continue
-        tasks = [t for t in TASKS if any(t in r["tasks"] for r in cols)]
-        cats = [c for c in CATEGORIES if any(c in r["categories"] for r in cols)]
-        header = ["| | " + " | ".join(r["method"] for r in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        out += [f"## budget {b}", ""] + header
-        for name, get in ([(t, lambda r, t=t: r["tasks"].get(t)) for t in tasks]
-                          + [(f"**{c}**", lambda r, c=c: r["categories"].get(c)) for c in cats]
-                          + [("**avg (tasks)**", lambda r: r["avg"]),
-                             ("**avg (categories)**", lambda r: r["avg_categories"]),
-                             ("kept fraction", lambda r: r["kept_fraction"])]):
-            out.append(f"| {name} | " + " | ".join("-" if get(r) is None else f"{get(r):g}" for r in cols) + " |")
-        out += ["", f"samples scored (budget {b}):", ""] + header
-        for t in tasks:
-            out.append(f"| {t} | " + " | ".join(str(r["n"].get(t, 0)) for r in cols) + " |")
-        uneven = [t for t in tasks if len({r["n"].get(t, 0) for r in cols}) > 1]
-        if uneven:
-            out += ["", f"note: the methods were scored on different samples of {', '.join(uneven)} (a sample "
-                        f"too short for budget {b} is skipped for the methods it does not fit)"]
-        out.append("")
+    for p in protocols:
+        at_p = [r for r in results if r.get("protocol", "aware") == p]
+        for b in budgets:
+            cols = [r for r in at_p if r["budget"] is None] + [r for r in at_p if r["budget"] == b]
+            if not cols:
+                continue
+            tasks = [t for t in TASKS if any(t in r["tasks"] for r in cols)]
+            cats = [c for c in CATEGORIES if any(c in r["categories"] for r in cols)]
+            header = ["| | " + " | ".join(r["method"] for r in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            out += [f"## protocol {p}, budget {b}", ""] + header
+            for name, get in ([(t, lambda r, t=t: r["tasks"].get(t)) for t in tasks]
+                              + [(f"**{c}**", lambda r, c=c: r["categories"].get(c)) for c in cats]
+                              + [("**avg (tasks)**", lambda r: r["avg"]),
+                                 ("**avg (categories)**", lambda r: r["avg_categories"]),
+                                 ("kept fraction", lambda r: r["kept_fraction"])]):
+                out.append(f"| {name} | " + " | ".join("-" if get(r) is None else f"{get(r):g}" for r in cols) + " |")
+            out += ["", f"samples scored (protocol {p}, budget {b}):", ""] + header
+            for t in tasks:
+                out.append(f"| {t} | " + " | ".join(str(r["n"].get(t, 0)) for r in cols) + " |")
+            uneven = [t for t in tasks if len({r["n"].get(t, 0) for r in cols}) > 1]
+            if uneven:
+                out += ["", f"note: the methods were scored on different samples of {', '.join(uneven)} (a sample "
+                            f"too short for budget {b} is skipped for every method but full)"]
+            out.append("")
     return "\n".join(out)
 
 
@@ -544,206 +527,126 @@ def max_length_line(lines: list[dict], given: int | None) -> str:
     return f"Prompts middle-truncated to max_length = {value} tokens ({how})."
 
 
-def plot_scores(results: list[dict], path: Path) -> None:
-    """Average score (over tasks) against budget, one line per method; "full" as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in results):
-        pts = sorted((r["budget"], r["avg"]) for r in results if r["method"] == method and r["budget"] is not None)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    for r in results:
-        if r["budget"] is None:
-            ax.axhline(r["avg"], color="k", linestyle="--", label=r["method"])
-    ax.set_xlabel("budget")
-    ax.set_ylabel("LongBench average score")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def stat_rows(lines: list[dict]) -> list[dict]:
+    """The lines as stats.py reads them: a unit is a sample (its index), its stratum its task."""
+    return [dict(unit=x["index"], stratum=x["task"], method=x["method"], budget=x["budget"],
+                 protocol=x.get("protocol", "aware"), score=score_of(x)) for x in lines]
 
 
 # ---- command line ----
 
-def parse_list(text: str, known, what: str) -> list[str]:
+def parse_names(text: str, known, what: str) -> list[str]:
     """A comma list of names, each checked against `known`."""
-    names = [x.strip() for x in text.split(",") if x.strip()]
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     bad = [x for x in names if x not in known]
     if bad or not names:
         raise ValueError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
     return names
 
 
-def parse_budgets(text: str) -> list[float | int]:
-    """Comma list of budgets: a fraction in (0, 1] of the prompt's KV entries, or an integer
-    >= 1 (tokens per head on average)."""
-    budgets = []
-    for x in (x.strip() for x in text.split(",") if x.strip()):
-        try:
-            b = int(x) if re.fullmatch(r"\d+", x) else float(x)
-        except ValueError:
-            raise ValueError(f"--budget {x!r} is not a number") from None
-        if (isinstance(b, int) and b < 1) or (isinstance(b, float) and not 0 < b <= 1):
-            raise ValueError(f"--budget {x} is out of range: a fraction in (0, 1] or an integer >= 1")
-        budgets.append(b)
-    if not budgets:
-        raise ValueError("--budget is empty")
-    return budgets
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint name or folder (default: the project's default model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--methods", default=DEFAULT_METHODS)
-    p.add_argument("--budget", default="0.05", help="comma list: fractions in (0, 1] or integers (tokens per head)")
-    p.add_argument("--window", type=int, default=32, help="observation window w (last w prompt tokens)")
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.split("\n")[0])
+    add_eval_arguments(p, budget_help="comma list: fractions in (0, 1] of the KV entries (of the prompt's under "
+                                      "aware, of the context's under agnostic) or integers (tokens per head)",
+                       out_help="output folder (default results/longbench/<model>/)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--data-dir", type=Path, default=None, help="folder of the official jsonl files (skips the download)")
     p.add_argument("--max-length", type=int, default=None,
                    help="middle-truncate prompts to this many tokens (default, as the official scripts: "
                         "the model's context in thousands x 1000 - 500, e.g. 8192 -> 7500)")
-    p.add_argument("--out", type=Path, default=None, help="default results/longbench/<model>/")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip (task, sample, method, budget) already in predictions.jsonl (default on)")
-    return p.parse_args(argv)
+    return p
 
 
-def check_device(name: str) -> None:
-    """Fail early, naming the fix, on a device string torch does not know or cannot use here."""
-    import torch
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
-                   else f"torch {torch.__version__} sees no GPU")
-            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install "
-                             f"the torch build for your CUDA on a machine with a GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
-                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
-
-
-def output_folder(args, model_name: str) -> Path:
-    """--out (default results/longbench/<model>/), created; a path that is a file is an error."""
-    out = args.out.expanduser() if args.out else Path("results") / "longbench" / model_name
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; pass a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the output folder --out {out} ({e.strerror}); pass another folder") from None
-    return out
-
-
-def load_checkpoint(args):
-    """(model, tok) of --model; a checkpoint that cannot be loaded is a one-line error."""
-    import torch
-    from model import load_model
-    try:
-        return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    except Exception as e:  # a broken or unreachable checkpoint, whatever the library raises
-        what = "the default model" if args.model is None else f"--model {args.model}"
-        raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(args) -> list[dict]:
     """Check the arguments, run what is missing, write the predictions, tables and plot."""
-    from methods import METHODS  # the methods compress knows
-    tasks = parse_list(args.tasks, TASKS, "task")
-    methods = parse_list(args.methods, list(METHODS), "method")
-    budgets = parse_budgets(args.budget)
-    for name in ("window", "limit", "max_length"):
+    methods, budgets, protocols = check_eval_arguments(args, tokens=True)
+    tasks = parse_names(args.tasks, TASKS, "task")
+    for name in ("limit", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check_device(args.device)
     data_dir = args.data_dir.expanduser() if args.data_dir else fetch_data()
     check_data_dir(data_dir, tasks)
     work = [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
 
-    from eval_niah import DEFAULT_MODEL_NAME
-    model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
-    out = output_folder(args, model_name)
+    model_name = model_label(args.model)
+    out = output_folder(args.out or Path("results") / "longbench" / model_name)
     pred_path = out / "predictions.jsonl"
-    if not args.resume and pred_path.exists():
-        print(f"--no-resume: starting {pred_path} afresh")
-        pred_path.unlink()
     config = run_config(args)
-    previous = [x for x in read_predictions(pred_path) if x.get("config") == config]
-    done = {run_key(x["task"], x["index"], x["method"], x["budget"]) for x in previous}
-    todo = [(task, s, runs) for task, s in work if (runs := pending_runs(s, task, methods, budgets, done))]
-    print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to run")
-    if todo:
-        predict(args, todo, pred_path, config)
-
-    wanted = {(task, s["index"]) for task, s in work}
-    runs_wanted = {(m, None if m == "full" else b) for m in methods for b in budgets}
-    lines = [x for x in read_predictions(pred_path)
-             if x.get("config") == config and (x["task"], x["index"]) in wanted and (x["method"], x["budget"]) in runs_wanted]
-    results = aggregate(lines)
-    (out / "results.json").write_text(json.dumps(
-        {"model": model_name, "tasks": tasks, "methods": methods, "budgets": budgets, "limit": args.limit,
-         "max_length": sorted({x["max_length"] for x in lines if "max_length" in x}), "results": results}, indent=2))
-    table = results_markdown(results, budgets)
-    (out / "results.md").write_text(f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n{table}")
-    plot_scores(results, out / "scores_vs_budget.png")
+    cases = make_cases(methods, budgets, protocols)
+    with OutputLock(out):
+        before = read_predictions(pred_path, config)
+        done = {line_key(x) for x in before} if args.resume else set()
+        units = [Unit((task, s["index"]), todo, s) for task, s in work
+                 if (todo := [c for c in cases if case_key(task, s, c) not in done])]
+        print(f"{len(work)} samples, {len(work) - len(units)} already done, {len(units)} to run")
+        new = predict(args, units, pred_path, config) if units else []
+        wanted = {case_key(task, s, c) for task, s in work for c in cases}
+        lines = [x for x in latest(before + new, line_key) if line_key(x) in wanted]
+        results = aggregate(lines)
+        summary, stats_md = stats_report(stat_rows(lines), out / "scores_vs_budget.png",
+                                       f"LongBench {model_name}", scale=100, digits=2)
+        (out / "results.json").write_text(json.dumps(
+            {"model": model_name, "tasks": tasks, "methods": list(methods), "budgets": budgets,
+             "protocols": protocols, "limit": args.limit,
+             "max_length": sorted({x["max_length"] for x in lines if "max_length" in x}), "results": results,
+             "stats": summary}, indent=2))
+        table = results_markdown(results, budgets, tuple(protocols))
+        (out / "results.md").write_text(
+            f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n"
+            f"## Average over the tasks (the mean of the task means), scores x 100, with 95% bootstrap CIs over the "
+            f"samples\n\n{stats_md}\n\n{table}")
     print(table)
     print(f"wrote {pred_path}, results.json, results.md and scores_vs_budget.png under {out}")
     return results
 
 
-def predict(args, todo: list[tuple[str, dict, list]], pred_path: Path, config: str) -> None:
-    """Load the model, check that the prompts fit it, and append one prediction line per
-    (sample, method, budget) of `todo` to pred_path, flushed after every sample."""
-    from tqdm import tqdm
-    from methods import budget_fits
-    model, tok = load_checkpoint(args)
+def case_key(task: str, sample: dict, case) -> tuple:
+    """run_key of a case on a sample; "full" has budget None in the predictions."""
+    return run_key(task, sample["index"], case.method, None if case.name == "full" else case.budget, case.protocol)
+
+
+def predict(args, units: list[Unit], pred_path: Path, config: str) -> list[dict]:
+    """Load the model, check that the prompts fit it, run every unit's cases (harness.evaluate:
+    one context prefill per sample) and append one prediction line per (sample, method, budget,
+    protocol) to pred_path as it finishes; returns the lines made."""
+    model, tok = load_checkpoint(args.model, args.device, args.dtype)
     max_position = model.config.max_position
     max_length = args.max_length or official_max_length(max_position)
     chat = has_chat_template(tok)
-    tasks = list(dict.fromkeys(task for task, _, _ in todo))
+    tasks = list(dict.fromkeys(unit.key[0] for unit in units))
     if not chat and any(t not in NO_CHAT_TASKS for t in tasks):
         print("note: this checkpoint has no chat template: the chat tasks get the raw prompt, as the "
               "official pred.py does for models it has no template for")
     check_context(tok, tasks, max_length, max_position, chat)
-    with open_for_append(pred_path) as f:
-        for task, s, runs in tqdm(todo, desc="LongBench"):
-            ids = build_prompt_ids(tok, s, task, max_length, chat)
-            check_prompt_fits(ids, task, s["index"], max_position, max_length)
-            fits = [(m, b) for m, b in runs if b is None or budget_fits(m, b, len(ids), args.window)]
-            if len(fits) < len(runs):
-                print(f"note: {task} sample {s['index']} ({len(ids)} tokens) is too short for "
-                      f"{sorted({b for m, b in runs if (m, b) not in fits})} (below the {args.window}-token "
-                      f"window + sinks): skipped for those budgets")
-            if not fits:
-                continue
-            for r in run_sample(model, tok, ids, task, fits, args.window, args.device):
-                line = {"task": task, "_id": s.get("_id"), "index": s["index"], **r,
-                        "answers": s["answers"], "all_classes": s["all_classes"], "length": s.get("length"),
-                        "prompt_tokens": len(ids), "max_length": max_length, "config": config}
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
+
+    def prompt(unit):
+        (task, index), sample = unit.key, unit.data
+        context, question = encode_split(tok, *build_prompt(tok, sample, task, max_length, chat))
+        check_prompt_fits(context + question, task, index, max_position, max_length)
+        return context, question, (task, sample, len(context) + len(question), len(context))
+
+    def row(unit, info, result):
+        task, sample, n, c = info
+        line = {"task": task, "_id": sample.get("_id"), "index": sample["index"], **result.row(),
+                "budget": None if result.case.name == "full" else result.case.budget, "pred": result.generated,
+                "answers": sample["answers"], "all_classes": sample["all_classes"], "length": sample.get("length"),
+                "prompt_tokens": n, "context_tokens": c, "max_length": max_length, "config": config}
+        del line["generated"]
+        return line
+
+    return evaluate(model, units, prompt, lambda info, cache: decode_answer(model, tok, cache, info[0]), row,
+                    pred_path, window=args.window, desc="LongBench")
 
 
 def main(argv=None) -> list[dict]:
     """The command line: a user error (bad flag, data, checkpoint, device, output folder) is one
-    line naming the problem and the fix, never a traceback."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        sys.exit(f"eval_longbench.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("eval_longbench.py: interrupted; the same command resumes where it stopped")
+    line naming the problem and the fix, exit code 2, never a traceback."""
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
     python eval_niah.py --budget 0.05                     # the default grid, SmolLM2-135M, CPU
     python eval_niah.py --budget 0.01,0.05,0.2 --lengths 4000 --methods full,laprox,snapkv
+    python eval_niah.py --budget 0.05 --protocol aware,agnostic     # also question-agnostic
 
 A sentence (the needle) is put at a sentence boundary at a given depth of a Paul Graham essay
-haystack cut to a given length in tokens; the question is asked at the end of the prompt (so
-eviction is query-aware, as in the paper). Each (length, depth) cell is prefilled once and every
-(method, budget) is evaluated on that same prefill: eviction happens after prefill and the
-prefill does not depend on the method. One JSON line per case goes to <out>/results.jsonl as it
-finishes (a rerun skips finished cases); then one heatmap per (method, budget) and a summary.
+haystack cut to a given length in tokens; the question is asked at the end of the prompt. With
+--protocol aware (the paper's setting) the cache is compressed with the question in the prompt;
+with agnostic, the haystack context is compressed before the question is prefilled onto it (the
+prompt splits where the haystack ends: " </book>." and all after it is the question; see
+harness.py). Each (length, depth) cell is prefilled once and every (method, budget, protocol) is
+evaluated on that prefill (harness.run_unit): eviction happens after prefill and the prefill does
+not depend on the method. One JSON line per case goes to <out>/results.jsonl as it finishes (a
+rerun skips finished cases; one run per --out at a time); then one heatmap per (method, budget,
+protocol), scores_vs_budget.png and a summary with 95% bootstrap CIs over the cells, LaProx's
+paired differences with every baseline and the loss ratio (stats.py).
 
 Scores (see `recall_score`): `score` is the recall of the answer's words in the model's answer,
 `exact` whether the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number
@@ -22,15 +28,16 @@ import hashlib
 import importlib.util
 import json
 import re
-import time
 from collections import Counter
 from pathlib import Path
+
+from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
+                     read_rows, run_main, skipped_at_lengths, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
 ANSWER_PREFIX = "The best thing to do in San Francisco is"
-DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The user turn: KVCache-Factory's / kvpress's "story book" wrapper, then the question.
 PROMPT = ("This is a very long story book: <book> {context} </book>.\n"
           "Based on the content of the book, Question: {question}")
@@ -122,10 +129,13 @@ def build_prompt(tok, hay: list[int], length: int, depth: float, needle: str = N
 
     hay: haystack token ids (at least `length` of them). The context gets length - overhead
     haystack tokens, corrected until the encoded prompt hits `length` (text re-tokenizes a little
-    differently at the seams). Returns dict(ids, text, context, needle_char (its offset in
-    context), needle_start (token index of the needle in ids), context_start, context_tokens
-    (haystack tokens used), target (the token index that depth asks for, counting haystack
-    tokens only)).
+    differently at the seams). Returns dict(ids (the prompt's tokens, what both protocols
+    prefill), context_ids and question_ids (ids split where the haystack context ends:
+    harness.encode_split; everything after it, "</book>", the question, the chat template's
+    closing tokens and the answer prefix, is the question), text, context, needle_char (its
+    offset in context), needle_start (token index of the needle in ids), context_start,
+    context_tokens (haystack tokens used), target (the token index that depth asks for,
+    counting haystack tokens only)).
     """
     overhead = prompt_overhead(tok, needle, question, answer_prefix)
     if length - overhead < MIN_CONTEXT:
@@ -148,11 +158,12 @@ def build_prompt(tok, hay: list[int], length: int, depth: float, needle: str = N
     best = min(tries, key=lambda t: (t["miss"] > 0, abs(t["miss"])))  # exact, else the closest not over
     text, context = best["text"], best["context"]
     at = text.index(context)
+    context_ids, question_ids = encode_split(tok, text, at + len(context))  # together: best["ids"]
     context_start = len(tok.encode(text[:at].rstrip()))  # rstrip: the space belongs to the next token
     needle_start = len(tok.encode(text[:at + best["needle_char"]].rstrip()))
-    return dict(ids=best["ids"], text=text, context=context, needle_char=best["needle_char"],
-                needle_start=needle_start, context_start=context_start, context_tokens=best["context_tokens"],
-                target=context_start + best["k"])
+    return dict(ids=best["ids"], context_ids=context_ids, question_ids=question_ids, text=text, context=context,
+                needle_char=best["needle_char"], needle_start=needle_start, context_start=context_start,
+                context_tokens=best["context_tokens"], target=context_start + best["k"])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -205,60 +216,20 @@ def rouge1_f(reference: str, response: str) -> float:
 
 # ----------------------------------------------------------------------------- arguments
 
-def parse_list(s: str, kind, name: str) -> list:
-    """'a,b,c' -> [kind(a), ...] in order, duplicates dropped; a clear error on junk."""
-    try:
-        items = [kind(x.strip()) for x in str(s).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} {s!r}: expected a comma list of {kind.__name__} values") from None
-    if not items:
-        raise ValueError(f"--{name} is empty")
-    return list(dict.fromkeys(items))
-
-
-def known_methods() -> list[str]:
-    """Method names methods.compress takes (the keys of methods.METHODS)."""
-    try:
-        from methods import METHODS as registry
-    except ImportError as e:
-        raise ValueError(f"cannot list the eviction methods: importing methods failed ({e})") from e
-    return list(registry)
-
-
-def method_spec(spec: str) -> tuple[str, dict]:
-    """A --methods entry: a method name, optionally with flags for an ablation, e.g.
-    "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0}); each value is
-    read by the type of the flag's default and checked completely (methods.parse_method)."""
-    from methods import parse_method
-    return parse_method(spec)
-
-
-def check_grid(lengths: list[int], depths: list[float], methods: list[str], budgets: list[float],
-               known: list[str], window: int, max_new_tokens: int):
-    """Errors for a bad grid, before any model work: every method spec is parsed and its flag
-    values checked (method_spec) here, not when the method's turn comes."""
-    bad = [m for m in methods if m.split(":")[0].strip() not in known]
-    if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(known)}")
-    for m in methods:
-        method_spec(m)
+def check_args(args) -> tuple[list[int], list[float], dict, list[float], list[str]]:
+    """(lengths, depths, methods {spec: (name, flags)}, budgets, protocols) from the command line,
+    every method spec parsed and checked completely (harness.check_eval_arguments), or a
+    ValueError naming the problem, before any model work."""
+    methods, budgets, protocols = check_eval_arguments(args)
+    lengths = parse_list(args.lengths, int, "lengths")
+    depths = parse_list(args.depths, float, "depths")
     if any(l <= 0 for l in lengths):
         raise ValueError(f"--lengths must be positive token counts, got {lengths}")
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError(f"--depths must lie in [0, 1] (fraction of the context), got {depths}")
-    if any(not 0 < b <= 1 for b in budgets):
-        raise ValueError(f"--budget must be fractions of the prompt's KV entries in (0, 1], got {budgets}")
-    if window < 1 or max_new_tokens < 1:
-        raise ValueError(f"--window and --max-new-tokens must be >= 1, got {window} and {max_new_tokens}")
-
-
-def below_window(lengths: list[int], methods: list[str], budgets: list[float], window: int) -> set[tuple]:
-    """(budget, length) pairs at which some method would keep fewer tokens per head than the
-    window (+ its sinks), which cache.py refuses (e.g. 1% of 2000 tokens = 20 < 32). Those cases
-    are skipped for every method alike, with a note, so that budget's mean compares like with like."""
-    from methods import budget_fits
-    return {(b, l) for l in lengths for b in budgets
-            if not all(budget_fits(method_spec(m)[0], b, l, window) for m in methods)}
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return lengths, depths, methods, budgets, protocols
 
 
 def check_lengths(lengths: list[int], max_position: int, max_new_tokens: int, min_length: int = 1):
@@ -273,80 +244,43 @@ def check_lengths(lengths: list[int], max_position: int, max_new_tokens: int, mi
                          f"{max_position} tokens; use --lengths up to {max_position - max_new_tokens}")
 
 
-def fingerprint(cfg: dict) -> str:
-    """Short hash of what changes the answers (needle, haystack, model, ...): results of another
-    configuration in the same results file are never taken as done."""
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+def case_key(method: str, budget: float, length: int, depth: float, protocol: str = "aware") -> tuple:
+    return method, round(float(budget), 6), int(length), round(float(depth), 6), protocol
 
 
-def case_key(method: str, budget: float, length: int, depth: float) -> tuple:
-    return method, round(float(budget), 6), int(length), round(float(depth), 6)
+def row_key(row: dict) -> tuple:
+    """case_key of a results line; a line written before the protocols existed was aware."""
+    return case_key(row["method"], row["budget"], row["length"], row["depth"], row.get("protocol", "aware"))
 
 
 def load_rows(path: Path, config: str) -> list[dict]:
-    """The JSON lines of `path` made with this configuration, the last one per case (a rerun
-    with --no-resume appends newer ones); a torn last line is ignored."""
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("config") == config:
-                rows[case_key(row["method"], row["budget"], row["length"], row["depth"])] = row
-    return list(rows.values())
+    """The rows of `path` made with this configuration, the last one per case (a rerun with
+    --no-resume appends newer ones); a torn line is skipped with a warning (harness.read_rows)."""
+    rows = [dict(r, protocol=r.get("protocol", "aware"))
+            for r in read_rows(path, required=("method", "budget", "length", "depth")) if r.get("config") == config]
+    return latest(rows, row_key)
 
 
 # ----------------------------------------------------------------------------- the model part
 
-def clock(device) -> float:
-    """time.perf_counter() once the device has finished its queued work (CUDA runs asynchronously)."""
-    if str(device).startswith("cuda"):
-        import torch
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def run_cell(model, tok, ids: list[int], cases: list[tuple[str, float]], window: int,
-             max_new_tokens: int, device: str, seed: int = 0):
-    """Prefill `ids` once, then for each (method, budget): compress, decode. Yields dicts with
-    method, budget, generated, kept_fraction, cache_mb, prefill_s, compress_s, decode_s."""
-    import torch
-    from methods import compress
+def answer(model, tok, cache, max_new_tokens: int) -> str:
+    """NIAH's decoding: greedy from the cache, stopping at the end of turn or the first newline
+    (KVCache-Factory stops generation at "\\n")."""
     from model import generate
-
-    with torch.inference_mode():
-        t0 = clock(device)
-        prefill = model.prefill(torch.tensor([ids], device=device), window=window,
-                                h2o=any(method_spec(m)[0] == "h2o" for m, _ in cases))
-        prefill_s = clock(device) - t0
-        for method, budget in cases:
-            t0 = clock(device)
-            name, flags = method_spec(method)
-            if name == "random":  # the only method that draws
-                flags.setdefault("seed", seed)
-            cache = compress(prefill, method=name, budget=budget, **flags)
-            t1 = clock(device)
-            kept, mb = cache.kept_fraction(), cache.nbytes() / 2**20  # before decoding appends to it
-            generated = generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
-            t2 = clock(device)
-            yield dict(method=method, budget=budget, generated=generated, kept_fraction=kept, cache_mb=mb,
-                       prefill_s=prefill_s, compress_s=t1 - t0, decode_s=t2 - t1)
-            del cache
+    return generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
 
 
 # ----------------------------------------------------------------------------- reporting
 
-def grid_rows(rows: list[dict], lengths, depths, methods, budgets) -> dict:
-    """{(method, budget): [row, ...]} for the cases of this grid ("full" under budget 1.0)."""
-    want = {case_key(m, b, l, d) for m in methods for b in ([1.0] if m == "full" else budgets)
-            for l in lengths for d in depths}
+def grid_rows(rows: list[dict], lengths, depths, methods, budgets, protocols) -> dict:
+    """{(method, budget, protocol): [row, ...]} for the cases of this grid ("full" under budget 1.0)."""
+    want = {case_key(m, b, l, d, p) for m in methods for b in ([1.0] if m == "full" else budgets)
+            for l in lengths for d in depths for p in protocols}
     out: dict = {}
     for r in rows:
-        k = case_key(r["method"], r["budget"], r["length"], r["depth"])
+        k = row_key(r)
         if k in want:
-            out.setdefault(k[:2], []).append(r)
+            out.setdefault((k[0], k[1], k[4]), []).append(r)
     return out
 
 
@@ -387,15 +321,22 @@ def plot_heatmap(rows: list[dict], path: Path, title: str):
     plt.close(fig)
 
 
-def summarize(groups: dict, methods: list[str], budgets: list[float]) -> dict:
-    """{"score"|"exact"|"rouge1"|"kept_fraction"|"n": {method: {budget: mean}}}; "full" under every budget."""
+def heatmap_name(method: str, budget: float, protocol: str) -> str:
+    """heatmap_full.png, heatmap_laprox_0.05.png; the agnostic protocol's get _agnostic."""
+    suffix = "" if protocol == "aware" else f"_{protocol}"
+    return f"heatmap_full{suffix}.png" if method == "full" else f"heatmap_{method}_{budget:g}{suffix}.png"
+
+
+def summarize(groups: dict, methods: list[str], budgets: list[float], protocol: str = "aware") -> dict:
+    """{"score"|"exact"|"rouge1"|"kept_fraction"|"n": {method: {budget: mean}}} of one protocol;
+    "full" under every budget."""
     out = {}
     for field in ("score", "exact", "rouge1", "kept_fraction", "n"):
         table = {}
         for m in methods:
             row = {}
             for b in budgets:
-                rs = groups.get((m, round(1.0 if m == "full" else b, 6)), [])
+                rs = groups.get((m, round(1.0 if m == "full" else b, 6), protocol), [])
                 row[str(b)] = len(rs) if field == "n" else mean(r[field] for r in rs)
             table[m] = row
         out[field] = table
@@ -413,138 +354,125 @@ def format_table(table: dict, budgets: list[float], fmt: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
-def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets, meta: dict) -> dict:
-    """Heatmap PNG per (method, budget), summary.md and summary.json; returns the summary."""
-    groups = grid_rows(rows, lengths, depths, methods, budgets)
-    for (m, b), rs in sorted(groups.items()):
-        name = "heatmap_full.png" if m == "full" else f"heatmap_{m}_{b:g}.png"
-        plot_heatmap(rs, out / name, "full cache" if m == "full" else f"{m} @ budget {b:g}")
-    summary = summarize(groups, methods, budgets)
+def stat_rows(rows: list[dict]) -> list[dict]:
+    """The rows as stats.py reads them: a unit is a cell (length, depth), one stratum."""
+    return [dict(unit=(r["length"], r["depth"]), stratum="niah", method=r["method"], budget=r["budget"],
+                 protocol=r["protocol"], score=r["score"]) for r in rows]
+
+
+def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets, meta: dict,
+                  protocols: tuple = ("aware",)) -> dict:
+    """Heatmap PNG per (method, budget, protocol), scores_vs_budget.png, summary.md and
+    summary.json; returns the summary: {"meta", "score", "exact", "rouge1", "kept_fraction", "n"
+    (summarize of the first protocol, aware by default, as before the protocols), "protocols":
+    {protocol: summarize(...)}, "stats": stats.summarize over the cells (means with 95% CIs,
+    paired differences, loss ratio)}."""
+    groups = grid_rows(rows, lengths, depths, methods, budgets, protocols)
+    for (m, b, p), rs in sorted(groups.items()):
+        plot_heatmap(rs, out / heatmap_name(m, b, p),
+                     ("full cache" if m == "full" else f"{m} @ budget {b:g}") + ("" if p == "aware" else f", {p}"))
+    kept = [r for rs in groups.values() for r in rs]
+    statistics, stats_md = stats_report(stat_rows(kept), out / "scores_vs_budget.png",
+                                       f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells")
+    tables = {p: summarize(groups, methods, budgets, p) for p in protocols}
+    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
-          "## score (recall of the answer's words)", "", format_table(summary["score"], budgets), "",
-          "## exact (whole answer phrase present)", "", format_table(summary["exact"], budgets), "",
-          "## ROUGE-1 F of needle vs answer (KVCache-Factory's score / 10)", "",
-          format_table(summary["rouge1"], budgets), "",
-          "## kept fraction (achieved, from the cache)", "", format_table(summary["kept_fraction"], budgets, "{:.4f}"),
-          ""]
+          "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]
+    for p in protocols:
+        s, title = summary["protocols"][p], f" ({p})"
+        md += [f"## score{title}", "", format_table(s["score"], budgets), "",
+               f"## exact (whole answer phrase present){title}", "", format_table(s["exact"], budgets), "",
+               f"## ROUGE-1 F of needle vs answer (KVCache-Factory's score / 10){title}", "",
+               format_table(s["rouge1"], budgets), "",
+               f"## kept fraction (achieved, from the cache: of the {'prompt' if p == 'aware' else 'context'}){title}",
+               "", format_table(s["kept_fraction"], budgets, "{:.4f}"), "",
+               f"## cells scored{title}", "", format_table(s["n"], budgets, "{}"), ""]
     (out / "summary.md").write_text("\n".join(md))
-    (out / "summary.json").write_text(json.dumps(dict(meta=meta, **summary), indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 # ----------------------------------------------------------------------------- main
 
 def run(args, model=None, tok=None) -> list[dict]:
-    """Evaluate the grid of `args` (see main); returns the rows made now. model, tok: reuse a
-    loaded model (tests) instead of loading args.model."""
-    lengths = parse_list(args.lengths, int, "lengths")
-    depths = parse_list(args.depths, float, "depths")
-    methods = parse_list(args.methods, str, "methods")
-    budgets = parse_list(args.budget, float, "budget")
-    check_grid(lengths, depths, methods, budgets, known_methods(), args.window, args.max_new_tokens)
-    skipped = below_window(lengths, methods, budgets, args.window)
-    for b, l in sorted(skipped):
-        print(f"note: budget {b:g} at length {l} keeps {round(b * l)} tokens a head, fewer than the "
-              f"{args.window}-token window (+ a method's sinks) always kept: not evaluated for any method "
-              f"(lower --window to include it)")
+    """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse
+    a loaded model (tests) instead of loading args.model."""
+    lengths, depths, methods, budgets, protocols = check_args(args)
     haystack = read_haystack(args.haystack)
-    model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
-    out = Path(args.out or Path("results") / "niah" / model_name)
+    model_name = model_label(args.model)
+    out = output_folder(args.out or Path("results") / "niah" / model_name)
     meta = dict(model=model_name, checkpoint=args.model, needle=args.needle, question=args.question,
                 answer_prefix=args.answer_prefix, haystack=hashlib.sha1(haystack.encode()).hexdigest()[:12],
                 window=args.window, max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
                 prompt=PROMPT)
-    meta["config"] = config = fingerprint(meta)
+    meta["config"] = config = fingerprint(meta)  # the protocol is in each row, not in the configuration
     results = out / "results.jsonl"
-    done = {case_key(r["method"], r["budget"], r["length"], r["depth"])
-            for r in (load_rows(results, config) if args.resume else [])}
-    cells = [(l, d, [(m, b) for m in methods for b in ([1.0] if m == "full" else budgets)
-                     if case_key(m, b, l, d) not in done and (m == "full" or (b, l) not in skipped)])
-             for l in lengths for d in depths]  # (length, depth, cases still to do)
-    answer = answer_of(args.needle, args.answer_prefix)
-    out.mkdir(parents=True, exist_ok=True)
-    new = []
-    if any(todo for _, _, todo in cells):
-        import torch
-        from tqdm import tqdm
-        from methods import budget_fits
-        if model is None:
-            from model import load_model
-            model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-        min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
-        check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length)
-        hay = haystack_ids(tok, haystack, max(lengths))
-        n_done = sum(not todo for _, _, todo in cells)
-        bar = tqdm(total=len(cells), initial=n_done, desc="NIAH cells", unit="cell")
-        for length, depth, todo in cells:
-            if not todo:
-                continue
-            prompt = build_prompt(tok, hay, length, depth, args.needle, args.question, args.answer_prefix)
-            todo = [(m, b) for m, b in todo  # the exact length
-                    if budget_fits(method_spec(m)[0], b, len(prompt["ids"]), args.window)]
-            bar.set_postfix(length=length, depth=depth)
-            for r in run_cell(model, tok, prompt["ids"], todo, args.window, args.max_new_tokens, args.device,
-                              args.seed):
-                response = clean_response(r["generated"])
-                row = dict(model=model_name, method=r["method"], budget=r["budget"], length=length, depth=depth,
-                           score=recall_score(answer, response), exact=exact_match(answer, response),
-                           rouge1=rouge1_f(args.needle, f"{args.answer_prefix} {response}"),
-                           kept_fraction=r["kept_fraction"], cache_mb=r["cache_mb"], answer=response,
-                           generated=r["generated"], prompt_tokens=len(prompt["ids"]),
-                           needle_token=prompt["needle_start"], prefill_s=r["prefill_s"],
-                           compress_s=r["compress_s"], decode_s=r["decode_s"], window=args.window,
-                           config=config)
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                new.append(row)
-            bar.update(1)
-        bar.close()
-    summary = write_reports(load_rows(results, config), out, lengths, depths, methods, budgets, meta)
-    print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out}\n")
-    print(format_table(summary["score"], budgets))
-    print("\nexact (whole answer present):\n")
-    print(format_table(summary["exact"], budgets))
+    cases = make_cases(methods, budgets, protocols)
+    with OutputLock(out):
+        before = load_rows(results, config)
+        done = {row_key(r) for r in before} if args.resume else set()
+        skip = skipped_at_lengths(cases, lengths, args.window)
+        def pending(length, depth):  # the cases of a cell still to run; budgets too small for its length never run
+            return [c for c in cases if case_key(c.method, c.budget, length, depth, c.protocol) not in done
+                    and (c.name == "full" or (c.budget, c.protocol) not in skip[length])]
+
+        units = [Unit((l, d), todo) for l in lengths for d in depths if (todo := pending(l, d))]
+        new = []
+        if units:
+            if model is None:
+                model, tok = load_checkpoint(args.model, args.device, args.dtype)
+            min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
+            check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length)
+            hay = haystack_ids(tok, haystack, max(lengths))
+            reference = answer_of(args.needle, args.answer_prefix)
+
+            def prompt(unit):
+                p = build_prompt(tok, hay, *unit.key, args.needle, args.question, args.answer_prefix)
+                return p["context_ids"], p["question_ids"], p
+
+            def row(unit, p, result):
+                response = clean_response(result.generated)
+                return dict(model=model_name, **result.row(), length=unit.key[0], depth=unit.key[1],
+                            score=recall_score(reference, response), exact=exact_match(reference, response),
+                            rouge1=rouge1_f(args.needle, f"{args.answer_prefix} {response}"), answer=response,
+                            prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
+                            needle_token=p["needle_start"], window=args.window, config=config)
+
+            new = evaluate(model, units, prompt, lambda p, cache: answer(model, tok, cache, args.max_new_tokens), row,
+                           results, window=args.window, seed=args.seed, desc="NIAH cells")
+        summary = write_reports(latest(before + new, row_key), out, lengths, depths, list(methods), budgets, meta,
+                                tuple(protocols))
+    print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out} "
+          f"(95% CIs and paired differences in summary.md)")
+    for p in protocols:
+        print(f"\nprotocol {p}:\n")
+        print(format_table(summary["protocols"][p]["score"], budgets))
+        print(f"\nexact (whole answer present), protocol {p}:\n")
+        print(format_table(summary["protocols"][p]["exact"], budgets))
     return new
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--budget", default="0.05", help="fraction(s) of the prompt's KV entries kept, comma list")
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_eval_arguments(p, budget_help="fraction(s) of the KV entries kept (of the prompt's under aware, of the "
+                                      "context's under agnostic), comma list",
+                       out_help="output folder (default results/niah/<model-name>/)")
     p.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths in tokens, comma list")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma list")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list; 'full' is evaluated once per cell; name:flag=value:... for an ablation, "
-                        "e.g. laprox:selection=layer or laprox:pool=0")
     p.add_argument("--haystack", default=None, help="text file or folder of .txt (default: the PG essays)")
     p.add_argument("--needle", default=NEEDLE)
     p.add_argument("--question", default=QUESTION)
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="appended after the generation prompt")
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
+    p.add_argument("--seed", type=int, default=0, help="the random method's draws")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--out", default=None, help="output folder (default results/niah/<model-name>/)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip cases already in <out>/results.jsonl; --no-resume redoes them (newer lines win)")
     return p
 
 
 def main(argv=None):
     """The command line: a user error (bad argument, method spec, model, device, path) is one line
     naming the problem and the fix, exit code 2, before the model loads where it can be."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out} is a file: pass a folder (it gets results.jsonl, heatmaps and summary.md)")
-        run(args)
-    except (ValueError, OSError) as e:  # OSError: a path, the disk or the hub
-        p.exit(2, f"{p.prog}: error: {e}\n")  # one line: the usage would only hide it
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,19 @@
     python eval_ruler.py --budget 0.05                      # 11 tasks at 4000 tokens, SmolLM2-135M, CPU
     python eval_ruler.py --tasks niah_single_2,vt,cwe --lengths 4000,8000 --budget 0.01,0.05,0.2
     python eval_ruler.py --tasks qa_1,qa_2 --data-dir DIR   # DIR: squad.json, hotpotqa.json (RULER's files)
+    python eval_ruler.py --budget 0.05 --protocol aware,agnostic   # also question-agnostic (harness.py)
 
 Every sample is a function of (--seed, task, length, index) and the model's tokenizer only: its
 random draws come from a random.Random seeded with a SHA-256 of those four, so it is the same on
-any machine. Each sample is prefilled once and every (method, budget) is evaluated on that prefill
-(eviction happens after prefill, so the prefill does not depend on the method). One JSON line per
-(sample, method, budget) goes to <out>/results.jsonl as it finishes (a rerun skips finished ones);
-then summary.md / summary.json (mean score per task and pooled, per method x budget) and a plot.
+any machine. The prompt splits where the task's context ends (everything after it, the question,
+the answer prefix, the chat template's closing tokens, is the question of --protocol agnostic).
+Each sample is prefilled once and every (method, budget, protocol) is evaluated on that prefill
+(harness.run_unit: eviction happens after prefill, so the prefill does not depend on the method).
+One JSON line per (sample, method, budget, protocol) goes to <out>/results.jsonl as it finishes (a
+rerun skips finished ones; one run per --out at a time); then summary.md / summary.json and one
+plot per length: the pooled score (the mean of the task means) and each task's, per method x
+budget x protocol, with 95% bootstrap CIs over the samples, LaProx's paired differences with
+every baseline, its loss vs full and the loss ratio (stats.py).
 
 The tasks (RULER's scripts/synthetic.yaml, generators in scripts/data/synthetic/, metric in
 scripts/eval/synthetic/constants.py; lm-evaluation-harness's lm_eval/tasks/ruler is a second reading):
@@ -99,10 +105,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval_niah import (DEFAULT_METHODS, DEFAULT_MODEL_NAME, SENTENCE_END, below_window, check_grid, check_lengths,
-                       clock, fingerprint, format_table, known_methods, mean, method_spec, parse_list, read_haystack)
+import stats
+from eval_niah import SENTENCE_END, check_lengths, read_haystack
+from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
+                     read_rows, run_main, skipped_at_lengths, stats_report)
 
-GENERATOR_VERSION = 1  # bump when a generator changes what it draws: old results then stop counting as done
+GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
+# (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
 MIN_LENGTH = 256       # shorter prompts hold no haystack for most tasks
 SYNTHETIC = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
              "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
@@ -489,21 +499,6 @@ def render(tok, draft: Draft, chat: bool) -> tuple[str, int]:
     return head + draft.answer_prefix.lstrip(), start + len(draft.before) + len(draft.context)
 
 
-def split_encode(tok, text: str, context_end: int) -> tuple[list[int], int]:
-    """Token ids of a prompt whose first `context_end` characters are the context, the two parts
-    tokenized separately so that a question-agnostic run (prefill the context, compress, then feed
-    the question) and a query-aware one see the same ids:
-
-        ids = tok.encode(text[:context_end]) + tok.encode(text[context_end:], add_special_tokens=False)
-
-    Returns (ids, n_context): ids[:n_context] is the context part (with the bos, if the tokenizer
-    adds one), ids[n_context:] the question part."""
-    if not 0 <= context_end <= len(text):
-        raise ValueError(f"context_end {context_end} is outside the text (0..{len(text)})")
-    context = tok.encode(text[:context_end])
-    return context + tok.encode(text[context_end:], add_special_tokens=False), len(context)
-
-
 def largest_fitting(size, target: int, lo: int, what: str, most: int | None = None) -> int:
     """The largest n in [lo, most] with size(n) <= target and size(n + 1) > target or n == most
     (doubling, then bisection; size need not be monotone). ValueError if size(lo) > target."""
@@ -544,8 +539,9 @@ def drawer(tok, task: str, length: int, index: int, seed: int = 0, data_dir: str
 
 
 def prompt_tokens(tok, draft: Draft, chat: bool) -> int:
-    """Length in tokens of the prompt of `draft` (as split_encode tokenizes it)."""
-    return len(split_encode(tok, *render(tok, draft, chat))[0])
+    """Length in tokens of the prompt of `draft`: its own tokenization, which harness.encode_split
+    cuts in two."""
+    return len(tok.encode(render(tok, draft, chat)[0]))
 
 
 def make_sample(tok, task: str, length: int, index: int, seed: int = 0, chat: bool = True,
@@ -554,7 +550,7 @@ def make_sample(tok, task: str, length: int, index: int, seed: int = 0, chat: bo
     longest prompt (chat template and answer prefix included) of at most `length` tokens.
 
     Returns dict(task, index, length, text, context_end, ids, n_context (ids[:n_context] is the
-    context, see split_encode), answers, metric ("all" | "part"), max_new_tokens, units (haystack
+    context, see harness.encode_split), answers, metric ("all" | "part"), max_new_tokens, units (haystack
     size found)). The same (seed, task, length, index) and tokenizer give the same sample."""
     draw, lo, most = drawer(tok, task, length, index, seed, data_dir)
     n = largest_fitting(lambda n: prompt_tokens(tok, draw(n), chat), length, lo, f"{task} at length {length}", most)
@@ -563,7 +559,8 @@ def make_sample(tok, task: str, length: int, index: int, seed: int = 0, chat: bo
                          f"(RULER then uses its english_words.json, not shipped here); use a shorter length")
     draft = draw(n)
     text, context_end = render(tok, draft, chat)
-    ids, n_context = split_encode(tok, text, context_end)
+    context_ids, question_ids = encode_split(tok, text, context_end)
+    ids, n_context = context_ids + question_ids, len(context_ids)
     return dict(task=task, index=index, length=length, text=text, context_end=context_end, ids=ids,
                 n_context=n_context, answers=list(draft.answers), metric=KINDS[TASKS[task].kind]["metric"],
                 max_new_tokens=max_new_tokens(task), units=n)
@@ -607,14 +604,15 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_args(args) -> tuple[list[str], list[int], list[str], list[float]]:
-    """(tasks, lengths, methods, budgets) from the command line, or a ValueError naming the
-    problem, before any model work."""
+def check_args(args) -> tuple[list[str], list[int], dict, list[float], list[str]]:
+    """(tasks, lengths, methods {spec: (name, flags)}, budgets, protocols) from the command line,
+    every method spec checked completely (harness.check_eval_arguments), or a ValueError naming
+    the problem, before any model work."""
+    methods, budgets, protocols = check_eval_arguments(args)
     tasks = parse_tasks(args.tasks)
     lengths = parse_list(args.lengths, int, "lengths")
-    methods = parse_list(args.methods, str, "methods")
-    budgets = parse_list(args.budget, float, "budget")
-    check_grid(lengths, [], methods, budgets, known_methods(), args.window, 1)  # no depths here
+    if any(l <= 0 for l in lengths):
+        raise ValueError(f"--lengths must be positive token counts, got {lengths}")
     short = [l for l in lengths if l < MIN_LENGTH]
     if short:
         raise ValueError(f"--lengths {short} too short: use at least {MIN_LENGTH} tokens (RULER starts at 4096)")
@@ -626,159 +624,100 @@ def check_args(args) -> tuple[list[str], list[int], list[str], list[float]]:
                          f"(SQuAD v2.0 dev, HotpotQA dev distractor); the synthetic tasks need no data")
     for t in qa:  # read now (cached): a wrong file fails here, before the model loads
         read_qa(str(qa_file(args.data_dir, TASKS[t].args["dataset"])), TASKS[t].args["dataset"])
-    return tasks, lengths, methods, budgets
+    return tasks, lengths, methods, budgets, protocols
 
 
-def case_key(task: str, length: int, index: int, method: str, budget: float) -> tuple:
-    return task, int(length), int(index), method, round(float(budget), 6)
+def case_key(task: str, length: int, index: int, method: str, budget: float, protocol: str = "aware") -> tuple:
+    return task, int(length), int(index), method, round(float(budget), 6), protocol
+
+
+def row_key(row: dict) -> tuple:
+    """case_key of a results line; a line written before the protocols existed was aware."""
+    return case_key(row["task"], row["length"], row["index"], row["method"], row["budget"],
+                    row.get("protocol", "aware"))
 
 
 def load_rows(path: Path, configs: dict) -> list[dict]:
-    """The JSON lines of `path` whose config is that of their task now (configs: task -> fingerprint),
-    the last one per case; a torn last line is ignored."""
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if configs.get(row.get("task")) == row.get("config"):
-                rows[case_key(row["task"], row["length"], row["index"], row["method"], row["budget"])] = row
-    return list(rows.values())
+    """The rows of `path` whose config is that of their task now (configs: task -> fingerprint),
+    the last one per case; a torn line is skipped with a warning (harness.read_rows)."""
+    rows = [dict(r, protocol=r.get("protocol", "aware"))
+            for r in read_rows(path, required=("task", "length", "index", "method", "budget"))
+            if configs.get(r.get("task")) == r.get("config")]
+    return latest(rows, row_key)
 
 
 def file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
-# ----------------------------------------------------------------------------- the model part
-
-def run_sample(model, tok, sample: dict, cases: list[tuple[str, float]], window: int, device: str, seed: int = 0):
-    """Prefill sample["ids"] once, then for each (method, budget): compress, decode greedily up to
-    the task's token count or the end of turn (no stop strings, as RULER). Yields dicts with
-    method, budget, generated, kept_fraction, cache_mb, prefill_s, compress_s, decode_s."""
-    import torch
-    from cache import compress
-    from model import generate
-
-    with torch.inference_mode():
-        t0 = clock(device)
-        prefill = model.prefill(torch.tensor([sample["ids"]], device=device), window=window,
-                                h2o=any(method_spec(m)[0] == "h2o" for m, _ in cases))
-        prefill_s = clock(device) - t0
-        for method, budget in cases:
-            t0 = clock(device)
-            name, flags = method_spec(method)
-            if name == "random":  # the only method that draws
-                flags.setdefault("seed", seed)
-            cache = compress(prefill, method=name, budget=budget, **flags)
-            t1 = clock(device)
-            kept, mb = cache.kept_fraction(), cache.nbytes() / 2 ** 20  # before decoding appends to it
-            generated = generate(model, tok, cache=cache, max_new_tokens=sample["max_new_tokens"])
-            t2 = clock(device)
-            yield dict(method=method, budget=budget, generated=generated, kept_fraction=kept, cache_mb=mb,
-                       prefill_s=prefill_s, compress_s=t1 - t0, decode_s=t2 - t1)
-            del cache
-
-
 # ----------------------------------------------------------------------------- reporting
 
-def score_groups(rows: list[dict], tasks, lengths, indices, methods, budgets) -> dict:
-    """{(length, task, method, budget): [score, ...]} over the samples of this grid ("full" is
-    filed under every budget)."""
-    want = {case_key(t, l, i, m, b) for t in tasks for l in lengths for i in indices
-            for m in methods for b in ([1.0] if m == "full" else budgets)}
+def stat_rows(rows: list[dict]) -> list[dict]:
+    """The rows as stats.py reads them: a unit is a sample (its index), its stratum its task."""
+    return [dict(unit=r["index"], stratum=r["task"], method=r["method"], budget=r["budget"], protocol=r["protocol"],
+                 score=r["score"]) for r in rows]
+
+
+def task_cis(rows: list[dict], tasks: list[str]) -> dict:
+    """{protocol: {budget: {task: {method: CI}}}}: each task's mean score with its 95% bootstrap CI
+    over its samples (stats.mean_ci), "full" under every budget. rows: stat_rows of one length."""
     out: dict = {}
-    for r in rows:
-        k = case_key(r["task"], r["length"], r["index"], r["method"], r["budget"])
-        if k in want:
-            for b in (budgets if r["method"] == "full" else [r["budget"]]):
-                out.setdefault((k[1], k[0], k[3], round(float(b), 6)), []).append(r["score"])
-    return out
-
-
-def summarize(groups: dict, tasks, lengths, methods, budgets) -> dict:
-    """{"score" | "n": {length: {task | "pooled": {method: {budget: mean | count}}}}}. "pooled" is
-    the mean over every sample of every task (RULER's average over tasks when the tasks have the
-    same number of samples)."""
-    out = {"score": {}, "n": {}}
-    for l in lengths:
-        for field in ("score", "n"):
-            per = {}
-            for t in list(tasks) + ["pooled"]:
-                per[t] = {}
-                for m in methods:
-                    per[t][m] = {}
-                    for b in budgets:
-                        xs = [x for tt in (tasks if t == "pooled" else [t])
-                              for x in groups.get((l, tt, m, round(float(b), 6)), [])]
-                        per[t][m][str(b)] = len(xs) if field == "n" else mean(xs)
-            out[field][str(l)] = per
-    return out
-
-
-def format_task_table(per_task: dict, tasks, methods, budget: float) -> str:
-    """Markdown: one row per method ("full" last), one column per task and the pooled mean."""
-    names = [m for m in methods if m != "full"] + [m for m in methods if m == "full"]
-    cols = list(tasks) + ["pooled"]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for m in names:
-        label = "full (no eviction)" if m == "full" else m
-        lines.append(f"| {label} | " + " | ".join(f"{per_task[c][m][str(budget)]:.3f}" for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def plot_scores(per_task: dict, tasks, methods, budgets, path: Path, title: str):
-    """One panel per task and one pooled: mean score vs budget, a line per method (full dashed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(tasks) + ["pooled"]
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    for ax, p in zip(axes.flat, panels):
-        for m in methods:
-            ys = [per_task[p][m][str(b)] for b in budgets]
-            ax.plot(budgets, ys, "--" if m == "full" else "-o", label=m, markersize=3)
-        ax.set_title(p, fontsize=9)
-        ax.set_ylim(-0.05, 1.05)
-        if len(budgets) > 1:
-            ax.set_xscale("log")
-        ax.set_xticks(budgets, [f"{b:g}" for b in budgets], fontsize=7)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    fig.supxlabel("budget (fraction of the prompt's KV entries)", fontsize=8)
-    fig.supylabel("score", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_reports(rows: list[dict], out: Path, tasks, lengths, indices, methods, budgets, meta: dict) -> dict:
-    """summary.md, summary.json and scores_<length>.png; returns the summary."""
-    summary = summarize(score_groups(rows, tasks, lengths, indices, methods, budgets), tasks, lengths, methods,
-                        budgets)
-    md = [f"# RULER: {meta['model']}", "",
-          f"tasks {', '.join(tasks)}; lengths {lengths}; samples {len(indices)} a task; window {meta['window']}; "
-          f"seed {meta['seed']}; prompts: {meta['prompts']}", "",
-          "Scores in [0, 1]: RULER's string_match_all (QA: string_match_part). pooled = mean over every sample "
-          "of every task. Samples whose budget would keep fewer tokens a head than the window are skipped for "
-          "every method alike.", ""]
-    for l in lengths:
-        per = summary["score"][str(l)]
-        md += [f"## length {l}: pooled score", "", format_table(per["pooled"], budgets), ""]
+    for protocol, tables in stats.score_tables(stats.check_rows(rows)).items():
+        budgets = sorted({b for _, b in tables if b is not None})
         for b in budgets:
-            md += [f"### length {l}, budget {b:g}: per task", "", format_task_table(per, tasks, methods, b), ""]
-        md += [f"### length {l}: samples scored (all tasks)", "", format_table(summary["n"][str(l)]["pooled"], budgets,
-                                                                            "{}"), ""]
-        plot_scores(per, tasks, methods, budgets, out / f"scores_{l}.png", f"RULER {meta['model']}, {l} tokens")
+            at_b = out.setdefault(protocol, {}).setdefault(b, {})
+            for task in tasks:
+                for (method, budget), table in tables.items():
+                    of_task = {k: v for k, v in table.items() if k[0] == task}
+                    if budget in (b, None) and of_task:
+                        at_b.setdefault(task, {})[method] = stats.mean_ci(of_task)
+    return out
+
+
+def task_markdown(per_task: dict, pooled: dict, methods: list[str]) -> list[str]:
+    """Table lines: a row per task and the pooled mean (of the task means, from the stats
+    summary), a column per method ("full" last), mean [95% CI] (n = samples, where fewer than
+    full's). per_task: {task: {method: CI}} of one protocol and budget; pooled: {method: CI}."""
+    names = [m for m in methods if m != "full"] + [m for m in methods if m == "full"]
+
+    def cell(ci, n_full):
+        if ci is None:
+            return "-"
+        return stats.format_ci(ci) + (f" (n={ci['n']})" if n_full is not None and ci["n"] != n_full else "")
+
+    lines = []
+    for task, cis in list(per_task.items()) + [("**pooled**", pooled)]:
+        n_full = cis["full"]["n"] if "full" in cis else None
+        lines.append([task] + [cell(cis.get(m), n_full) for m in names])
+    return stats.markdown_table(["task"] + ["full (no eviction)" if m == "full" else m for m in names], lines)
+
+
+def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocols, meta: dict) -> dict:
+    """summary.md, summary.json and scores_<length>.png (score vs budget per method, 95% CI bars, a
+    panel per protocol); returns the summary: {"meta", "lengths": {length: {"stats": stats.summarize
+    over the samples (stratum = task; pooled = mean of the task means), "tasks": task_cis}}}.
+    rows: this grid's rows (the latest per case)."""
+    md = [f"# RULER: {meta['model']}", "",
+          f"tasks {', '.join(tasks)}; lengths {lengths}; window {meta['window']}; seed {meta['seed']}; "
+          f"prompts: {meta['prompts']}", "",
+          "Scores in [0, 1]: RULER's string_match_all (QA: string_match_part). pooled = the mean of the task means. "
+          "A budget that leaves some method fewer tokens a head than its window (+ sinks) on a sample is skipped "
+          "for every method alike on that sample.", ""]
+    summary = {"meta": meta, "lengths": {}}
+    for l in lengths:
+        at_l = stat_rows([r for r in rows if r["length"] == l])
+        result, stats_md = stats_report(at_l, out / f"scores_{l}.png", f"RULER {meta['model']}, {l} tokens")
+        per_task = task_cis(at_l, tasks) if at_l else {}
+        summary["lengths"][str(l)] = {"stats": result, "tasks": per_task}
+        md += [f"## length {l}: pooled score over the tasks, with 95% bootstrap CIs over the samples", "", stats_md, ""]
+        for p in [p for p in protocols if p in per_task]:
+            by_budget, budgets = per_task[p], {e["budget"]: e for e in result["protocols"][p]["budgets"]}
+            for b, cis in by_budget.items():
+                pooled = {**budgets[b]["scores"], "full": result["protocols"][p]["reference"]}
+                md += [f"### length {l}, protocol {p}, budget {b:g}: per task, mean [95% CI]", "",
+                       *task_markdown(cis, {m: ci for m, ci in pooled.items() if ci}, list(methods)), ""]
     (out / "summary.md").write_text("\n".join(md))
-    (out / "summary.json").write_text(json.dumps(dict(meta=meta, **summary), indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -787,109 +726,91 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, indices, methods,
 def run(args, model=None, tok=None) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse a
     loaded model (tests) instead of loading args.model."""
-    tasks, lengths, methods, budgets = check_args(args)
-    skipped = below_window(lengths, methods, budgets, args.window)
-    for b, l in sorted(skipped):
-        print(f"note: budget {b:g} at length {l} keeps {round(b * l)} tokens a head, fewer than the "
-              f"{args.window}-token window (+ a method's sinks) always kept: not evaluated for any method")
+    tasks, lengths, methods, budgets, protocols = check_args(args)
     import wonderwords
-    model_name = DEFAULT_MODEL_NAME if args.model is None else Path(str(args.model).rstrip("/")).name
-    out = Path(args.out or Path("results") / "ruler" / model_name)
+    model_name = model_label(args.model)
+    out = output_folder(args.out or Path("results") / "ruler" / model_name)
     meta = dict(model=model_name, checkpoint=args.model, dtype=args.dtype, window=args.window, seed=args.seed,
                 generator=GENERATOR_VERSION, wonderwords=wonderwords.__version__,
                 essays=hashlib.sha1(read_haystack().encode()).hexdigest()[:12])
     data = {t: file_sha1(qa_file(args.data_dir, TASKS[t].args["dataset"])) for t in tasks if TASKS[t].kind == "qa"}
     configs = {t: fingerprint({**meta, "task": t, "data": data.get(t)}) for t in tasks}
     results = out / "results.jsonl"
-    done = {case_key(r["task"], r["length"], r["index"], r["method"], r["budget"])
-            for r in (load_rows(results, configs) if args.resume else [])}
+    cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))
-    units = [(l, i, t, [(m, b) for m in methods for b in ([1.0] if m == "full" else budgets)
-                        if case_key(t, l, i, m, b) not in done and (m == "full" or (b, l) not in skipped)])
-             for l in lengths for i in indices for t in tasks]  # sample-major: a partial run covers every task
-    out.mkdir(parents=True, exist_ok=True)
-    new = []
-    if any(todo for *_, todo in units):
-        import torch
-        from tqdm import tqdm
-        from cache import budget_fits
-        if model is None:
-            from model import load_model
-            model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-        check_lengths(lengths, model.config.max_position, max(max_new_tokens(t) for t in tasks))
-        chat = has_chat_template(tok)
-        if not chat:
-            print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
-        bar = tqdm(total=len(units), initial=sum(not todo for *_, todo in units), desc="RULER samples", unit="sample")
-        for length, index, task, todo in units:
-            if not todo:
-                continue
-            bar.set_postfix(task=task, length=length, index=index)
-            sample = make_sample(tok, task, length, index, args.seed, chat, args.data_dir)
-            todo = [(m, b) for m, b in todo if budget_fits(method_spec(m)[0], b, len(sample["ids"]), args.window)]
-            for r in run_sample(model, tok, sample, todo, args.window, args.device, args.seed):
-                row = dict(model=model_name, task=task, length=length, index=index, method=r["method"],
-                           budget=r["budget"], score=score(r["generated"], sample["answers"], sample["metric"]),
-                           prediction=postprocess(r["generated"]), answers=sample["answers"],
-                           new_tokens=len(tok.encode(r["generated"], add_special_tokens=False)),  # re-tokenized
-                           kept_fraction=r["kept_fraction"], cache_mb=r["cache_mb"],
-                           prompt_tokens=len(sample["ids"]), context_tokens=sample["n_context"],
-                           prefill_s=r["prefill_s"], compress_s=r["compress_s"], decode_s=r["decode_s"],
-                           window=args.window, chat=chat, config=configs[task])
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                new.append(row)
-            bar.update(1)
-        bar.close()
-    rows = load_rows(results, configs)
-    kinds = {r.get("chat") for r in rows}
-    meta["prompts"] = {frozenset({True}): "chat template", frozenset({False}): "raw text (no chat template)"}.get(
-        frozenset(kinds), "mixed")
-    summary = write_reports(rows, out, tasks, lengths, indices, methods, budgets, meta)
-    print(f"\nRULER {model_name}: pooled mean score over {len(tasks)} task(s) x {args.samples} sample(s); "
-          f"results in {out}")
+    with OutputLock(out):
+        before = load_rows(results, configs)
+        done = {row_key(r) for r in before} if args.resume else set()
+        skip = skipped_at_lengths(cases, lengths, args.window)
+
+        def pending(task, length, index):  # budgets too small for the length never run
+            return [c for c in cases if case_key(task, length, index, c.method, c.budget, c.protocol) not in done
+                    and (c.name == "full" or (c.budget, c.protocol) not in skip[length])]
+
+        units = [Unit((t, l, i), todo) for l in lengths for i in indices for t in tasks  # sample-major: a partial
+                 if (todo := pending(t, l, i))]                                          # run covers every task
+        new = []
+        if units:
+            if model is None:
+                model, tok = load_checkpoint(args.model, args.device, args.dtype)
+            check_lengths(lengths, model.config.max_position, max(max_new_tokens(t) for t in tasks))
+            chat = has_chat_template(tok)
+            if not chat:
+                print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
+
+            from model import generate
+
+            def prompt(unit):
+                s = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
+                return s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], s
+
+            def decode(s, cache):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
+                return generate(model, tok, cache=cache, max_new_tokens=s["max_new_tokens"])
+
+            def row(unit, s, result):
+                generated = result.generated
+                return dict(model=model_name, task=s["task"], length=s["length"], index=s["index"], **result.row(),
+                            score=score(generated, s["answers"], s["metric"]), prediction=postprocess(generated),
+                            answers=s["answers"], new_tokens=len(tok.encode(generated, add_special_tokens=False)),
+                            prompt_tokens=len(s["ids"]), context_tokens=s["n_context"], window=args.window, chat=chat,
+                            config=configs[s["task"]])
+
+            new = evaluate(model, units, prompt, decode, row, results, window=args.window, seed=args.seed,
+                           desc="RULER samples")
+        wanted = {case_key(t, l, i, c.method, c.budget, c.protocol)
+                  for t in tasks for l in lengths for i in indices for c in cases}
+        rows = [r for r in latest(before + new, row_key) if row_key(r) in wanted]
+        kinds = frozenset(r.get("chat") for r in rows)
+        meta["prompts"] = {frozenset({True}): "chat template", frozenset({False}): "raw text (no chat template)"}.get(
+            kinds, "mixed")
+        summary = write_reports(rows, out, tasks, lengths, list(methods), protocols, meta)
+    print(f"\nRULER {model_name}: pooled mean score (the mean of the task means) over {len(tasks)} task(s) x "
+          f"{args.samples} sample(s), 95% bootstrap CIs; results in {out}")
     for l in lengths:
-        print(f"\nlength {l}:\n")
-        print(format_table(summary["score"][str(l)]["pooled"], budgets))
+        result = summary["lengths"][str(l)]["stats"]
+        for p, s in (result or {"protocols": {}})["protocols"].items():
+            print(f"\nlength {l}, protocol {p}:\n")
+            print("\n".join(stats.scores_markdown(s, "full", 1.0, 3)))
     return new
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (no usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_eval_arguments(p, budget_help="fraction(s) of the KV entries kept (of the prompt's under aware, of the "
+                                      "context's under agnostic), comma list",
+                       out_help="output folder (default results/ruler/<model-name>/)")
     p.add_argument("--tasks", default="synthetic",
                    help="comma list of task names, 'synthetic' (the 11 synthetic tasks) or 'all' (+ qa_1, qa_2)")
     p.add_argument("--lengths", default="4000", help="prompt lengths in tokens of the model, comma list")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per task and length")
-    p.add_argument("--budget", default="0.05", help="fraction(s) of the prompt's KV entries kept, comma list")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list; 'full' is evaluated once per sample; name:flag=value:... for an ablation")
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
     p.add_argument("--seed", type=int, default=0, help="draws every sample (with task, length and index)")
     p.add_argument("--data-dir", default=None, help="folder with RULER's squad.json and hotpotqa.json (qa_1, qa_2)")
-    p.add_argument("--out", default=None, help="output folder (default results/ruler/<model-name>/)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip cases already in <out>/results.jsonl; --no-resume redoes them (newer lines win)")
     return p
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    """The command line: a user error is one line naming the problem and the fix, exit code 2."""
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The evaluation harness the eval scripts share: one work unit (a context and its question),
-every (method, budget, protocol) case on it, from one prefill of the context.
+every (method, budget, protocol) case on it, from one prefill of the context; and what every
+eval does around its units (arguments, output folder, results file, errors, statistics).
 
 Two protocols decide WHEN the cache is compressed:
 
@@ -19,10 +20,10 @@ a method that does well under `aware` may only be reading the question out of th
 gap between the two protocols measures how much of a method's score is that.
 
 What both protocols share, so that they compare like with like:
-  * the same token ids: the prompt is split where the context ends in the task's template, and
-    the two parts are tokenized separately in both protocols (encode_split); everything after
-    the context (question, instructions, answer prefix, the chat template's closing tokens) is
-    "the question", also for tasks that have no separate question;
+  * the same token ids: the prompt's own ids (one tokenization of the whole text), split where
+    the context ends in the task's template (encode_split); everything after the context
+    (question, instructions, answer prefix, the chat template's closing tokens) is "the
+    question", also for tasks that have no separate question;
   * one prefill of the context per unit: `agnostic` compresses it; `aware` continues it with
     the question (Model.prefill(question, past=context)) and compresses that whole-prompt
     prefill, identical (within float rounding) to a one-shot prefill of the prompt. When only
@@ -35,38 +36,69 @@ added after compression and never evicted.
     context, question = encode_split(tok, text, text.index(ctx_text) + len(ctx_text))
     for r in run_unit(model, context, question, cases, decode=lambda cache: generate(model, tok, cache=cache)):
         print(r.case.method, r.case.protocol, r.generated, r.kept_fraction)
+
+Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, eval_longbench.py):
+
+    arguments  add_eval_arguments + check_eval_arguments: --methods (method specs, parsed and
+               checked completely), --budget, --protocol, --device, ... before any model loads;
+               OneLineParser + run_main: a user error is one line and exit code 2, no traceback
+    files      output_folder, OutputLock (one run per --out at a time), read_rows (a torn line
+               is skipped with a warning), RowWriter (every row starts on a fresh line), latest
+               (the newest row per case), fingerprint (the configuration a row was made with)
+    running    load_checkpoint, evaluate (each unit's cases through run_unit, rows written as
+               they finish, skipped budgets said once), stats_report (stats.py on the score rows)
 """
 from __future__ import annotations
 
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
+import stats
 from cache import KVCache
-from methods import budget_fits, compress
+from methods import budget_fits, compress, parse_method
 
 PROTOCOLS = ("aware", "agnostic")
+DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what load_model(None) loads
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------- inputs
 
 def encode_split(tok, text: str, context_end: int) -> tuple[list[int], list[int]]:
     """Token ids of a prompt whose first `context_end` characters are the context, in two parts
-    tokenized separately so that both protocols see the same ids:
+    that both protocols share: the prompt's own ids, tok.encode(text), cut after the tokens it
+    has in common with tok.encode(text[:context_end]), the context's own tokenization.
 
-        context = tok.encode(text[:context_end])                            # with the bos, if any
-        question = tok.encode(text[context_end:], add_special_tokens=False)
-
-    (One-shot tokenization of the whole text can merge characters across the seam into one
-    token, which the agnostic protocol cannot do.) context_end: e.g.
-    text.index(context_text) + len(context_text). Returns (context ids, question ids), both
-    non-empty; the prompt's ids are context + question."""
+    Where the tokenizer does not merge characters across the seam (the usual case: the question
+    part starts a new word, "\\n" or " </book>"), the context part is exactly the context's ids
+    and the aware prompt is exactly today's one-shot prompt. Where it does (e.g. "\\n" + "\\n\\n"
+    as one "\\n\\n\\n" token), the merged token goes to the question. (Tokenizing the question
+    text on its own instead would give other ids than the prompt's where a tokenizer prepends a
+    space marker to every text, as SentencePiece-style "Prepend" normalizers do.)
+    context_end: e.g. text.index(context_text) + len(context_text). Returns (context ids,
+    question ids), both non-empty; context + question == tok.encode(text)."""
     if not 0 < context_end < len(text):
         raise ValueError(f"context_end {context_end} must split the prompt into a non-empty context and "
                          f"question (0 < context_end < {len(text)}); locate the end of the context in the text")
-    return tok.encode(text[:context_end]), tok.encode(text[context_end:], add_special_tokens=False)
+    ids, head = tok.encode(text), tok.encode(text[:context_end])
+    common = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+    if not 0 < common < len(ids):
+        raise ValueError(f"the prompt cannot be split at character {context_end}: its tokens share {common} of "
+                         f"{len(ids)} with the context's; the context or the question is too short")
+    return ids[:common], ids[common:]
 
 
 def parse_protocols(text: str) -> list[str]:
@@ -77,6 +109,260 @@ def parse_protocols(text: str) -> list[str]:
         raise ValueError(f"--protocol {text!r}: expected a comma list of {', '.join(PROTOCOLS)}")
     return items
 
+
+def parse_list(text: str, kind, name: str) -> list:
+    """'a,b,c' -> [kind(a), ...] in order, duplicates dropped; a clear error on junk."""
+    try:
+        items = [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected a comma list of {kind.__name__} values") from None
+    if not items:
+        raise ValueError(f"--{name} is empty")
+    return list(dict.fromkeys(items))
+
+
+def parse_methods(text: str) -> dict[str, tuple[str, dict]]:
+    """--methods: a comma list of method specs -> {spec: (name, flags)} (methods.parse_method:
+    "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0})), every name,
+    flag and value checked, so that a bad spec fails before any model loads."""
+    return {spec: parse_method(spec) for spec in parse_list(text, str, "methods")}
+
+
+def parse_budgets(text: str, tokens: bool = False) -> list[float | int]:
+    """--budget: a comma list of fractions in (0, 1] of the KV entries; with tokens, an integer
+    written without a point ("128") is tokens per head instead (cache.resolve_budget)."""
+    out = []
+    for x in parse_list(text, str, "budget"):
+        try:
+            b = int(x) if tokens and x.isdigit() else float(x)
+        except ValueError:
+            raise ValueError(f"--budget {x!r} is not a number: expected a comma list of fractions in (0, 1]") from None
+        if isinstance(b, int) and b < 1 or isinstance(b, float) and not 0 < b <= 1:  # also refuses nan
+            more = " or integers >= 1 (tokens per head)" if tokens else ""
+            raise ValueError(f"--budget {x} is out of range: fractions of the KV entries in (0, 1]{more}")
+        out.append(b)
+    return list(dict.fromkeys(out))
+
+
+def check_device(name: str) -> None:
+    """Fail early, naming the fix, on a device string torch does not know or cannot use here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else f"torch {torch.__version__} sees no GPU")
+            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install "
+                             f"the torch build for your CUDA on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: only cpu, cuda and mps devices are supported")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: str) -> None:
+    """The options every eval script takes: --methods, --budget, --protocol, --model, --device,
+    --dtype, --window, --out, --resume (check_eval_arguments reads them)."""
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list; 'full' runs once per unit and protocol; name:flag=value:... for an "
+                        "ablation, e.g. laprox:selection=layer or laprox:pool=0")
+    p.add_argument("--budget", default="0.05", help=budget_help)
+    p.add_argument("--protocol", default="aware",
+                   help="comma list of aware (compress with the question in the prompt, the paper's setting) "
+                        "and agnostic (compress the context, then add the question)")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder or hub id (default: the embedded {DEFAULT_MODEL_NAME})")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the cases already in the results file; --no-resume redoes them (newer lines win)")
+
+
+def check_eval_arguments(args, tokens: bool = False) -> tuple[dict, list, list[str]]:
+    """(methods {spec: (name, flags)}, budgets, protocols) of add_eval_arguments' options, each
+    checked, and --window and --device, before any model work; ValueError naming the problem."""
+    methods = parse_methods(args.methods)
+    budgets = parse_budgets(args.budget, tokens)
+    protocols = parse_protocols(args.protocol)
+    if args.window < 1:
+        raise ValueError(f"--window must be >= 1, got {args.window}")
+    check_device(args.device)
+    return methods, budgets, protocols
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *,
+             interrupted: str = "interrupted; the same command resumes where it stopped"):
+    """A script's main(): parse argv, return run(args). A user error (ValueError, OSError: a bad
+    argument, method spec, path, checkpoint, device, the disk or the hub) is one line on stderr
+    naming the problem and the fix, exit code 2; Ctrl-C is one line, exit code 130. Never a
+    traceback for these; any other exception is a bug and keeps its traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: {interrupted}\n")
+
+
+def model_label(name_or_path: str | None) -> str:
+    """The model's name in output folders and tables: the folder's or hub id's last part."""
+    return DEFAULT_MODEL_NAME if name_or_path is None else Path(str(name_or_path).rstrip("/")).name
+
+
+def load_checkpoint(name_or_path: str | None, device: str, dtype: str):
+    """(model, tok) of --model (model.load_model); a checkpoint that cannot be loaded, whatever
+    the library raises, is a ValueError naming it."""
+    from model import load_model
+    try:
+        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype))
+    except Exception as e:  # a broken or unreachable checkpoint
+        what = "the default model" if name_or_path is None else f"--model {name_or_path}"
+        raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def output_folder(path: str | Path) -> Path:
+    """--out as a folder, created if missing; a path that is a file (or lies under one) is a ValueError."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder --out {out} ({e.strerror}); pass another folder") from None
+    return out
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for a whole run: two runs on one --out would compute
+    every case twice and interleave their rows.
+
+        with OutputLock(out):   # ValueError at once if another process holds it
+            ...                 # run, write rows and summary
+
+    flock(2) on <out>/.lock, which then holds the holder's pid and command line (what a refused
+    run prints). The kernel releases the lock when the holder's file is closed, including when
+    the process dies (kill -9, a crash): a stale .lock file never blocks a later run. Only the
+    process that writes the results takes it (under torchrun, rank 0)."""
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self.file = None
+
+    def __enter__(self) -> "OutputLock":
+        self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"--out {self.path.parent} is in use by {holder}; wait for that run to finish "
+                             f"or pass another --out") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} ({shlex.join(sys.argv) or 'python'})\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.truncate(0)
+        self.file.close()  # releases the lock
+
+
+# ----------------------------------------------------------------------------- the results file
+
+def read_rows(path: str | Path, required: tuple = ()) -> list[dict]:
+    """The rows of a JSON-lines results file, in order ([] if it does not exist). A line that is
+    not a whole row (a JSON object with the `required` keys: a run killed mid-write leaves its last
+    line torn) is skipped with one warning on stderr that counts them: their cases run again."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and all(k in row for k in required):
+                rows.append(row)
+            else:
+                skipped.append(number)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable line(s) of {path} (line "
+              f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''}; cut short by an "
+              f"interrupted run?): their cases are not counted as done", file=sys.stderr)
+    return rows
+
+
+class RowWriter:
+    """Appends rows to a JSON-lines results file, one write and one flush per row, the first on a
+    fresh line: after a run killed mid-write the file ends in a torn line, and a row appended to
+    it would be unreadable as well.
+
+        with RowWriter(out / "results.jsonl") as w:
+            w.write({"method": "laprox", ...})"""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = None
+
+    def __enter__(self) -> "RowWriter":
+        torn = False
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+        self.file = open(self.path, "a", encoding="utf-8")
+        if torn:
+            self.file.write("\n")
+        return self
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def latest(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
+    """The last row of each key(row), in the order the keys first appear (a --no-resume rerun
+    appends newer rows for the same cases: they win)."""
+    out: dict = {}
+    for row in rows:
+        out[key(row)] = row
+    return list(out.values())
+
+
+def fingerprint(cfg: dict) -> str:
+    """Short hash of what changes the answers (data, model, prompts, ...): rows of another
+    configuration in the same results file are never taken as done."""
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- cases
 
 @dataclass(frozen=True)
 class Case:
@@ -143,18 +429,33 @@ def clock(device) -> float:
 
 
 def skipped_budgets(cases: list[Case], n: int, c: int, window: int) -> dict[tuple, str]:
-    """{(budget, protocol): why} for the budgets that leave some method of `cases` fewer entries per
-    head than its window + sinks (methods.budget_fits) on what that protocol compresses: the n-token
-    prompt (aware) or the c-token context (agnostic). Such a budget is skipped for EVERY method
-    alike, so that a budget's mean compares the same units ("full" never is)."""
+    """{(budget, protocol): why} for the budgets that leave some method of `cases` (with its flags,
+    e.g. streamingllm:sinks=40) fewer entries per head than its window + sinks (methods.budget_fits)
+    on what that protocol compresses: the n-token prompt (aware) or the c-token context (agnostic).
+    Such a budget is skipped for EVERY method alike, so that a budget's mean compares the same
+    units ("full" never is). Needs no model: evals also call it with a prompt's nominal length."""
     out = {}
     for case in cases:
         size = n if case.protocol == "aware" else c
-        if case.name != "full" and not budget_fits(case.name, case.budget, size, window):
+        if case.name != "full" and not budget_fits(case.name, case.budget, size, window, **case.flags):
             what = "prompt" if case.protocol == "aware" else "context"
-            out[case.budget, case.protocol] = (f"budget {case.budget:g} does not fit {case.name} on the {size}-token "
+            out[case.budget, case.protocol] = (f"budget {case.budget:g} does not fit {case.method} on the {size}-token "
                                                f"{what}: a head keeps between its {min(window, size)}-token window "
                                                f"(+ sinks) and all {size} tokens")
+    return out
+
+
+def skipped_at_lengths(cases: list[Case], lengths: list[int], window: int) -> dict[int, dict]:
+    """{length: {(budget, protocol): why}}: skipped_budgets on prompts of these nominal lengths,
+    each said once. A budget that does not fit a whole n-token prompt fits none of its parts, so
+    an eval drops these cases before building a prompt or loading a model (run_unit still checks
+    each unit's exact sizes)."""
+    out = {}
+    for length in lengths:
+        out[length] = skipped_budgets(cases, length, length, window)
+        for (budget, protocol), why in sorted(out[length].items(), key=str):
+            print(f"note: {why}: budget {budget:g} ({protocol}) is not evaluated at length {length} for any method "
+                  f"(lower --window to include it)")
     return out
 
 
@@ -238,3 +539,61 @@ def run_case(model, prefill, case: Case, decode: Callable[[KVCache], str], quest
     t3 = clock(device)
     return Result(case, generated, kept, "prompt" if question is None else "context", mb,
                   prefill_s, t1 - t0, t2 - t1, t3 - t2)
+
+
+# ----------------------------------------------------------------------------- running an eval
+
+@dataclass
+class Unit:
+    """One work unit of an eval and the cases still to run on it. key: what identifies the unit
+    in its rows (NIAH (length, depth), RULER (task, length, index), LongBench (task, index)).
+    data: what the eval's prompt function reads (e.g. a LongBench sample)."""
+    key: tuple
+    cases: list[Case]
+    data: Any = None
+
+
+def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: Callable, results: Path, *,
+             window: int, seed: int = 0, desc: str = "units") -> list[dict]:
+    """Run the cases of every unit (run_unit: one context prefill per unit) and append a row per
+    finished case to `results` as it finishes (RowWriter). Returns the rows made.
+
+    prompt(unit) -> (context_ids, question_ids, info): the unit's prompt split where its context
+    ends (encode_split), and whatever decode and row need (e.g. the sample). decode(info, cache)
+    -> the generated text. row(unit, info, result) -> the results line of one case (a dict).
+    Budgets that do not fit a unit (skipped_budgets) are skipped for every method alike and said
+    once at the end, per (budget, protocol), with how many units they skipped."""
+    from tqdm import tqdm
+    made, skipped, why = [], Counter(), {}
+    with RowWriter(results) as writer:
+        for unit in tqdm(units, desc=desc, unit="unit"):
+            context, question, info = prompt(unit)
+            counted = set()
+            for result in run_unit(model, context, question, unit.cases, lambda cache: decode(info, cache),
+                                   window=window, seed=seed):
+                if result.skipped:
+                    key = (result.case.budget, result.case.protocol)
+                    skipped[key] += key not in counted
+                    counted.add(key)
+                    why.setdefault(key, result.skipped)
+                    continue
+                line = row(unit, info, result)
+                writer.write(line)
+                made.append(line)
+    for (budget, protocol), count in skipped.items():
+        print(f"note: budget {budget:g} ({protocol}) skipped for every method on {count} of {len(units)} unit(s), "
+              f"e.g. {why[budget, protocol]}")
+    return made
+
+
+def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0,
+                 digits: int = 3) -> tuple[dict | None, str]:
+    """stats.summarize of score rows ({"unit", "stratum", "method", "budget", "protocol", "score"}:
+    means with bootstrap CIs per method x budget x protocol, LaProx's paired differences, loss vs
+    full and the loss ratio), its plot (score vs budget, CI bars, a panel per protocol) written to
+    `plot`, and its markdown; (None, a line saying so) when there are no rows."""
+    if not rows:
+        return None, "No scored rows: nothing to summarise."
+    summary = stats.summarize(rows)
+    stats.plot_summary(summary, plot, title)
+    return summary, stats.summary_markdown(summary, scale, digits)

@@ -36,9 +36,9 @@ def _bench_errors(tmp_path):
     afile = tmp_path / "a_file"  # made by the test
     out = ["--out", str(tmp_path / "bench.json")]
     return {  # argv: words of the error
-        "no such device": (out + ["--device", "bogus"], "not available"),
+        "no such device": (out + ["--device", "bogus"], "is not a device"),
         "cuda without cuda": (out + ["--device", "cuda"], "not available"),
-        "layers, no such device": (out + ["--layers", "--device", "bogus"], "not available"),
+        "layers, no such device": (out + ["--layers", "--device", "bogus"], "is not a device"),
         "offline hub id": (out + ["--model", "no-owner/no-such-model"], "could not download"),
         "layers, no such folder": (out + ["--layers", "--model", "./no/such/checkpoint"], "no checkpoint folder"),
         "out is a folder": (["--out", str(tmp_path)], "is a folder"),

@@ -1,9 +1,12 @@
 """harness.py and Model.prefill(past=): a prefill continued by the question equals a one-shot
 prefill of the whole prompt (every field, and the kept sets of the methods); the question
 prefilled onto a compressed cache against a float64 loop; run_unit's cases, skips and prefills;
-and, on the default model, aware-through-the-continuation against eval_niah.run_cell."""
+and, on the default model, aware-through-the-continuation against the path before the protocols;
+the shared command-line, file and lock helpers."""
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +249,147 @@ def test_argument_errors(tiny):
         next(Hn.run_unit(tiny["llama-gqa"], [5, 6], [], [], greedy(tiny["llama-gqa"])))
 
 
+# ----------------------------------------------------------------------------- the prompt split
+
+class CharTok:
+    """One token per character (its code point), except that a run of newlines is one token (as a
+    BPE pre-tokenizer keeps whitespace runs together); `marker`: every encode starts with token
+    -1, as a SentencePiece "Prepend" normalizer puts a space marker before every text."""
+
+    def __init__(self, marker=False):
+        self.marker = marker
+
+    def encode(self, text):
+        pieces = re.findall(r"\n+|[^\n]", text)
+        return [-1] * self.marker + [sum(map(ord, p)) * (1 if len(p) == 1 else 1000) for p in pieces]
+
+
+def test_encode_split_cuts_the_prompts_own_ids():
+    tok = CharTok()
+    context, question = Hn.encode_split(tok, "ab.\nQ?", 3)
+    assert (context, question) == (tok.encode("ab."), tok.encode("\nQ?"))
+    context, question = Hn.encode_split(tok, "ab\n\n\nQ", 3)  # "\n" + "\n\nQ": one "\n\n\n" token in the prompt
+    assert context + question == tok.encode("ab\n\n\nQ") and context == tok.encode("ab") and len(question) == 2
+    marked = CharTok(marker=True)
+    context, question = Hn.encode_split(marked, "ab. Q?", 3)
+    assert context + question == marked.encode("ab. Q?") and -1 not in question  # no marker at the seam
+    with pytest.raises(ValueError, match="cannot be split"):
+        Hn.encode_split(tok, "\n\nQ", 1)  # the context's only token merges into the question's
+    with pytest.raises(ValueError, match="non-empty context and question"):
+        Hn.encode_split(tok, "abc", 0)
+
+
+# ----------------------------------------------------------------------------- arguments and skips
+
+def test_parsers_and_device_checks():
+    assert Hn.parse_budgets("0.05, 0.2,0.05") == [0.05, 0.2]
+    assert Hn.parse_budgets("0.05,128,1", tokens=True) == [0.05, 128, 1]
+    for text, tokens, match in [("0", False, "out of range"), ("1.5", True, "out of range"),
+                                ("128", False, r"\(0, 1\]"), ("abc", False, "not a number"),
+                                ("nan", False, "out of range"), ("", False, "empty")]:
+        with pytest.raises(ValueError, match=match):
+            Hn.parse_budgets(text, tokens)
+    assert Hn.parse_methods("full, laprox:pool=0,full") == {"full": ("full", {}),
+                                                             "laprox:pool=0": ("laprox", {"pool": 0})}
+    for spec, match in [("laprox:center=no", "takes a bool"), ("snap-kv", "unknown method"), ("laprox:pool=4", "odd")]:
+        with pytest.raises(ValueError, match=match):
+            Hn.parse_methods(f"full,{spec}")
+    Hn.check_device("cpu")
+    with pytest.raises(ValueError, match="is not a device"):
+        Hn.check_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Hn.check_device("cuda:0")
+
+
+def test_skipped_budgets_read_each_specs_flags():
+    """n = 100 prompt, c = 80 context, w = 32, budget 0.5: 50 and 40 tokens a head. streamingllm keeps
+    32 + 4 sinks by default (fits both), 32 + 16 with sinks=16 (fits the prompt, not the context),
+    32 + 40 with sinks=40 (fits neither)."""
+    def skipped(spec):
+        return set(Hn.skipped_budgets(Hn.make_cases(Hn.parse_methods(f"full,{spec}"), [0.5], list(Hn.PROTOCOLS)),
+                                      100, 80, 32))
+    assert skipped("streamingllm") == set()
+    assert skipped("streamingllm:sinks=16") == {(0.5, "agnostic")}
+    assert skipped("streamingllm:sinks=40") == {(0.5, "aware"), (0.5, "agnostic")}
+    assert skipped("snapkv,streamingllm:sinks=40") == skipped("streamingllm:sinks=40")  # every method alike
+
+
+def test_run_main_reports_user_errors_in_one_line(capsys):
+    parser = Hn.OneLineParser(prog="tool.py")
+    parser.add_argument("--x", type=int, default=0)
+
+    def run(args):
+        if args.x == 1:
+            raise ValueError("bad x:\n  use another")
+        if args.x == 2:
+            raise FileNotFoundError("no such file")
+        if args.x == 3:
+            raise KeyboardInterrupt
+        return args.x
+    assert Hn.run_main(parser, run, []) == 0
+    for argv, code, words in [(["--x", "1"], 2, "tool.py: error: bad x: use another"),
+                              (["--x", "2"], 2, "tool.py: error: no such file"),
+                              (["--x", "3"], 130, "tool.py: interrupted"), (["--x", "y"], 2, "invalid int value")]:
+        with pytest.raises(SystemExit) as done:
+            Hn.run_main(parser, run, argv)
+        err = capsys.readouterr().err
+        assert done.value.code == code and words in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- results file and lock
+
+def test_rows_after_a_torn_line(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    assert Hn.read_rows(path) == []
+    with Hn.RowWriter(path) as w:
+        w.write({"k": 1, "v": "a"})
+    path.write_text(path.read_text() + '{"k": 2, "v"')  # killed mid-write
+    with Hn.RowWriter(path) as w:
+        w.write({"k": 2, "v": "b"})
+        w.write({"k": 1, "v": "c"})
+    assert path.read_text().splitlines()[1] == '{"k": 2, "v"'  # the new rows start on a fresh line
+    with open(path, "a") as f:
+        f.write('[1, 2]\n{"v": "no key"}\n')
+    rows = Hn.read_rows(path, required=("k",))
+    err = capsys.readouterr().err
+    assert [r["v"] for r in rows] == ["a", "b", "c"]
+    assert err.count("\n") == 1 and "skipped 3 unreadable line(s)" in err and "line 2, 5, 6" in err
+    assert [r["v"] for r in Hn.latest(rows, lambda r: r["k"])] == ["c", "b"]
+
+
+def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = Hn.output_folder(tmp_path / "out")
+    with Hn.OutputLock(out):
+        with pytest.raises(ValueError, match=f"in use by pid {os.getpid()} "):
+            Hn.OutputLock(out).__enter__()
+    with Hn.OutputLock(out):  # released on exit
+        pass
+    code = ("import sys, time, harness; lock = harness.OutputLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=Path(Hn.__file__).parent,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"--out {out} is in use by pid {holder.pid} .*-c.* wait for that run"):
+            Hn.OutputLock(out).__enter__()
+        with pytest.raises(SystemExit) as done:  # an eval on that folder: one line, before any model work
+            E.main(["--lengths", "600", "--depths", "0", "--methods", "full", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and f"is in use by pid {holder.pid} (" in err, err
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with Hn.OutputLock(out):  # kill -9 left the .lock file, but no lock
+        assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+    with pytest.raises(ValueError, match="is a file"):
+        Hn.output_folder(out / ".lock")
+
+
 # ----------------------------------------------------------------------------- the default model
 
 @pytest.fixture(scope="module")
@@ -264,6 +408,9 @@ def default():
 def test_encode_split_keeps_the_text(default):
     _, tok, context_ids, question_ids, _ = default
     assert 230 < len(context_ids) and 10 < len(question_ids) < 70
+    prompt = E.build_prompt(tok, E.haystack_ids(tok, E.read_haystack(), 400), 300, 0.5)
+    assert context_ids + question_ids == prompt["ids"] == tok.encode(prompt["text"])  # the prompt's own ids
+    assert context_ids == tok.encode(prompt["text"][:prompt["text"].index(prompt["context"]) + len(prompt["context"])])
     text = tok.decode(context_ids + question_ids, skip_special_tokens=False)
     assert tok.decode(question_ids, skip_special_tokens=False).startswith(" </book>.")
     assert text.endswith(E.QUESTION + "<|im_end|>\n<|im_start|>assistant\n" + E.ANSWER_PREFIX)
@@ -278,14 +425,15 @@ def test_default_model_continuation_equals_one_shot(default):
         assert kept_sets(continued, m, 0.1) == kept_sets(one_shot, m, 0.1), m
 
 
-def test_aware_through_the_continuation_matches_run_cell(default):
-    """The harness with both protocols (aware from the continuation) generates exactly what
-    eval_niah.run_cell does from a one-shot prefill of the same ids; agnostic "full" starts from
-    the one-shot logits within 1e-4 and answers the same. (Few cases: decoding is the slow part.)"""
+def test_aware_through_the_continuation_matches_todays_path(default):
+    """The harness with both protocols (aware from the continuation) generates exactly what the
+    path before the protocols did (a one-shot prefill of tok.encode(text), compress, generate);
+    agnostic "full" starts from the one-shot logits within 1e-4 and answers the same. (Few cases:
+    decoding is the slow part.)"""
     from model import generate
     model, tok, context_ids, question_ids, one_shot = default
     specs = ["full", "laprox", "snapkv:pool=0"]
-    cases = [c for c in Hn.make_cases({s: E.method_spec(s) for s in specs}, [0.1], list(Hn.PROTOCOLS))
+    cases = [c for c in Hn.make_cases(Hn.parse_methods(",".join(specs)), [0.1], list(Hn.PROTOCOLS))
              if c.protocol == "aware" or c.name in ("full", "laprox")]
     first_logits = []
 
@@ -296,12 +444,14 @@ def test_aware_through_the_continuation_matches_run_cell(default):
     results = list(Hn.run_unit(model, context_ids, question_ids, cases, decode, window=16))
     assert not any(r.skipped for r in results) and len(results) == len(cases) == len(first_logits)
     got = {(r.case.method, r.case.budget, r.case.protocol): r for r in results}
-    want = E.run_cell(model, tok, context_ids + question_ids, [(c.method, c.budget) for c in cases
-                                                              if c.protocol == "aware"],
-                      window=16, max_new_tokens=8, device="cpu")
-    for r in want:
-        assert got[r["method"], r["budget"], "aware"].generated == r["generated"], (r["method"], r["budget"])
-        assert got[r["method"], r["budget"], "aware"].kept_fraction == r["kept_fraction"]
+    with torch.inference_mode():  # today's path, written out
+        prefill = model.prefill(torch.tensor([context_ids + question_ids]), window=16)
+        for c in cases:
+            if c.protocol == "aware":
+                cache = compress(prefill, c.name, c.budget, **c.flags)
+                want = generate(model, tok, cache=cache, max_new_tokens=8, stop_strings=("\n",))
+                assert got[c.method, c.budget, "aware"].generated == want, c.method
+                assert got[c.method, c.budget, "aware"].kept_fraction == cache.kept_fraction()
     (agnostic_full,) = [x for r, x in zip(results, first_logits) if r.case.name == "full" and r.case.protocol == "agnostic"]
     assert (agnostic_full - one_shot.logits).abs().max() <= 1e-4
     assert got["full", 1.0, "agnostic"].generated == got["full", 1.0, "aware"].generated

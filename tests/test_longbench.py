@@ -79,6 +79,15 @@ class CharTokenizer:
         return f"<user>{messages[0]['content']}</user><assistant>"
 
 
+def fails(capsys, argv) -> str:
+    """lb.main(argv) exits with code 2 and one line on stderr, no traceback; returns that line."""
+    with pytest.raises(SystemExit) as done:
+        lb.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 # ---- metrics ----
 
 @pytest.mark.parametrize("text, expected", [
@@ -197,6 +206,45 @@ def test_middle_truncation(data_dir, max_length):
     assert text == f"<user>{full[:half] + full[-half:]}</user><assistant>"
 
 
+GOV = {"input": "", "context": "The agency reviewed 12 programs and found gaps in oversight. " * 3, "answers": ["x"],
+       "all_classes": None, "index": 0}
+
+
+@pytest.mark.parametrize("task, sample, question_starts", [
+    ("hotpotqa", HOTPOT, "\n\nAnswer the question based on the given passages."),
+    ("trec", TREC, "\n" + TREC["input"]),                                          # no chat template
+    ("gov_report", GOV, "\n\nNow, write a one-page summary of the report."),      # no separate question:
+    ("passage_count", GOV, "\n\nPlease enter the final count"),                   # the instruction after
+    ("lcc", {**GOV, "context": "def f(x):\n    return x\n"}, "Next line of code:"),  # the context is
+])
+@pytest.mark.parametrize("cut", [False, True])
+def test_the_prompt_splits_where_its_context_ends(task, sample, question_starts, cut):
+    """Also after the middle cut (a character a token; the kept end holds the text after {context}
+    and 10 characters of the context): the context ends where the text after {context} starts;
+    the chat template's closing goes to the question."""
+    tok = CharTokenizer()
+    head, tail = [part.format(**sample) for part in lb.DATASET2PROMPT[task].split("{context}")]
+    max_length = 2 * (len(tail) + 10) if cut else 10_000
+    assert (len(head + sample["context"] + tail) > max_length) == cut
+    text, end = lb.build_prompt(tok, sample, task, max_length)
+    assert tok.encode(text) == lb.build_prompt_ids(tok, sample, task, max_length)
+    assert text[end:].startswith(question_starts)
+    assert text[:end].endswith(sample["context"][-10:] if cut else head + sample["context"])
+    assert text[end:] == tail + ("" if task in lb.NO_CHAT_TASKS else "</user><assistant>")
+
+
+def test_the_split_when_the_cut_falls_in_the_question():
+    """A question longer than half of max_length: the cut removed the context's end and the
+    question's start; the question is what is kept of it, the context the first half."""
+    tok = CharTokenizer()
+    sample = {**HOTPOT, "input": "Which city? " * 20}
+    text, end = lb.build_prompt(tok, sample, "hotpotqa", 100)
+    assert end == len("<user>") + 50 and text[end:].endswith("Which city? \nAnswer:</user><assistant>")
+    short = {**HOTPOT, "context": "tiny"}  # the context ends in the kept first half
+    text, end = lb.build_prompt(tok, {**short, "input": "Which city? " * 20}, "hotpotqa", 300)
+    assert text[:end].endswith("passages.\ntiny")
+
+
 def test_without_a_chat_template_the_raw_prompt_is_fed(data_dir):
     tok = CharTokenizer()
     hotpot = lb.load_task(data_dir, "hotpotqa")[0]
@@ -264,15 +312,15 @@ def test_check_data_dir_errors(data_dir, tmp_path):
     ('{"input": "q", "context": "c", "answers": "a"}', "line 2 lacks the list field 'answers'"),
     ('{"input": "q", "context": "c", "answers": [1]}', "line 2: 'answers' must be a list of strings"),
 ])
-def test_malformed_data_lines_are_one_line_errors(data_dir, tmp_path, line, message):
+def test_malformed_data_lines_are_one_line_errors(data_dir, tmp_path, line, message, capsys):
     path = data_dir / "hotpotqa.jsonl"
     path.write_text(json.dumps(HOTPOT) + "\n" + line + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
         lb.load_task(data_dir, "hotpotqa")
     assert len(lb.load_task(data_dir, "hotpotqa", limit=1)) == 1  # lines beyond --limit are not read
-    with pytest.raises(SystemExit, match=re.escape(message)) as err:
-        lb.main(["--data-dir", str(data_dir), "--tasks", "hotpotqa", "--out", str(tmp_path / "out")])
-    assert "\n" not in str(err.value.code) and not (tmp_path / "out").exists()
+    assert re.search(re.escape(message), fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "hotpotqa", "--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_data_file_is_an_error(data_dir):
@@ -281,7 +329,7 @@ def test_empty_data_file_is_an_error(data_dir):
         lb.load_task(data_dir, "trec")
 
 
-def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path):
+def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path, capsys):
     import huggingface_hub
 
     def offline(*args, **kwargs):
@@ -291,8 +339,8 @@ def test_offline_download_fails_with_a_clear_message(monkeypatch, tmp_path):
     with pytest.raises(ConnectionError, match="--data-dir") as err:
         lb.fetch_data()
     assert "THUDM/LongBench" in str(err.value) and "network is unreachable" in str(err.value)
-    with pytest.raises(SystemExit, match="--data-dir"):  # the command line says the same
-        lb.main(["--tasks", "trec", "--out", str(tmp_path / "out")])
+    assert re.search("--data-dir", fails(capsys,
+        ["--tasks", "trec", "--out", str(tmp_path / "out")]))  # the command line says the same
 
 
 def test_download_unpacks_data_zip(monkeypatch, tmp_path):
@@ -311,7 +359,9 @@ def test_download_unpacks_data_zip(monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "hotpotqa,nope"], "unknown task nope"),
     (["--tasks", "multifieldqa_zh"], "unknown task multifieldqa_zh"),
-    (["--methods", "full,magic"], "unknown method magic"),
+    (["--methods", "full,magic"], "unknown method 'magic'"),
+    (["--methods", "full,laprox:pool=4"], "must be odd"),
+    (["--protocol", "aware,blind"], "expected a comma list of aware, agnostic"),
     (["--budget", "0"], "out of range"),
     (["--budget", "1.5"], "out of range"),
     (["--budget", "-0.1"], "out of range"),
@@ -321,52 +371,52 @@ def test_download_unpacks_data_zip(monkeypatch, tmp_path):
     (["--max-length", "0"], "--max-length must be >= 1"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device"),
 ])
-def test_bad_arguments_fail_before_model_work(argv, message, data_dir, tmp_path):
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        lb.main(argv + ["--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
+def test_bad_arguments_fail_before_model_work(argv, message, data_dir, tmp_path, capsys):
+    assert re.search(re.escape(message), fails(capsys,
+        argv + ["--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_data_dir_fails_before_model_work(tmp_path):
-    with pytest.raises(SystemExit, match="is not a folder"):
-        lb.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+def test_missing_data_dir_fails_before_model_work(tmp_path, capsys):
+    assert re.search("is not a folder", fails(capsys,
+        ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]))
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(SystemExit, match="a-file is not a folder"):
-        lb.main(["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "out")])
+    assert re.search("a-file is not a folder", fails(capsys,
+        ["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "out")]))
 
 
-def test_cuda_without_cuda_is_a_one_line_error(data_dir, tmp_path):
+def test_cuda_without_cuda_is_a_one_line_error(data_dir, tmp_path, capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available .* use --device cpu") as err:
-        lb.main(["--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
-    assert "\n" not in str(err.value.code) and not (tmp_path / "out").exists()
+    assert re.search("--device cuda: CUDA is not available .* use --device cpu", fails(capsys,
+        ["--device", "cuda", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
 
 
-def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path):
+def test_out_naming_a_file_is_a_one_line_error(data_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("not a folder")
-    with pytest.raises(SystemExit, match="--out .*taken is a file, not a folder"):
-        lb.main(["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken")])
-    with pytest.raises(SystemExit, match="cannot create the output folder --out .*taken/sub"):
-        lb.main(["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken" / "sub")])
+    assert re.search("--out .*taken is a file, not a folder", fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken")]))
+    assert re.search("cannot create the output folder --out .*taken/sub", fails(capsys,
+        ["--data-dir", str(data_dir), "--tasks", "trec", "--out", str(tmp_path / "taken" / "sub")]))
 
 
 @pytest.mark.parametrize("model, message", [
     ("nobody/no-such-model", "cannot load --model nobody/no-such-model: OSError: could not download"),
     ("./no/such/folder", "cannot load --model ./no/such/folder: FileNotFoundError: no checkpoint folder"),
 ])
-def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, message):
+def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, message, capsys):
     """The hub id fails offline (conftest sets HF_HUB_OFFLINE=1) before any prefill."""
-    with pytest.raises(SystemExit, match=re.escape(message)) as err:
-        lb.main(["--model", model, "--data-dir", str(data_dir), "--tasks", "trec", "--methods", "full",
-                 "--out", str(tmp_path / "out")])
-    assert "\n" not in str(err.value.code)
+    assert re.search(re.escape(message), fails(capsys,
+        ["--model", model, "--data-dir", str(data_dir), "--tasks", "trec", "--methods", "full",
+         "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out" / "predictions.jsonl").exists() or not (tmp_path / "out" / "predictions.jsonl").read_text()
 
 
 def test_budgets_parse():
-    assert lb.parse_budgets("0.05, 0.2,1.0,128") == [0.05, 0.2, 1.0, 128]
+    from harness import parse_budgets
+    assert parse_budgets("0.05, 0.2,1.0,128", tokens=True) == [0.05, 0.2, 1.0, 128]
 
 
 # ---- predictions, resume, scores ----
@@ -393,7 +443,7 @@ def test_aggregate_table():
     assert snap["tasks"] == {"hotpotqa": 66.67, "trec": 0.0}  # rounded to 2 decimals, as eval.py
     assert snap["avg"] == 33.34 and snap["kept_fraction"] == pytest.approx(0.11)
     md = lb.results_markdown(lb.aggregate(lines), [0.1])
-    assert "## budget 0.1" in md and "| | full | snapkv |" in md
+    assert "## protocol aware, budget 0.1" in md and "| | full | snapkv |" in md
     assert "| hotpotqa | 50 | 66.67 |" in md and "| **avg (tasks)** | 75 | 33.34 |" in md
 
 
@@ -406,14 +456,16 @@ def test_category_averages_over_tasks_then_categories():
     assert r["avg"] == pytest.approx(66.67) and r["avg_categories"] == 75.0
 
 
-def test_pending_runs_skip_what_is_done():
-    sample = {"index": 3}
-    done = {lb.run_key("trec", 3, "full", None), lb.run_key("trec", 3, "snapkv", 0.05)}
-    runs = lb.pending_runs(sample, "trec", ["full", "snapkv", "laprox"], [0.05, 0.2], done)
-    assert runs == [("laprox", 0.05), ("snapkv", 0.2), ("laprox", 0.2)]
+def test_case_keys_and_lines_written_before_the_protocols():
+    from harness import make_cases, parse_methods
+    cases = make_cases(parse_methods("full,snapkv"), [0.05], ["aware", "agnostic"])
+    keys = {lb.case_key("trec", {"index": 3}, c) for c in cases}
+    assert keys == {("trec", 3, m, b, p) for m, b in [("full", None), ("snapkv", 0.05)] for p in ("aware", "agnostic")}
+    old = fake_line("trec", 3, "snapkv", 0.05, "Food", TREC)  # no protocol field: made aware
+    assert lb.line_key(old) == ("trec", 3, "snapkv", 0.05, "aware") in keys
 
 
-def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_path):
+def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     lines = [fake_line("hotpotqa", 0, "full", None, "Paris", HOTPOT),
@@ -428,6 +480,7 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
     lines = [dict(x, config=config) for x in lines]
     (out / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [other] + lines) + '{"task": "tr')
     results = lb.main(argv)
+    assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
     by = {r["method"]: r for r in results}
     assert by["full"]["avg"] == 100.0 and by["snapkv"]["tasks"] == {"hotpotqa": 0.0, "trec": 100.0}
     saved = json.loads((out / "results.json").read_text())
@@ -438,26 +491,52 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
 
 # ---- end to end with the default model ----
 
-def test_end_to_end_with_the_default_model(tmp_path):
+def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
+    """The aware lines are what the path before the protocols gave (one prefill of the official
+    prompt's ids, compress, decode as pred.py); agnostic keeps 20% of the context."""
+    import torch
+    from harness import encode_split
+    from methods import compress
+    from model import load_model
     data_dir, out = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
-    for sample in (HOTPOT, TRIVIA):  # contexts x 4: 0.2 x prompt length must cover the 32-token window
-        (data_dir / f"{sample['dataset']}.jsonl").write_text(json.dumps({**sample, "context": sample["context"] * 4}) + "\n")
-    argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa", "--limit", "1",
-            "--methods", "full,snapkv", "--budget", "0.2", "--out", str(out)]
+    samples = {}
+    for sample in (HOTPOT, TRIVIA):  # contexts x 4: 0.2 x the context must cover the 32-token window
+        samples[sample["dataset"]] = {**sample, "context": sample["context"] * 4, "index": 0}
+        (data_dir / f"{sample['dataset']}.jsonl").write_text(json.dumps(samples[sample["dataset"]]) + "\n")
+    argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa", "--limit", "1", "--methods", "full,snapkv",
+            "--budget", "0.2", "--protocol", "aware,agnostic", "--out", str(out)]
     results = lb.main(argv)
     print((out / "results.md").read_text())
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert {(x["task"], x["method"], x["budget"]) for x in lines} == {
-        ("hotpotqa", "full", None), ("hotpotqa", "snapkv", 0.2),
-        ("triviaqa", "full", None), ("triviaqa", "snapkv", 0.2)}
-    assert all(isinstance(x["pred"], str) and x["prompt_tokens"] > 32 for x in lines)
+    assert {(x["task"], x["method"], x["budget"], x["protocol"]) for x in lines} == {
+        (t, m, b, p) for t in ("hotpotqa", "triviaqa") for m, b in [("full", None), ("snapkv", 0.2)]
+        for p in ("aware", "agnostic")}
     assert {x["kept_fraction"] for x in lines if x["method"] == "full"} == {1.0}
-    assert all(0 < x["kept_fraction"] < 1 for x in lines if x["method"] == "snapkv")
-    assert (out / "results.json").is_file() and (out / "results.md").is_file()
-    assert {r["method"] for r in results} == {"full", "snapkv"}
+    assert all(x["kept_fraction"] == pytest.approx(0.2, abs=0.01) for x in lines if x["method"] == "snapkv")
+    assert all(x["kept_of"] == ("prompt" if x["protocol"] == "aware" else "context") for x in lines)
+    model, tok = load_model()
+    for task, sample in samples.items():
+        text, end = lb.build_prompt(tok, sample, task, 7500)
+        context, question = encode_split(tok, text, end)
+        ids = lb.build_prompt_ids(tok, sample, task, 7500)
+        assert context + question == ids and text[:end].endswith(sample["context"])
+        with torch.inference_mode():
+            prefill = model.prefill(torch.tensor([ids]))
+            for x in [x for x in lines if x["task"] == task]:
+                assert (x["prompt_tokens"], x["context_tokens"]) == (len(ids), len(context))
+                if x["protocol"] == "aware":
+                    cache = compress(prefill, x["method"], 1.0 if x["budget"] is None else x["budget"])
+                    assert x["pred"] == lb.decode_answer(model, tok, cache, task), (task, x["method"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["protocols"] == ["aware", "agnostic"] and set(saved["stats"]["protocols"]) == {"aware", "agnostic"}
+    md = (out / "results.md").read_text()
+    assert "## protocol agnostic, budget 0.2" in md and "### protocol: agnostic" in md and "x 100" in md
+    assert (out / "scores_vs_budget.png").stat().st_size > 0
+    assert {(r["method"], r["protocol"]) for r in results} == {(m, p) for m in ("full", "snapkv")
+                                                               for p in ("aware", "agnostic")}
     lb.main(argv)  # rerun: everything is done, nothing is added
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
 
 
 # ---- decoding as pred.py ----
@@ -536,24 +615,18 @@ def test_decoding_stops_at_the_task_generation_length():
     assert pred == "!" * 32 and len(fed) == 31
 
 
-# ---- predictions file: fresh lines, torn fragments ----
+# ---- predictions file: torn fragments, newer lines ----
 
-def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path, capsys):
+def test_read_predictions_skips_torn_lines_and_keeps_the_newest(tmp_path, capsys):
     path = tmp_path / "predictions.jsonl"
     good = {k: 0 for k in lb.PREDICTION_FIELDS}
-    path.write_text(json.dumps(good) + "\n" + '{"task": "tr')  # killed mid-write
-    with lb.open_for_append(path) as f:
-        f.write(json.dumps(dict(good, index=1)) + "\n")
-    assert path.read_text().splitlines()[1:] == ['{"task": "tr', json.dumps(dict(good, index=1))]
-    with lb.open_for_append(path) as f:  # the file ends with a newline now: nothing added
-        f.write("7\n")  # valid JSON, but not a prediction
-    assert path.read_text().endswith('"config": 0}\n7\n')
-    lines = lb.read_predictions(path)
-    assert [x["index"] for x in lines] == [0, 1]
+    lines = [dict(good, pred="old"), dict(good, pred="other config", config=1), dict(good, pred="new"),
+             dict(good, index=1, protocol="agnostic")]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"task": "tr\n7\n')  # killed mid-write, junk
+    read = lb.read_predictions(path, config=0)
+    assert [(x["index"], x["pred"], x["protocol"]) for x in read] == [(0, "new", "aware"), (1, 0, "agnostic")]
     err = capsys.readouterr().err
-    assert err.count("warning") == 1 and "skipped 2 unreadable line(s)" in err and "line 2, 4" in err
-    lb.open_for_append(tmp_path / "new.jsonl").close()  # a missing file is created, empty
-    assert (tmp_path / "new.jsonl").read_text() == ""
+    assert err.count("warning") == 1 and "skipped 2 unreadable line(s)" in err and "line 5, 6" in err
 
 
 # ---- results.md: sample counts and max_length ----
@@ -565,7 +638,7 @@ def test_results_markdown_shows_sample_counts_per_method():
              fake_line("trec", 0, "full", None, "Animal", TREC),
              fake_line("trec", 0, "snapkv", 0.1, "Animal", TREC)]
     md = lb.results_markdown(lb.aggregate(lines), [0.1])
-    counts = md[md.index("samples scored (budget 0.1):"):]
+    counts = md[md.index("samples scored (protocol aware, budget 0.1):"):]
     assert "| hotpotqa | 2 | 1 |" in counts and "| trec | 1 | 1 |" in counts
     assert "note: the methods were scored on different samples of hotpotqa" in md
     even = lb.results_markdown(lb.aggregate([x for x in lines if x["index"] == 0]), [0.1])
@@ -616,13 +689,13 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
     --max-length that leaves no room for the answer refused before any prefill."""
     from test_model import make_checkpoint
     _, folder = make_checkpoint(tmp_path, "llama-gqa")
+    capsys.readouterr()  # the checkpoint writer's progress
     out = tmp_path / "out"
     argv = ["--model", str(folder), "--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa",
             "--methods", "full", "--out", str(out)]
-    with pytest.raises(SystemExit, match=r"context \(512 tokens\) is too short .* pass --max-length"):
-        lb.main(argv)
-    with pytest.raises(SystemExit, match="--max-length 490 does not fit hotpotqa: .* use --max-length 480 or less"):
-        lb.main(argv + ["--max-length", "490"])
+    assert re.search(r"context \(512 tokens\) is too short .* pass --max-length", fails(capsys, argv))
+    assert re.search("--max-length 490 does not fit hotpotqa: .* use --max-length 480 or less", fails(capsys,
+        argv + ["--max-length", "490"]))
     assert not (out / "predictions.jsonl").exists()
     capsys.readouterr()
     lb.main(argv + ["--max-length", "480"])

@@ -59,6 +59,8 @@ def test_prompt_length_needle_depth_and_real_text(tok, haystack, length, depth):
     hay = E.haystack_ids(tok, haystack, length)
     p = E.build_prompt(tok, hay, length, depth)
     assert abs(len(p["ids"]) - length) <= 3, "prompt length should be within a few tokens of the request"
+    assert p["context_ids"] + p["question_ids"] == p["ids"] == tok.encode(p["text"])  # what both protocols prefill
+    assert tok.decode(p["question_ids"]).startswith(" </book>.")  # all after the haystack is the question
     assert p["text"].endswith(E.ANSWER_PREFIX) and E.QUESTION in p["text"]
     ctx, nc = p["context"], p["needle_char"]
     assert ctx[nc:nc + len(E.NEEDLE)] == E.NEEDLE
@@ -141,87 +143,162 @@ def test_rouge1_and_response_cleaning():
 
 # ----------------------------------------------------------------------------- arguments
 
-def test_grid_and_length_checks():
-    known = ["full", "laprox", "snapkv"]
-    ok = dict(lengths=[600], depths=[0.0, 1.0], methods=["full", "snapkv"], budgets=[0.05],
-              known=known, window=32, max_new_tokens=24)
-    E.check_grid(**ok)
-    for bad, match in [(dict(methods=["nope"]), "unknown method"), (dict(depths=[1.5]), r"\[0, 1\]"),
-                       (dict(budgets=[0.0]), r"\(0, 1\]"), (dict(budgets=[2.0]), r"\(0, 1\]"),
-                       (dict(lengths=[-5]), "positive"), (dict(window=0), "window")]:
+def check(argv):
+    return E.check_args(E.build_parser().parse_args(argv))
+
+
+def test_argument_and_length_checks():
+    lengths, depths, methods, budgets, protocols = check(["--lengths", "600", "--depths", "0,1", "--methods",
+                                                          "full,snapkv,laprox:selection=layer:pool=0",
+                                                          "--budget", "0.05", "--protocol", "agnostic,aware"])
+    assert (lengths, depths, budgets, protocols) == ([600], [0.0, 1.0], [0.05], ["agnostic", "aware"])
+    assert methods == {"full": ("full", {}), "snapkv": ("snapkv", {}),
+                       "laprox:selection=layer:pool=0": ("laprox", {"selection": "layer", "pool": 0})}
+    for bad, match in [(["--methods", "nope"], "unknown method"), (["--depths", "1.5"], r"\[0, 1\]"),
+                       (["--budget", "0"], r"\(0, 1\]"), (["--budget", "2"], r"\(0, 1\]"),
+                       (["--lengths", "-5"], "positive"), (["--window", "0"], "window"),
+                       (["--protocol", "aware,blind"], "aware, agnostic"), (["--max-new-tokens", "0"], ">= 1"),
+                       (["--methods", "laprox:colour=red"], "unknown flag"),
+                       (["--methods", "laprox:pool"], "key=value")]:
         with pytest.raises(ValueError, match=match):
-            E.check_grid(**{**ok, **bad})
+            check(bad)
     E.check_lengths([2000, 7500], 8192, 24, min_length=120)
     with pytest.raises(ValueError, match="exceed the model's context"):
         E.check_lengths([9000], 8192, 24)
     with pytest.raises(ValueError, match="too short"):
         E.check_lengths([50], 8192, 24, min_length=120)
-    assert E.parse_list("0.01, 0.05,0.01", float, "budget") == [0.01, 0.05]
-    with pytest.raises(ValueError, match="--depths"):
-        E.parse_list("0,half", float, "depths")
+
+
+def test_budgets_below_the_window_are_skipped_for_every_method():
+    from harness import make_cases, parse_methods, skipped_at_lengths
+    cases = make_cases(parse_methods("full,laprox,streamingllm"), [0.01, 0.05], ["aware", "agnostic"])
+    skipped = skipped_at_lengths(cases, [2000, 4000, 7500], 32)
+    assert skipped[2000].keys() == {(0.01, "aware"), (0.01, "agnostic")}  # 20 tokens < 32; 40, 75 fit; 5% always
+    assert skipped[4000] == skipped[7500] == {}
+    # streamingllm's sinks count too: 0.01 * 3500 = 35 < 32 + 4, and the spec's own sinks=2 fit
+    one = lambda spec: skipped_at_lengths(make_cases(parse_methods(spec), [0.01], ["aware"]), [3500], 32)[3500]
+    assert one("snapkv") == {} and one("streamingllm:sinks=2") == {} and one("streamingllm").keys() == {(0.01, "aware")}
 
 
 # ----------------------------------------------------------------------------- reports
 
 def test_reports_from_rows(tmp_path):
-    rows = [dict(method=m, budget=b, length=l, depth=d, score=s, exact=s == 1.0, rouge1=s, kept_fraction=b)
-            for m, b, s in [("full", 1.0, 1.0), ("snapkv", 0.05, 0.5), ("snapkv", 0.2, 0.75)]
-            for l in (600, 1200) for d in (0.0, 0.5, 1.0)]
+    rows = [dict(method=m, budget=b, length=l, depth=d, protocol=p, score=s, exact=s == 1.0, rouge1=s,
+                 kept_fraction=b)
+            for m, b, s in [("full", 1.0, 1.0), ("laprox", 0.05, 0.75), ("snapkv", 0.05, 0.5), ("snapkv", 0.2, 0.75)]
+            for l in (600, 1200) for d in (0.0, 0.5, 1.0) for p in ("aware", "agnostic")]
     rows.append(dict(rows[0], length=9999))  # outside the grid: ignored
     meta = dict(model="m", window=32, config="c")
-    s = E.write_reports(rows, tmp_path, [600, 1200], [0.0, 0.5, 1.0], ["full", "snapkv"], [0.05, 0.2], meta)
-    assert s["score"]["snapkv"] == {"0.05": 0.5, "0.2": 0.75}
-    assert s["score"]["full"] == {"0.05": 1.0, "0.2": 1.0} and s["n"]["full"]["0.05"] == 6
-    for name in ("heatmap_full.png", "heatmap_snapkv_0.05.png", "heatmap_snapkv_0.2.png"):
+    s = E.write_reports(rows, tmp_path, [600, 1200], [0.0, 0.5, 1.0], ["full", "laprox", "snapkv"], [0.05, 0.2],
+                        meta, ("aware", "agnostic"))
+    aware = s["protocols"]["aware"]
+    assert aware["score"]["snapkv"] == {"0.05": 0.5, "0.2": 0.75}
+    assert aware["score"]["full"] == {"0.05": 1.0, "0.2": 1.0} and aware["n"]["full"]["0.05"] == 6
+    assert s["score"] == aware["score"] and s["exact"] == aware["exact"]  # the first protocol's, as before
+    for name in ("heatmap_full.png", "heatmap_snapkv_0.05.png", "heatmap_snapkv_0.2.png", "heatmap_full_agnostic.png",
+                 "heatmap_snapkv_0.2_agnostic.png", "scores_vs_budget.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "summary.json").read_text())["exact"]["full"]["0.2"] == 1.0
-    assert "full (no eviction)" in (tmp_path / "summary.md").read_text()
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["protocols"]["agnostic"]["exact"]["full"]["0.2"] == 1.0
+    at = {b["budget"]: b for b in saved["stats"]["protocols"]["aware"]["budgets"]}
+    assert at[0.05]["scores"]["snapkv"]["mean"] == pytest.approx(0.5) and at[0.05]["scores"]["snapkv"]["n"] == 6
+    difference = at[0.05]["differences"]["snapkv"]
+    assert difference["mean"] == pytest.approx(0.25) and difference["significant"]
+    assert at[0.05]["loss_ratio"]["ratio"] == pytest.approx(0.5) and at[0.05]["best_baseline"] == "snapkv"
+    md = (tmp_path / "summary.md").read_text()
+    assert "full (no eviction)" in md and "no multiple-comparison correction" in md.lower()
+    assert "**+0.250 [+0.250, +0.250] better**" in md and "## exact (whole answer phrase present) (agnostic)" in md
 
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_end_to_end_small_grid_resumes(default_model, tmp_path, capsys):
+GRID = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv:pool=0", "--budget", "0.2",
+        "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def small_run(default_model, tmp_path_factory):
+    """(argv, rows made, results lines, printed) of the small grid run in both protocols."""
+    import contextlib
+    import io
     model, tok = default_model
-    out = tmp_path / "results" / "niah"  # not there yet: the run makes it
-    argv = ["--lengths", "600", "--depths", "0,1", "--methods", "full,snapkv:pool=0", "--budget", "0.2",
-            "--max-new-tokens", "4", "--out", str(out)]
-    rows = E.run(E.build_parser().parse_args(argv), model, tok)
-    lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(rows) == len(lines) == 4
+    out = tmp_path_factory.mktemp("niah") / "results" / "niah"  # not there yet: the run makes it
+    argv = GRID + ["--out", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = E.run(E.build_parser().parse_args(argv), model, tok)
+    return argv, rows, (out / "results.jsonl").read_text().splitlines(), printed.getvalue()
+
+
+def test_both_protocols_on_a_small_grid(small_run):
+    argv, rows, lines, printed = small_run
+    out = Path(argv[-1])
+    assert len(rows) == len(lines) == 2 * 2 * 3  # cells x protocols x (full, laprox, snapkv:pool=0)
     for r in map(json.loads, lines):
-        assert {"method", "budget", "length", "depth", "score", "exact", "kept_fraction", "answer",
-                "prefill_s", "compress_s", "decode_s"} <= set(r)
+        assert {"method", "budget", "protocol", "length", "depth", "score", "exact", "kept_fraction", "kept_of",
+                "answer", "prompt_tokens", "context_tokens", "prefill_s", "compress_s", "question_s",
+                "decode_s"} <= set(r)
         assert r["length"] == 600 and r["depth"] in (0.0, 1.0) and 0 <= r["score"] <= 1
+        assert r["prompt_tokens"] == 600 and 500 < r["context_tokens"] < 590
+        assert r["kept_of"] == ("prompt" if r["protocol"] == "aware" else "context")
+        assert (r["question_s"] > 0) == (r["protocol"] == "agnostic")
         if r["method"] == "full":
             assert r["budget"] == 1.0 and r["kept_fraction"] == pytest.approx(1.0)
-        else:
-            assert r["budget"] == 0.2 and 0.1 < r["kept_fraction"] < 0.35
-    for name in ("heatmap_full.png", "heatmap_snapkv:pool=0_0.2.png", "summary.md", "summary.json"):
+        else:  # of the prompt in aware, of the context in agnostic
+            assert r["budget"] == 0.2 and r["kept_fraction"] == pytest.approx(0.2, abs=0.01)
+    for name in ("heatmap_full.png", "heatmap_snapkv:pool=0_0.2.png", "heatmap_laprox_0.2_agnostic.png",
+                 "scores_vs_budget.png", "summary.md", "summary.json"):
         assert (out / name).exists()
-    assert "full (no eviction)" in capsys.readouterr().out
-    assert E.run(E.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
-    assert (out / "results.jsonl").read_text().splitlines() == lines
+    md = (out / "summary.md").read_text()
+    assert "### protocol: aware" in md and "### protocol: agnostic" in md and "laprox minus" in md
+    assert "loss ratio laprox / best" in md and "## score (agnostic)" in md
+    assert "full (no eviction)" in printed and "protocol agnostic" in printed
 
 
-def test_budgets_below_the_window_are_skipped_for_every_method():
-    from eval_niah import below_window
-    skipped = below_window([2000, 4000, 7500], ["full", "laprox", "streamingllm"], [0.01, 0.05], 32)
-    assert skipped == {(0.01, 2000)}  # 20 tokens < 32; 40 and 75 fit; 5% always fits
-    # streamingllm's 4 sinks count too: 0.01 * 3500 = 35 < 32 + 4
-    assert below_window([3500], ["snapkv"], [0.01], 32) == set()
-    assert below_window([3500], ["streamingllm"], [0.01], 32) == {(0.01, 3500)}
+def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, small_run):
+    """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
+    import torch
+    from methods import compress, parse_method
+    model, tok = default_model
+    _, _, lines, _ = small_run
+    hay = E.haystack_ids(tok, E.read_haystack(), 600)
+    aware = [r for r in map(json.loads, lines) if r["protocol"] == "aware"]
+    for depth in (0.0, 1.0):
+        p = E.build_prompt(tok, hay, 600, depth)
+        with torch.inference_mode():
+            prefill = model.prefill(torch.tensor([tok.encode(p["text"])]))
+            for r in [r for r in aware if r["depth"] == depth]:
+                name, flags = parse_method(r["method"])
+                cache = compress(prefill, name, r["budget"], **flags)
+                assert r["generated"] == E.answer(model, tok, cache, 4), r["method"]
+                assert r["kept_fraction"] == cache.kept_fraction()
 
 
-def test_method_specs_carry_ablation_flags():
-    assert E.method_spec("laprox:selection=layer:pool=0:center=true:normalize=none") == (
-        "laprox", {"selection": "layer", "pool": 0, "center": True, "normalize": "none"})
-    assert E.method_spec("adakv:alpha=0.5") == ("adakv", {"alpha": 0.5}) and E.method_spec("full") == ("full", {})
-    known = E.known_methods()
-    E.check_grid([600], [0.5], ["full", "laprox:pool=0"], [0.2], known, 32, 4)
-    with pytest.raises(ValueError, match="unknown flag"):
-        E.check_grid([600], [0.5], ["laprox:colour=red"], [0.2], known, 32, 4)
-    with pytest.raises(ValueError, match="key=value"):
-        E.method_spec("laprox:pool")
+def test_resume_after_a_torn_line_and_one_run_per_out(default_model, small_run, capsys):
+    from harness import OutputLock
+    model, tok = default_model
+    argv, _, lines, _ = small_run
+    out = Path(argv[-1])
+    args = E.build_parser().parse_args(argv)
+    assert E.run(args, model, tok) == []  # all done: nothing prefilled
+    results = out / "results.jsonl"
+    torn = "\n".join(lines[:-1]) + "\n" + lines[-1][:40]  # killed while writing the last row
+    results.write_text(torn)
+    capsys.readouterr()
+    redone = E.run(args, model, tok)
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable line(s)" in err and err.count("warning") == 1
+    last = json.loads(lines[-1])
+    case = lambda r: (r["method"], r["protocol"], r["depth"])
+    assert [case(r) for r in redone] == [case(last)]
+    assert redone[0]["generated"] == last["generated"]
+    now = results.read_text().splitlines()
+    assert now[:-1] == torn.splitlines() and json.loads(now[-1])["generated"] == last["generated"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocols"]["agnostic"]["n"]["laprox"]["0.2"] == 2  # every row counted once
+    with OutputLock(out):  # another run holds the folder
+        with pytest.raises(ValueError, match="is in use by pid"):
+            E.run(args, model, tok)
 
 
 # ----------------------------------------------------------------------------- user errors: one line, no traceback
@@ -240,9 +317,10 @@ def _user_errors(tmp_path):
         "haystack missing": (grid + ["--haystack", str(tmp_path / "missing.txt")], "does not exist"),
         "offline hub id": (grid + ["--model", "no-owner/no-such-model"], "could not download"),
         "no such folder": (grid + ["--model", "./no/such/checkpoint"], "no checkpoint folder"),
-        "no such device": (grid + ["--device", "bogus"], "not available"),
+        "no such device": (grid + ["--device", "bogus"], "is not a device"),
         "cuda without cuda": (grid + ["--device", "cuda"], "not available"),
-        "budget not a number": (["--budget", "abc"], "comma list of float"),
+        "budget not a number": (["--budget", "abc"], "not a number"),
+        "unknown protocol": (["--protocol", "blind"], "aware, agnostic"),
         "budget above 1": (["--budget", "2"], "(0, 1]"),
         "depth above 1": (["--depths", "1.5"], "[0, 1]"),
         "window 0": (["--window", "0"], ">= 1"),

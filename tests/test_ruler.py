@@ -144,19 +144,18 @@ def test_same_sample_in_another_process():
 
 # ----------------------------------------------------------------------------- prompt and length
 
-def test_split_encode_is_two_separate_parts(tok):
+def test_prompt_ids_split_where_the_context_ends(tok):
+    from harness import encode_split
     s = R.make_sample(tok, "niah_single_2", 1200, 0)
     text, end = s["text"], s["context_end"]
-    assert s["ids"] == tok.encode(text[:end]) + tok.encode(text[end:], add_special_tokens=False)
-    assert s["n_context"] == len(tok.encode(text[:end]))
+    assert s["ids"] == tok.encode(text)  # the prompt's own ids, cut in two (harness.encode_split)
+    assert s["ids"][:s["n_context"]] == tok.encode(text[:end])  # no token spans this seam
     assert tok.decode(s["ids"], skip_special_tokens=False) == text
     assert text[end:].startswith("\nWhat is the special magic number") and text.endswith("mentioned in the provided text is")
     w = WordTok()
-    ids, n = R.split_encode(w, "one two three four", 7)
-    assert ids[:n] == w.encode("one two") and ids[n:] == w.encode(" three four", add_special_tokens=False)
-    assert ids.count(WordTok.BOS) == 1 and ids[0] == WordTok.BOS  # one bos, at the start of the context part
-    with pytest.raises(ValueError, match="outside"):
-        R.split_encode(w, "abc", 9)
+    context, question = encode_split(w, "one two three four", 7)
+    assert context == w.encode("one two") and question == w.encode(" three four", add_special_tokens=False)
+    assert (context + question).count(WordTok.BOS) == 1 and context[0] == WordTok.BOS  # one bos, the context's
 
 
 def test_render_chat_and_raw():
@@ -243,6 +242,9 @@ def test_qa_from_ruler_files(qa_dir, task, length):
     (["--tasks", "all"], "--data-dir"),
     (["--methods", "full,nope"], "unknown method"),
     (["--budget", "2"], r"\(0, 1\]"),
+    (["--protocol", "aware,blind"], "aware, agnostic"),
+    (["--methods", "full,laprox:center=no"], "takes a bool"),
+    (["--device", "bogus"], "is not a device"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -267,46 +269,63 @@ def test_cli_errors_for_qa_files(capsys, tmp_path):
 # ----------------------------------------------------------------------------- reports and a tiny run
 
 def test_reports_from_rows(tmp_path):
-    rows = [dict(task=t, length=1000, index=i, method=m, budget=b, score=s)
-            for t, base in [("vt", 1.0), ("cwe", 0.5)] for i in range(2)
-            for m, b, s in [("full", 1.0, base), ("snapkv", 0.05, base / 2), ("snapkv", 0.2, base)]]
-    rows.append(dict(rows[0], index=7))  # outside the grid: ignored
+    rows = [dict(task=t, length=1000, index=i, method=m, budget=b, protocol=p, score=s)
+            for t, base in [("vt", 1.0), ("cwe", 0.5)] for i in range(2) for p in ("aware", "agnostic")
+            for m, b, s in [("full", 1.0, base), ("laprox", 0.05, base / 2 + 0.25 * i), ("snapkv", 0.05, base / 2),
+                            ("snapkv", 0.2, base)]]
     meta = dict(model="m", window=32, seed=0, prompts="chat template")
-    s = R.write_reports(rows, tmp_path, ["vt", "cwe"], [1000], [0, 1], ["full", "snapkv"], [0.05, 0.2], meta)
-    per = s["score"]["1000"]
-    assert per["vt"]["snapkv"] == {"0.05": 0.5, "0.2": 1.0} and per["cwe"]["full"]["0.05"] == 0.5
-    assert per["pooled"]["snapkv"]["0.05"] == pytest.approx(0.375) and per["pooled"]["full"]["0.2"] == 0.75
-    assert s["n"]["1000"]["pooled"]["full"]["0.05"] == 4
+    s = R.write_reports(rows, tmp_path, ["vt", "cwe"], [1000], ["full", "laprox", "snapkv"], ["aware", "agnostic"],
+                        meta)
+    at = s["lengths"]["1000"]
+    vt = at["tasks"]["aware"][0.05]["vt"]
+    assert vt["snapkv"]["mean"] == 0.5 and at["tasks"]["agnostic"][0.2]["cwe"]["full"]["mean"] == 0.5
+    assert vt["laprox"]["n"] == 2 and vt["laprox"]["mean"] == 0.625
+    budgets = {b["budget"]: b for b in at["stats"]["protocols"]["aware"]["budgets"]}
+    assert budgets[0.05]["scores"]["snapkv"]["mean"] == pytest.approx(0.375)  # the mean of the task means
+    assert budgets[0.05]["differences"]["snapkv"]["mean"] == pytest.approx(0.125)
+    assert at["stats"]["protocols"]["agnostic"]["reference"]["mean"] == pytest.approx(0.75)
     assert (tmp_path / "scores_1000.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "summary.md").read_text()
-    assert "| full (no eviction) | 1.000 | 0.500 | 0.750 |" in md
-    assert json.loads((tmp_path / "summary.json").read_text())["score"]["1000"]["vt"]["full"]["0.2"] == 1.0
+    assert "### length 1000, protocol agnostic, budget 0.05: per task, mean [95% CI]" in md
+    assert "| vt | 0.625 [0.500, 0.750] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] |" in md
+    assert "| **pooled** | 0.500 [0.375, 0.625] | 0.375 [0.375, 0.375] | 0.750 [0.750, 0.750] |" in md
+    assert "no multiple-comparison correction" in md.lower()
+    assert md.index("protocol aware, budget 0.05") < md.index("protocol agnostic, budget 0.05")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["lengths"]["1000"]["stats"]["protocols"]["aware"]["reference"]["n"] == 4
 
 
-def test_end_to_end_tiny_run_resumes(default_model, tmp_path, capsys):
+def test_end_to_end_tiny_run_both_protocols_resumes(default_model, tmp_path, capsys):
+    """vt (30 new tokens at most) at 1000 tokens, full and laprox in both protocols: the aware rows
+    are what the path before the protocols gave (one prefill of the sample's ids, compress, decode)."""
     import torch
-    from cache import KVCache
+    from methods import compress
     from model import generate
     model, tok = default_model
     out = tmp_path / "ruler"
-    argv = ["--tasks", "niah_single_1", "--lengths", "700", "--samples", "1", "--methods", "full,laprox,snapkv",
-            "--budget", "0.2", "--out", str(out)]
+    argv = ["--tasks", "vt", "--lengths", "1000", "--samples", "1", "--methods", "full,laprox",
+            "--budget", "0.2", "--protocol", "aware,agnostic", "--out", str(out)]
     rows = R.run(R.build_parser().parse_args(argv), model, tok)
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(rows) == len(lines) == 3 and {r["method"] for r in rows} == {"full", "laprox", "snapkv"}
-    sample = R.make_sample(tok, "niah_single_1", 700, 0)
-    for r in map(json.loads, lines):
-        assert r["prompt_tokens"] == len(sample["ids"]) and r["context_tokens"] == sample["n_context"]
-        assert r["answers"] == sample["answers"] and r["score"] in (0.0, 1.0) and r["chat"] is True
-        if r["method"] == "full":
-            assert r["budget"] == 1.0 and r["kept_fraction"] == pytest.approx(1.0)
-            with torch.inference_mode():  # the run prefilled exactly the two-part ids
-                cache = KVCache.from_prefill(model.prefill(torch.tensor([sample["ids"]])))
-                assert R.postprocess(generate(model, tok, cache=cache, max_new_tokens=128)) == r["prediction"]
-        else:
-            assert r["budget"] == 0.2 and 0.1 < r["kept_fraction"] < 0.35
-    for name in ("summary.md", "summary.json", "scores_700.png"):
+    assert len(rows) == len(lines) == 4 and {(r["method"], r["protocol"]) for r in rows} == {
+        (m, p) for m in ("full", "laprox") for p in ("aware", "agnostic")}
+    sample = R.make_sample(tok, "vt", 1000, 0)
+    with torch.inference_mode():  # the path before the protocols
+        prefill = model.prefill(torch.tensor([sample["ids"]]))
+        for r in map(json.loads, lines):
+            assert r["prompt_tokens"] == len(sample["ids"]) and r["context_tokens"] == sample["n_context"]
+            assert r["answers"] == sample["answers"] and 0 <= r["score"] <= 1 and r["chat"] is True
+            assert r["kept_of"] == ("prompt" if r["protocol"] == "aware" else "context")
+            if r["method"] == "full":
+                assert r["budget"] == 1.0 and r["kept_fraction"] == pytest.approx(1.0)
+            else:
+                assert r["budget"] == 0.2 and r["kept_fraction"] == pytest.approx(0.2, abs=0.01)
+            if r["protocol"] == "aware":
+                cache = compress(prefill, r["method"], r["budget"])
+                assert R.postprocess(generate(model, tok, cache=cache, max_new_tokens=30)) == r["prediction"]
+    for name in ("summary.md", "summary.json", "scores_1000.png"):
         assert (out / name).exists()
-    assert "full (no eviction)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "full (no eviction)" in printed and "protocol agnostic" in printed
     assert R.run(R.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
     assert (out / "results.jsonl").read_text().splitlines() == lines
