@@ -75,15 +75,15 @@ Deviations from RULER, and why:
   as RULER does; the seed draws its distractor documents and their order.
 
 Run time (default model, float32, 2 CPU cores, 4000 tokens, the 7 default methods at one budget):
-a sample is one prefill (10.7 s alone: bench.py), 7 compressions (~1.5 s) and 7 greedy decodes
-of ~400 tokens together on average at ~0.05 s a token (from ~40 tokens when the answer is a
-number, as in niah_single_1, to 7 x 128 when every method rambles, as in niah_multivalue):
-~32 s a sample, ~6 min for one sample of each of the 11 tasks, so the default --samples 4
-takes ~24 min. (Measured on a machine shared by other jobs, so in single-thread CPU seconds,
-one sample a task: prefill 27 s, compressions 3 s, decodes 32 s for 400 tokens; scaled to 2
-idle cores by bench.py's prefill and decode rates.) Time grows linearly in --samples and in the
-number of tasks, the decode part also in methods x budgets, and the prefill a little faster than
-linearly in the length (attention is quadratic).
+a sample is one prefill (10.7 s: bench.py), 7 compressions (~2 s) and 7 greedy decodes of ~400
+tokens together on average (~40 when the answer is a number, as in niah_single_1; 7 x 128 when
+every method rambles, as in niah_multivalue), ~0.05 s a token from a 5% cache and ~0.1 s from
+the full one: ~35 s a sample, ~6.5 min for one sample of each of the 11 tasks, so the default
+--samples 3 takes ~20 min. (Measured on a machine shared with other jobs: the token counts and
+single-thread CPU seconds of one sample a task (prefill 27 s, compressions 3 s, decodes 32 s);
+the rates in a quieter moment: prefill 11.6 s, decode 0.047 s a token at 5%, 0.11 s in full.)
+Time grows linearly in --samples and in the number of tasks, the decode part also in methods x
+budgets, and the prefill a little faster than linearly in the length (attention is quadratic).
 
 How many samples: a task's score is a mean of per-sample scores in [0, 1], so its 95% confidence
 interval has half-width ~ 1.96 * sd / sqrt(N); with sd <= 0.5 (the worst case, scores all 0 or
@@ -117,7 +117,7 @@ MIN_LENGTH = 256       # shorter prompts hold no haystack for most tasks
 SYNTHETIC = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
              "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
 QA_TASKS = ["qa_1", "qa_2"]
-DEFAULT_SAMPLES = 4
+DEFAULT_SAMPLES = 3  # ~20 min for the 11 tasks with the default methods on 2 cores (docstring)
 
 # ----------------------------------------------------------------------------- RULER's task settings
 
