@@ -255,7 +255,7 @@ class Group:
             sender = Sender()
             try:
                 yield sender.put
-            except BaseException as e:
+            except Exception as e:  # (a Ctrl-C reaches every rank by itself)
                 sender.close(FAILED, f"{type(e).__name__}: {e}")
                 raise
             sender.close(DONE)
