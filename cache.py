@@ -103,10 +103,11 @@ class KVCache:
     @classmethod
     def from_prefill(cls, prefill: Prefill, kept: list[list[Tensor]] | None = None) -> "KVCache":
         """Build the cache from a prefill. kept: per layer, a list over KV heads of sorted
-        int64 indices of the prompt tokens to keep; None keeps everything."""
+        int64 indices of the prompt tokens to keep (on any device: a model-wide selection makes them
+        where it gathered the scores; they move to their layer's device); None keeps everything."""
         keys, values = [], []
         for l, (k, v) in enumerate(zip(prefill.keys, prefill.values)):  # (1, H_kv, n, D)
-            idx = [None] * k.shape[1] if kept is None else kept[l]
+            idx = [None] * k.shape[1] if kept is None else [i.to(k.device) for i in kept[l]]
             keys.append([k[0, g] if i is None else k[0, g, i] for g, i in enumerate(idx)])
             values.append([v[0, g] if i is None else v[0, g, i] for g, i in enumerate(idx)])
         cache = cls(keys, values, pos=prefill.n)
@@ -285,14 +286,16 @@ def pool_scores(scores: Tensor, kernel: int, *, window: int = 0) -> Tensor:
 
 
 def stack_scores(scores: list[Tensor]) -> Tensor:
-    """Check per-layer scores and stack them: list over L of (1, H_kv, n) -> (L, H_kv, n) float32."""
+    """Check per-layer scores and stack them: list over L of (1, H_kv, n) -> (L, H_kv, n) float32, on
+    the device of scores[0] (the layers of a model placed on several devices have their scores on
+    their own devices: only these small tensors are gathered for a selection)."""
     if not isinstance(scores, (list, tuple)) or len(scores) == 0:
         raise ValueError("scores must be a non-empty list over layers of (1, H_kv, n) tensors")
     shape = scores[0].shape
     for l, s in enumerate(scores):
         if s.dim() != 3 or s.shape[0] != 1 or s.shape != shape:
             raise ValueError(f"scores[{l}] has shape {tuple(s.shape)}; every layer must be (1, H_kv, n) = {tuple(shape)}")
-    s = torch.cat([t.float() for t in scores], dim=0)
+    s = torch.cat([t.to(scores[0].device, torch.float32) for t in scores], dim=0)
     if torch.isnan(s).any() or torch.isposinf(s).any():
         raise ValueError("scores contain NaN or +inf; a scorer must return finite values (or -inf for 'never keep')")
     return s

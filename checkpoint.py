@@ -395,7 +395,53 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{folder / 'config.json'}: num_attention_heads={heads} must be a multiple of "
                          f"num_key_value_heads={kv_heads}, and the head dimension even (RoPE rotates pairs): a "
                          f"damaged file? download the checkpoint again")
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     return cfg
+
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rope_parameters(cfg: dict) -> tuple[dict, str | None]:
+    """(RoPE parameters, scaling type) of a config.json dict: newer configs put theta and scaling in
+    `rope_parameters`, older ones in `rope_theta` and `rope_scaling`. The type is "default" when
+    there is no scaling, None when there is scaling of no stated type. llama3 scaling defaults its
+    pretraining length to max_position_embeddings, as transformers does."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
+    rope_type = rope.get("rope_type", rope.get("type", untyped))
+    if rope_type == "llama3":
+        rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings") or 4096)
+    return rope, rope_type
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse, naming the field and its value, what model.Config.from_hf would misread: another
+    model_type, RoPE scaling other than llama3 / linear (or with a parameter missing), another
+    activation, partial rotary embeddings, quantized weights. Raises ValueError."""
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
+    rope, rope_type = rope_parameters(cfg)
+    if rope_type not in ("default", "llama3", "linear"):
+        raise ValueError(f"unsupported RoPE scaling {rope_type!r} in {rope}: supported are default, llama3, "
+                         f"linear, named by rope_type")
+    for key in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"]}.get(rope_type, []):
+        if type(rope.get(key)) not in (int, float) or not rope[key] > 0:
+            raise ValueError(f"{rope_type} RoPE scaling needs a positive number {key}, got {rope.get(key)!r}")
+    if rope_type == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+        raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor; got {rope}")
+    partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+    for key, value, supported in [("hidden_act", cfg.get("hidden_act", "silu"), ("silu", "swish")),  # both SiLU
+                                  ("partial_rotary_factor", partial, (1,)),
+                                  ("quantization_config", cfg.get("quantization_config"), (None,))]:
+        if value not in supported:
+            raise ValueError(f"{key}={value!r} is not supported: this reference implements the SiLU MLP, "
+                             f"RoPE over the whole head and unquantized weights")
 
 
 def read_tokenizer(folder: Path, vocab_size: int):

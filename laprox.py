@@ -88,6 +88,7 @@ computed in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
@@ -375,8 +376,9 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="exact", c
         import kernels
         B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
         M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)
-        try:
-            return kernels.laprox_scores_triton(queries, keys, values, M, group=group)
+        try:  # Triton launches on the current CUDA device; a model placed on several has layers elsewhere
+            with torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext():
+                return kernels.laprox_scores_triton(queries, keys, values, M, group=group)
         except kernels.KernelDoesNotFit as why:
             if str(why) not in _FALLBACKS_LOGGED:
                 _FALLBACKS_LOGGED.add(str(why))

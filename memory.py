@@ -24,7 +24,10 @@ laprox.laprox_scorer, cache.select), batch size 1:
 
 It assumes attention itself runs as a fused kernel (no n x n matrix). Everything is per layer
 first (layer_memory), so that contiguous layer ranges can be placed on several GPUs and balanced
-(model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)).
+(model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)): plan_layers chooses the
+ranges (model.load_model(devices=...) places them), e.g. Llama-3.1-70B on two or three GPUs:
+
+    python memory.py --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
 
 Shapes: any object with the fields of model.Config that matter here (dim, n_layers, n_heads,
 n_kv_heads, head_dim, hidden_dim, vocab_size, tie_embeddings, qkv_bias, qk_norm), e.g. a
@@ -87,8 +90,8 @@ KNOWN = {
 def _check(n, itemsize, window):
     if n < 1:
         raise ValueError(f"prompt length n must be >= 1, got {n}")
-    if itemsize not in (2, 4):
-        raise ValueError(f"itemsize must be 2 (bfloat16, float16) or 4 (float32), got {itemsize}")
+    if itemsize not in (2, 4, 8):
+        raise ValueError(f"itemsize must be 2 (bfloat16, float16), 4 (float32) or 8 (float64), got {itemsize}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
 
@@ -141,17 +144,25 @@ TRANSIENT = ("activation", "score_work", "selection")
 
 
 def model_memory(shape, n: int, itemsize: int, *, window: int = 32, path: str = "triton",
-                 layers: range | None = None, embed: bool = True, head: bool = True) -> dict:
+                 layers: range | None = None, embed: bool = True, head: bool = True, gather: bool | None = None) -> dict:
     """Bytes a model (or the contiguous `layers` of it on one device) needs for an n-token prompt.
 
     embed / head: whether this device also holds the embeddings / the final norm and lm_head
     (a tied lm_head is the embedding matrix: counted once when both are on this device).
+    gather: whether this device makes the model-wide selection, where the scores of every layer are
+    stacked (cache.stack_scores gathers them on layer 0's device; default: whether `layers` holds layer 0).
     Returns each part of layer_memory summed over the layers (persistent parts) or the largest
-    (transient parts), "selection" (stacked and pooled scores of these layers), and "total":
-    the persistent parts plus the largest transient one.
+    (transient parts), "selection" (the pooled scores of these layers, and on the gathering device
+    the stacked scores of every layer and their sort key), and "total": the persistent parts plus
+    the largest transient one.
     """
     layers = range(shape.n_layers) if layers is None else layers
     per = layer_memory(shape, n, itemsize, window=window, path=path)   # every layer has the same shape
+    return _device_parts(shape, per, itemsize, layers, embed, head, 0 in layers if gather is None else gather)
+
+
+def _device_parts(shape, per: dict, itemsize: int, layers: range, embed: bool, head: bool, gather: bool) -> dict:
+    """model_memory from one layer's parts `per` (layer_memory): plan_layers calls it for every candidate range."""
     out = {k: per[k] * len(layers) for k in PERSISTENT}
     embedding = shape.vocab_size * shape.dim * itemsize
     out["weights"] += (embedding if embed else 0) + (shape.dim * itemsize if head else 0)   # + final norm
@@ -159,9 +170,96 @@ def model_memory(shape, n: int, itemsize: int, *, window: int = 32, path: str = 
         out["weights"] += embedding
     out["activation"] = per["activation"] if layers else 0
     out["score_work"] = per["score_work"] if layers else 0
-    out["selection"] = 3 * out["scores"]
+    out["selection"] = out["scores"] + (2 * per["scores"] * shape.n_layers if gather else 0)
     out["total"] = sum(out[k] for k in PERSISTENT) + max(out[k] for k in TRANSIENT)
     return out
+
+
+# ----------------------------------------------------------------------------- several devices
+
+def check_ranges(ranges: list[range], n_layers: int, n_devices: int) -> None:
+    """ranges: one range of layers per device, contiguous and in order, covering 0 .. n_layers - 1
+    (a range may be empty). ValueError otherwise."""
+    ok = (len(ranges) == n_devices >= 1 and all(isinstance(r, range) and r.step == 1 and r.start <= r.stop
+                                                for r in ranges)
+          and ranges[0].start == 0 and ranges[-1].stop == n_layers and all(a.stop == b.start for a, b in zip(ranges, ranges[1:])))
+    if not ok:
+        raise ValueError(f"layer ranges {ranges} must be {n_devices} contiguous ranges, in order, covering the "
+                         f"{n_layers} layers (e.g. from memory.plan_layers)")
+
+
+def split_layers(n_layers: int, n_devices: int, device_bytes, capacities: list[float] | None = None) -> list[range]:
+    """Contiguous ranges of layers, one per device (in order), that minimise the largest fraction of
+    its capacity any device uses: device_bytes(d, range) / capacities[d] (equal capacities by default).
+
+    device_bytes(d, layers: range) -> bytes device d needs when it holds `layers`; it may charge the
+    first and last devices more (embeddings, lm_head, the gathered scores). Exact, by dynamic
+    programming over (device, first layer of the next device): O(n_devices * n_layers^2) calls.
+    Ties are broken toward even loads (smaller sum of squared fractions), then the earlier boundary,
+    so the plan is deterministic. Ranges may be empty (more devices than layers).
+    """
+    if n_devices < 1 or n_layers < 0:
+        raise ValueError(f"need n_devices >= 1 and n_layers >= 0, got {n_devices} and {n_layers}")
+    caps = [1.0] * n_devices if capacities is None else [float(c) for c in capacities]
+    if len(caps) != n_devices or not all(c > 0 for c in caps):
+        raise ValueError(f"capacities must be {n_devices} positive numbers, got {capacities}")
+    frac = lambda d, a, b: device_bytes(d, range(a, b)) / caps[d]  # noqa: E731
+    # best[d][i]: (largest fraction, sum of squares, boundary j) for devices 0..d holding layers 0..i-1
+    best = [[(frac(0, 0, i), frac(0, 0, i) ** 2, 0) for i in range(n_layers + 1)]]
+    for d in range(1, n_devices):
+        row = []
+        for i in range(n_layers + 1):
+            options = []
+            for j in range(i + 1):
+                f = frac(d, j, i)
+                options.append((max(best[d - 1][j][0], f), best[d - 1][j][1] + f * f, j))
+            row.append(min(options))
+        best.append(row)
+    ranges, stop = [], n_layers
+    for d in range(n_devices - 1, -1, -1):
+        start = best[d][stop][2] if d else 0
+        ranges.append(range(start, stop))
+        stop = start
+    return ranges[::-1]
+
+
+def plan_layers(shape, n: int, itemsize: int, n_devices: int, *, capacities: list[int] | None = None,
+                window: int = 32, path: str = "triton") -> list[range]:
+    """Which layers each of n_devices devices holds for prompts of up to n tokens: contiguous ranges,
+    balanced by what each device needs (model_memory: its layers' weights, KV cache, queries, Gram
+    matrices and scores, the largest transient; the embeddings on the first device, the final norm
+    and lm_head on the last, the model-wide selection on layer 0's device).
+
+    capacities: bytes per device (device_capacities); the plan then balances the fraction used and
+    a model that does not fit is a ValueError naming what each device would need. Without them the
+    devices count as equal and nothing is checked (a CPU). Deterministic: the same arguments give
+    the same plan on every rank. Returns a list of n_devices ranges (check_ranges).
+    """
+    _check(n, itemsize, window)
+    per = layer_memory(shape, n, itemsize, window=window, path=path)
+    last = n_devices - 1
+    need = lambda d, r: _device_parts(shape, per, itemsize, r, d == 0, d == last, 0 in r)["total"]  # noqa: E731
+    ranges = split_layers(shape.n_layers, n_devices, need, capacities)
+    if capacities is not None:
+        needs = [need(d, r) for d, r in enumerate(ranges)]
+        if any(x > c for x, c in zip(needs, capacities)):
+            split = ", ".join(f"layers {r.start}-{r.stop - 1}: {gib(x)} of {gib(c)}"
+                              for r, x, c in zip(ranges, needs, capacities))
+            raise ValueError(f"the model does not fit on {n_devices} device(s) at {n} tokens: the best split needs "
+                             f"{split}; use more devices, shorter prompts or a smaller dtype")
+    return ranges
+
+
+def device_capacities(devices: list[str]) -> list[int] | None:
+    """Bytes each device of `devices` offers to plan_layers: a CUDA device's total memory, shared
+    equally among the entries that name it (cuda:0,cuda:0: half each); None when some device is not
+    a CUDA device (a CPU's memory is not planned, the layers are only balanced)."""
+    import torch
+    found = [torch.device(d) for d in devices]
+    if any(d.type != "cuda" for d in found):
+        return None
+    index = [torch.cuda.current_device() if d.index is None else d.index for d in found]
+    return [torch.cuda.get_device_properties(i).total_memory // index.count(i) for i in index]
 
 
 def gib(x: float) -> str:
@@ -182,10 +280,14 @@ def main():
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--path", choices=["triton", "torch"], default="triton", help="which LaProx score runs")
     p.add_argument("--table", action="store_true", help="every known model at 8k, 32k and 128k tokens")
+    p.add_argument("--devices", type=int, default=1, help="split the layers over this many devices (plan_layers)")
+    p.add_argument("--capacity", type=float, default=None, help="GiB per device, to check that the split fits")
     a = p.parse_args()
     itemsize = DTYPE_BYTES[a.dtype]
-    if a.window < 1 or (a.length is not None and a.length < 1):
-        raise SystemExit("error: --length and --window must be >= 1")
+    if a.window < 1 or (a.length is not None and a.length < 1) or a.devices < 1:
+        raise SystemExit("error: --length, --window and --devices must be >= 1")
+    if a.capacity is not None and not a.capacity > 0:
+        raise SystemExit("error: --capacity must be a positive number of GiB")
 
     print(f"{'model':16s} {'d':>5s} {'L':>3s} {'H':>3s} {'H_kv':>4s} {'D':>4s} {'MLP F':>6s} {'vocab':>7s} "
           f"{'context':>8s}  hub id")
@@ -214,6 +316,22 @@ def main():
         print(f"  {k:12s} {gib(m[k]):>12s}   transient (the largest counts)")
     print(f"  {'total':12s} {gib(m['total']):>12s}")
     print(f"  (the full-cache baseline decodes from a packed copy of the KV: +{gib(m['kv'])} while it runs)")
+    if a.devices > 1:
+        print_plan(s, n, itemsize, a.devices, a.capacity, window=a.window, path=a.path)
+
+
+def print_plan(shape, n: int, itemsize: int, n_devices: int, capacity_gib: float | None, **kw):
+    """The layers and memory of each device under plan_layers, or the one-line reason it does not fit."""
+    capacities = None if capacity_gib is None else [int(capacity_gib * 2**30)] * n_devices
+    try:
+        ranges = plan_layers(shape, n, itemsize, n_devices, capacities=capacities, **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"\nsplit over {n_devices} devices (plan_layers" + (f", {capacity_gib:g} GiB each):" if capacities else "):"))
+    for d, r in enumerate(ranges):
+        m = model_memory(shape, n, itemsize, layers=r, embed=d == 0, head=d == n_devices - 1, **kw)
+        print(f"  device {d}: layers {r.start:2d}-{r.stop - 1:2d}  weights {gib(m['weights']):>10s}  kv {gib(m['kv']):>9s}  "
+              f"total {gib(m['total']):>10s}" + ("  (+ the gathered scores)" if 0 in r else ""))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cache import KVCache, Prefill
-from checkpoint import read_config, read_json, read_tokenizer, resolve_checkpoint, weight_files
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+import memory
+from cache import KVCache, Prefill, check_int
+from checkpoint import read_config, read_json, read_tokenizer, resolve_checkpoint, rope_parameters, weight_files
 
 
 # ----------------------------------------------------------------------------- config
@@ -54,34 +53,11 @@ class Config:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "Config":
-        """A config.json dict (read_config), read as transformers reads it; what would be misread is refused."""
-        mt = cfg.get("model_type")
-        if mt not in SUPPORTED:
-            raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
-        heads, max_position = cfg["num_attention_heads"], cfg.get("max_position_embeddings") or 4096
-        # Newer configs put theta and scaling in `rope_parameters`; older ones use `rope_theta` and `rope_scaling`.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        """A config.json dict, read as transformers reads it (checkpoint.read_config has refused, by
+        check_config, what would be misread)."""
+        mt, heads = cfg["model_type"], cfg["num_attention_heads"]
+        rope, rope_type = rope_parameters(cfg)
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
-        rope_type = rope.get("rope_type", rope.get("type", untyped))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported RoPE scaling {rope_type!r} in {rope}: supported are default, llama3, "
-                             f"linear, named by rope_type")
-        if rope_type == "llama3":  # transformers' default for the pretraining length
-            rope.setdefault("original_max_position_embeddings", max_position)
-        for key in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                                    "original_max_position_embeddings"]}.get(rope_type, []):
-            if type(rope.get(key)) not in (int, float) or not rope[key] > 0:
-                raise ValueError(f"{rope_type} RoPE scaling needs a positive number {key}, got {rope.get(key)!r}")
-        if rope_type == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
-            raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor; got {rope}")
-        partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
-        for key, value, supported in [("hidden_act", cfg.get("hidden_act", "silu"), ("silu", "swish")),  # both SiLU
-                                      ("partial_rotary_factor", partial, (1,)),
-                                      ("quantization_config", cfg.get("quantization_config"), (None,))]:
-            if value not in supported:
-                raise ValueError(f"{key}={value!r} is not supported: this reference implements the SiLU MLP, "
-                                 f"RoPE over the whole head and unquantized weights")
         window = cfg.get("sliding_window")
         if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None  # Qwen configs carry a window they do not use
@@ -91,8 +67,8 @@ class Config:
             n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None, max_position=max_position,
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None,
+            max_position=cfg.get("max_position_embeddings") or 4096, tie_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
             mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
             sliding_window=window, bos_id=cfg.get("bos_token_id"),
@@ -216,12 +192,30 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self._inv_freq: Tensor | None = None
+        self._inv_freq: dict[torch.device, Tensor] = {}
 
     def inv_freq(self, device) -> Tensor:
-        if self._inv_freq is None or self._inv_freq.device != torch.device(device):
-            self._inv_freq = rope_frequencies(self.config).to(device)
-        return self._inv_freq
+        """RoPE's (D/2,) inverse frequencies on `device`: one copy per device that holds layers."""
+        device = torch.device(device)
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_frequencies(self.config).to(device)
+        return self._inv_freq[device]
+
+    def place(self, devices: list, ranges: list[range]) -> "Model":
+        """Put layers ranges[i] on devices[i] (contiguous, in order: memory.plan_layers), the embeddings on
+        devices[0], the final norm and lm_head on devices[-1]. Activations then move only where two ranges
+        meet; a layer's KV cache and Prefill tensors stay on its device (load_model(devices=...))."""
+        device_of = device_map(devices, ranges, self.config.n_layers)
+        for name, p in list(self.named_parameters()):  # a tied lm_head is listed once, as embed.weight
+            set_parameter(self, name, p.to(device_of(name)))
+        return self.tie()
+
+    def tie(self) -> "Model":
+        """A tied lm_head is the embedding matrix, or a copy of it when the final norm is on another device."""
+        if self.config.tie_embeddings:
+            w, head = self.embed.weight, self.norm.weight.device
+            self.lm_head.weight = w if w.device == head else nn.Parameter(w.detach().to(head), requires_grad=False)
+        return self
 
     def check_ids(self, input_ids: Tensor):
         """input_ids: (B, T) must be T >= 1 integer token ids of this model's vocabulary."""
@@ -249,15 +243,15 @@ class Model(nn.Module):
         B, T = input_ids.shape
         start = 0 if cache is None else cache.pos
         self.check_length(start + T)
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        inv_freq = self.inv_freq(input_ids.device)
-        x = self.embed(input_ids)
+        x = self.embed(input_ids.to(self.embed.weight.device))
+        positions = torch.arange(start, start + T, device=x.device)
         for i, blk in enumerate(self.layers):
-            x = x + blk.attn(blk.attn_norm(x), positions, inv_freq, cache, i)
+            x = x.to(blk.attn_norm.weight.device)  # moves only where two ranges of layers meet (place)
+            x = x + blk.attn(blk.attn_norm(x), positions.to(x.device), self.inv_freq(x.device), cache, i)
             x = x + blk.mlp(blk.mlp_norm(x))
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, window: int = 32, h2o: bool = False, h2o_chunk: int = 512,
@@ -283,12 +277,12 @@ class Model(nn.Module):
         n = c + t
         self.check_length(n)
         w = min(window, n)
-        positions = torch.arange(c, n, device=input_ids.device)
-        inv_freq = self.inv_freq(input_ids.device)
         keys, values, queries, o_proj, resid, out, cols = [], [], [], [], [], [], []
-        x = self.embed(input_ids)
+        x = self.embed(input_ids.to(self.embed.weight.device))
+        positions = torch.arange(c, n, device=x.device)
         for l, blk in enumerate(self.layers):
-            q, k, v = blk.attn.qkv(blk.attn_norm(x), positions, inv_freq)
+            x = x.to(blk.attn_norm.weight.device)  # as in forward; the past of layer l is on its device
+            q, k, v = blk.attn.qkv(blk.attn_norm(x), positions.to(x.device), self.inv_freq(x.device))
             if past is not None:  # the new tokens read the past keys too; the window may start in the past
                 k, v = torch.cat([past.keys[l], k], 2), torch.cat([past.values[l], v], 2)
             y = blk.attn.o_proj(attention(q, k, v).transpose(1, 2).reshape(1, t, -1))  # (1, t, d)
@@ -300,8 +294,8 @@ class Model(nn.Module):
                 prior = 0 if past is None else F.pad(past.h2o[l] * torch.arange(c, 0, -1, device=q.device), (0, t))
                 cols.append((attention_column_sums(q, k, h2o_chunk) + prior) / torch.arange(n, 0, -1, device=q.device))
             x = x + blk.mlp(blk.mlp_norm(x))
-        logits = self.lm_head(self.norm(x[:, -1:])).float()[:, 0]
-        resid, out = torch.stack(resid).cpu(), torch.stack(out).cpu()  # (L, min(w, t)) squared row norms
+        logits = self.lm_head(self.norm(x[:, -1:].to(self.norm.weight.device))).float()[:, 0]
+        resid, out = (torch.stack([r.cpu() for r in rows]) for rows in (resid, out))  # (L, min(w, t)) squared norms
         if past is not None:
             resid, out = torch.cat([past.resid_rows, resid], 1)[:, -w:], torch.cat([past.out_rows, out], 1)[:, -w:]
         return Prefill(keys=keys, values=values, queries=queries, o_proj=o_proj, resid_norm=resid.sum(1).sqrt(),
@@ -333,7 +327,7 @@ def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=()
     logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's).
     Stops after a token in stop_ids, or when stop(tokens so far) is true. The last token is
     not fed back, so a cache answers once: compress the prefill again for another answer."""
-    check_new_tokens(max_new_tokens)
+    check_int("max_new_tokens", max_new_tokens, 1)
     logits = cache.last_logits if logits is None else logits
     if logits is None:
         raise ValueError("this cache has been decoded from already (its last token was never fed back); "
@@ -349,11 +343,6 @@ def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=()
     return out
 
 
-def check_new_tokens(max_new_tokens: int):
-    if type(max_new_tokens) is not int or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-
-
 def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache: KVCache | None = None,
              max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
     """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat)
@@ -361,7 +350,7 @@ def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache
     or as soon as the text contains one of `stop_strings`; returns the new text without them."""
     if (prompt is None) == (cache is None):
         raise ValueError("pass exactly one of prompt= or cache=")
-    check_new_tokens(max_new_tokens)  # before the prefill
+    check_int("max_new_tokens", max_new_tokens, 1)  # before the prefill
     if cache is None:
         ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
         cache = KVCache.from_prefill(model.prefill(ids))
@@ -430,23 +419,27 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`."""
+def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               devices: list[str] | None = None, length: int | None = None):
+    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`; or on
+    devices=["cuda:0", "cuda:1", ...], ranges of layers balanced by memory for prompts of `length` tokens
+    (default: the model's context) by memory.plan_layers, which refuses a model that does not fit."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-    try:  # a device this machine lacks fails here, not after the checkpoint is read
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
-        raise ValueError(f"device {device!r} is not available here ({e}); use device cpu") from None
+    if devices is not None and (device != "cpu" or not devices or isinstance(devices, str)):
+        raise ValueError(f"pass device= or a non-empty list devices=, not both; got {device!r} and {devices!r}")
+    for d in devices or [device]:
+        try:  # a device this machine lacks fails here, not after the checkpoint is read
+            torch.empty(0, device=d)
+        except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
+            raise ValueError(f"device {d!r} is not available here ({e}); use device cpu") from None
     folder = resolve_checkpoint(name_or_path)
-    raw = read_config(folder)  # its errors name the file
-    try:
-        cfg = Config.from_hf(raw)
-    except ValueError as e:
-        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    cfg = Config.from_hf(read_config(folder))  # read_config's errors name the file
+    ranges = [range(cfg.n_layers)] if devices is None else memory.plan_layers(
+        cfg, length or cfg.max_position, dtype.itemsize, len(devices), capacities=memory.device_capacities(devices))
     with torch.device("meta"):  # no memory yet: each weight is created once, from the file
         model = Model(cfg)
-    load_weights(model, folder, device, dtype)
+    load_weights(model, folder, device_map(devices or [device], ranges, cfg.n_layers), dtype)
     return model.eval(), Tokenizer(folder, cfg)
 
 
@@ -459,9 +452,24 @@ def hf_to_ours(name: str) -> str:
     return name
 
 
-def load_weights(model: Model, folder: Path, device, dtype):
+def device_map(devices: list, ranges: list[range], n_layers: int):
+    """Where each weight goes when layers ranges[i] are on devices[i]: a function of our tensor name
+    (layers.3.attn.q_proj.weight) -> torch.device; embeddings on the first device, the rest on the last."""
+    memory.check_ranges(ranges, n_layers, len(devices))
+    layer = {l: torch.device(d) for d, r in zip(devices, ranges) for l in r}
+    return lambda name: layer[int(name.split(".")[1])] if name.startswith("layers.") else \
+        torch.device(devices[0] if name.startswith("embed.") else devices[-1])
+
+
+def set_parameter(model: Model, name: str, t: Tensor):  # name: ours, e.g. layers.3.attn.q_proj.weight
+    module_name, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
+
+
+def load_weights(model: Model, folder: Path, device_of, dtype):
     """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
-    into the meta-initialised model, so no second copy of the weights is ever held."""
+    into the meta-initialised model, each onto its device (device_of(name)), so no second copy of
+    the weights is ever held."""
     from safetensors import safe_open
     files = weight_files(folder)  # checked: inside the folder, present
     expected = dict(model.named_parameters())
@@ -480,15 +488,13 @@ def load_weights(model: Model, folder: Path, device, dtype):
                     if "rotary_emb" in name or (name == "lm_head.weight" and model.config.tie_embeddings):
                         continue  # recomputed / tied: not needed
                     raise ValueError(f"unexpected tensor {hf_name!r} in {file}: does config.json match the weights?")
-                t = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+                t = f.get_tensor(hf_name)
                 if t.shape != expected[name].shape:
                     raise ValueError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
-                module_name, attr = name.rsplit(".", 1)
-                setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
+                set_parameter(model, name, t.to(device=device_of(name), dtype=dtype))
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
         raise ValueError(f"checkpoint {folder} is missing {len(missing)} tensors: {', '.join(missing[:10])}"
                          + (" ..." if len(missing) > 10 else ""))
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    model.tie()

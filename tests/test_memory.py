@@ -107,3 +107,98 @@ def test_command_prints_the_breakdown_and_refuses_unknown_models():
     r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "gpt-5"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode != 0 and "unknown model 'gpt-5'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- placement over several devices
+
+def brute_force_splits(n_layers, n_devices):
+    """Every way to cut layers 0..n_layers-1 into n_devices contiguous (possibly empty) ranges."""
+    import itertools
+    for cuts in itertools.combinations_with_replacement(range(n_layers + 1), n_devices - 1):
+        bounds = (0, *cuts, n_layers)
+        yield [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def largest_fraction(ranges, device_bytes, caps):
+    return max(device_bytes(d, r) / caps[d] for d, r in enumerate(ranges))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_is_the_best_contiguous_split(seed):
+    """Synthetic per-layer sizes, extras on the first and last device, uneven capacities: the plan's
+    largest fraction of capacity is the minimum over every contiguous split (a brute-force loop)."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers, n_devices = 3 + seed, 1 + seed % 4
+    sizes = (torch.rand(n_layers, generator=g) * 10 + 1).tolist()
+    first, last = (torch.rand(2, generator=g) * 8).tolist()
+    caps = (torch.rand(n_devices, generator=g) * 3 + 1).tolist() if seed % 2 else None
+    need = lambda d, r: sum(sizes[l] for l in r) + first * (d == 0) + last * (d == n_devices - 1)  # noqa: E731
+    ranges = memory.split_layers(n_layers, n_devices, need, caps)
+    memory.check_ranges(ranges, n_layers, n_devices)            # contiguous, in order, covering
+    c = caps or [1.0] * n_devices
+    best = min(largest_fraction(rs, need, c) for rs in brute_force_splits(n_layers, n_devices))
+    assert largest_fraction(ranges, need, c) == pytest.approx(best, rel=1e-12)
+    assert memory.split_layers(n_layers, n_devices, need, caps) == ranges   # deterministic
+
+
+def test_equal_layers_split_evenly_and_ties_go_to_even_loads():
+    need = lambda d, r: len(r)  # noqa: E731
+    assert memory.split_layers(8, 4, need) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert memory.split_layers(7, 2, need) == [range(0, 3), range(3, 7)]  # ties: the earlier boundary
+    assert memory.split_layers(2, 3, need) == [range(0, 0), range(0, 1), range(1, 2)]   # more devices than layers
+    assert memory.split_layers(6, 2, need, [1, 2]) == [range(0, 2), range(2, 6)]        # by capacity
+
+
+@pytest.mark.parametrize("name,n,n_devices", [("llama-3.1-70b", 32768, 2), ("llama-3.1-70b", 131072, 4),
+                                              ("qwen2.5-1.5b", 8192, 3), ("smollm2-135m", 4096, 2)])
+def test_plan_of_real_configs_is_balanced_by_memory(name, n, n_devices):
+    """Real shapes: the plan is the best contiguous split of model_memory's per-device totals (the
+    embeddings on the first device, lm_head on the last, the gathered scores on layer 0's)."""
+    s = memory.KNOWN[name]
+    ranges = memory.plan_layers(s, n, 2, n_devices)
+    memory.check_ranges(ranges, s.n_layers, n_devices)
+    total = lambda d, r: memory.model_memory(s, n, 2, layers=r, embed=d == 0, head=d == n_devices - 1)["total"]  # noqa
+    got = max(total(d, r) for d, r in enumerate(ranges))
+    if n_devices <= 3:
+        assert got == min(max(total(d, r) for d, r in enumerate(rs)) for rs in brute_force_splits(s.n_layers, n_devices))
+    per_layer = memory.layer_memory(s, n, 2)
+    spread = max(total(d, r) for d, r in enumerate(ranges)) - min(total(d, r) for d, r in enumerate(ranges))
+    assert spread <= sum(per_layer[k] for k in memory.PERSISTENT) + s.vocab_size * s.dim * 2  # a layer + an embedding
+    if name == "llama-3.1-70b" and n_devices == 2:
+        assert ranges == [range(0, 40), range(40, 80)]
+
+
+def test_a_model_that_does_not_fit_is_refused_with_what_each_device_needs():
+    s, gib80 = memory.KNOWN["llama-3.1-70b"], 80 * 2**30
+    assert memory.plan_layers(s, 32768, 2, 2, capacities=[gib80] * 2) == [range(0, 40), range(40, 80)]
+    with pytest.raises(ValueError, match=r"does not fit on 2 device\(s\) at 131072 tokens.*layers 0-39: .* of 80.0 "
+                                         r"GiB.*use more devices"):
+        memory.plan_layers(s, 131072, 2, 2, capacities=[gib80] * 2)
+    assert len(memory.plan_layers(s, 131072, 2, 4, capacities=[gib80] * 4)) == 4
+
+
+def test_the_gathering_device_holds_every_layers_scores():
+    s, n = memory.KNOWN["llama-3.1-8b"], 32768
+    per = memory.layer_memory(s, n, 2)
+    first = memory.model_memory(s, n, 2, layers=range(0, 16), head=False)
+    last = memory.model_memory(s, n, 2, layers=range(16, 32), embed=False)
+    assert first["selection"] == 16 * per["scores"] + 2 * 32 * per["scores"]
+    assert last["selection"] == 16 * per["scores"]
+    assert memory.model_memory(s, n, 2)["selection"] == 3 * 32 * per["scores"]
+
+
+@pytest.mark.parametrize("ranges", [[range(0, 2), range(3, 4)], [range(0, 2)], [range(1, 4), range(4, 4)],
+                                    [range(0, 4, 2), range(4, 4)], [range(0, 3), range(3, 5)]])
+def test_bad_layer_ranges_are_refused(ranges):
+    with pytest.raises(ValueError, match="contiguous ranges"):
+        memory.check_ranges(ranges, 4, 2)
+
+
+def test_cpu_devices_have_no_capacity_and_the_command_prints_the_split():
+    assert memory.device_capacities(["cpu", "cpu"]) is None
+    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "32768",
+                        "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "device 0: layers  0-39" in r.stdout and "device 1: layers 40-79" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "131072",
+                        "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "does not fit" in r.stderr and "Traceback" not in r.stderr

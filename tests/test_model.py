@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
+from checkpoint import check_config
 from model import Config, decode_greedy, generate, load_model
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -136,7 +137,7 @@ def test_prefill_captures(tmp_path):
 
 def test_unsupported_model_type_names_supported():
     with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
-        Config.from_hf(dict(BASE, model_type="gpt2"))
+        check_config(dict(BASE, model_type="gpt2"))
 
 
 def test_bias_fields_reach_the_right_projections(tmp_path):
@@ -171,9 +172,11 @@ REFUSED_CONFIGS = {  # config.json fields this reference would get wrong: (extra
 def test_config_fields_that_would_be_ignored_are_refused(case):
     extra, words = REFUSED_CONFIGS[case]
     with pytest.raises(ValueError) as err:
-        Config.from_hf(dict(BASE, model_type="llama", **extra))
+        check_config(dict(BASE, model_type="llama", **extra))
     assert words in str(err.value)
-    Config.from_hf(dict(BASE, model_type="llama", hidden_act="swish", partial_rotary_factor=1.0))  # both fine
+    fine = dict(BASE, model_type="llama", hidden_act="swish", partial_rotary_factor=1.0)  # both SiLU, whole head
+    check_config(fine)
+    Config.from_hf(fine)
 
 
 def test_llama3_scaling_defaults_its_pretraining_length_as_transformers_does():
@@ -353,3 +356,71 @@ def test_a_cache_answers_once_and_local_paths_are_not_hub_ids(tmp_path):
         decode_greedy(model, cache, 3)
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         load_model("./no_such/checkpoint")
+
+
+def test_refused_config_names_the_file_when_loading(saved_checkpoint, tmp_path):
+    """checkpoint.read_config runs check_config: load_model's error names config.json."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_checkpoint, folder)
+    _config(folder, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu'") as err:
+        load_model(str(folder))
+    assert str(folder / "config.json") in str(err.value)
+
+
+# ----------------------------------------------------------------------------- a model over several devices
+
+def kept_lists(kept):
+    return [[i.tolist() for i in layer] for layer in kept]
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-mha-tied"])
+def test_placement_over_cpu_cpu_is_exactly_the_single_device_model(tmp_path, family):
+    """Layers on two "devices" that are both the CPU, as memory.plan_layers splits them: the code that
+    moves activations, positions, RoPE tables, scores and kept indices between devices runs, and the
+    logits, every Prefill field (with and without past), the kept sets and greedy decoding are exactly
+    those of the model on one device."""
+    import copy
+    import memory
+    from methods import METHODS, compress, select
+    _, folder = make_checkpoint(tmp_path, family, seed=14)
+    one, _ = load_model(str(folder))
+    ranges = memory.plan_layers(one.config, 64, 4, 2)
+    assert ranges == [range(0, 2), range(2, 3)]  # 3 layers; the embeddings weigh on the first device
+    two = copy.deepcopy(one).place(["cpu", "cpu"], ranges)
+    assert (two.lm_head.weight is two.embed.weight) == (family == "llama-mha-tied")
+    ids = torch.randint(3, BASE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        assert torch.equal(two(ids), one(ids))
+        a, b = one.prefill(ids, window=8, h2o=True), two.prefill(ids, window=8, h2o=True)
+        ca, cb = (m.prefill(ids[:, 30:], window=8, h2o=True, past=m.prefill(ids[:, :30], window=8, h2o=True))
+                  for m in (one, two))
+    for got, want in ((b, a), (cb, ca)):
+        for name in ("keys", "values", "queries", "h2o", "o_proj"):
+            assert all(torch.equal(x, y) for x, y in zip(getattr(got, name), getattr(want, name))), name
+        for name in ("resid_norm", "out_norm", "resid_rows", "out_rows", "logits"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for method in METHODS:
+        assert kept_lists(select(b, method, 12)) == kept_lists(select(a, method, 12)), method
+    assert decode_greedy(two, compress(b, "laprox", 12), 8) == decode_greedy(one, compress(a, "laprox", 12), 8)
+
+
+def test_load_model_on_devices_places_each_weight(tmp_path):
+    from model import device_map
+    _, folder = make_checkpoint(tmp_path, "qwen2-bias", seed=16)  # tied embeddings
+    one, _ = load_model(str(folder))
+    two, _ = load_model(str(folder), devices=["cpu", "cpu"], length=64)
+    ids = torch.randint(3, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        assert torch.equal(two(ids), one(ids))
+    where = device_map(["cpu", "meta", "cuda:1"], [range(0, 1), range(1, 1), range(1, 3)], 3)  # names -> devices
+    assert [str(where(n)) for n in ("embed.weight", "layers.0.attn.q_proj.bias", "layers.1.mlp.up_proj.weight",
+                                    "layers.2.attn_norm.weight", "norm.weight", "lm_head.weight")] == \
+        ["cpu", "cpu", "cuda:1", "cuda:1", "cuda:1", "cuda:1"]
+    with pytest.raises(ValueError, match="contiguous ranges"):
+        device_map(["cpu", "cpu"], [range(0, 2)], 3)
+    with pytest.raises(ValueError, match="not both"):
+        load_model(str(folder), device="cuda", devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="not both"):
+        load_model(str(folder), devices="cpu,cpu")
