@@ -25,7 +25,7 @@ from test_distributed import ROOT, launch
 TIMINGS = ("prefill_s", "compress_s", "question_s", "decode_s")
 NIAH = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv", "--budget", "0.2",
         "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
-RULER = ["--tasks", "vt", "--lengths", "900", "--samples", "2", "--methods", "full,laprox", "--budget", "0.2",
+RULER = ["--tasks", "vt", "--lengths", "900", "--samples", "2", "--methods", "laprox", "--budget", "0.2",
          "--protocol", "aware,agnostic"]
 
 
@@ -77,15 +77,15 @@ def test_niah_under_torchrun_writes_the_single_process_rows_and_summary(niah_sin
 
 
 def test_ruler_resumed_on_two_ranks_skips_what_one_process_finished(tmp_path):
-    """The reference in one process (vt, 2 samples, 4 cases each); a results file holding its aware
-    rows of sample 0 (as if that run had stopped there), resumed by 2 ranks: they compute the rest,
-    a unit each (sample 0's agnostic cases, all of sample 1's), and the file ends with exactly the
-    reference's rows, the finished ones untouched."""
+    """The reference in one process (vt, 2 samples, laprox in both protocols); a results file holding
+    its aware row of sample 0 (as if that run had stopped there), resumed by 2 ranks: they compute
+    the rest, a unit each (sample 0's agnostic case, both of sample 1's), and the file ends with
+    exactly the reference's rows, the finished one untouched."""
     one, two = tmp_path / "one", tmp_path / "two"
     run_single(R.main, RULER + ["--out", str(one)])
     lines = (one / "results.jsonl").read_text().splitlines()
     finished = [line for line in lines if json.loads(line)["index"] == 0 and json.loads(line)["protocol"] == "aware"]
-    assert len(lines) == 8 and len(finished) == 2
+    assert len(lines) == 4 and len(finished) == 1
     two.mkdir()
     (two / "results.jsonl").write_text("\n".join(finished) + "\n")
     ranks = launch(2, *RULER, "--out", str(two), script=ROOT / "eval_ruler.py", timeout=300)
@@ -142,3 +142,10 @@ def test_devices_cpu_cpu_gives_the_plain_rows(niah_single, tmp_path):
     out = tmp_path / "split"
     run_single(E.main, NIAH + ["--devices", "cpu,cpu", "--out", str(out)])
     assert keyed(out / "results.jsonl", E.row_key) == keyed(niah_single / "results.jsonl", E.row_key)
+
+
+def test_longbench_balances_by_its_samples_length_field():
+    from eval_longbench import length_estimate
+    assert length_estimate({"length": 5000, "context": "x" * 100}, None) == 5000
+    assert length_estimate({"length": 5000, "context": "x" * 100}, 3500) == 3500     # the cut
+    assert length_estimate({"context": "x" * 4000}, None) == 1001                      # no field: characters / 4
