@@ -36,9 +36,10 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, read_rows, run_main,
-                     stats_report)
+from distributed import Group
+from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, read_rows,
+                     run_main, share_units, stats_report)
 
 # ---- the official tables (THUDM/LongBench, LongBench/config/*.json), English tasks ----
 
@@ -562,29 +563,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def run(args) -> list[dict]:
-    """Check the arguments, run what is missing, write the predictions, tables and plot."""
-    methods, budgets, protocols = check_eval_arguments(args, tokens=True)
+def check_args(args, group: Group = SINGLE) -> tuple[dict, list, list[str], list[str]]:
+    """(methods, budgets, protocols, tasks) from the command line, each checked (harness.
+    check_eval_arguments, also this rank's devices), or a ValueError naming the problem."""
+    methods, budgets, protocols = check_eval_arguments(args, tokens=True, group=group)
     tasks = parse_names(args.tasks, TASKS, "task")
     for name in ("limit", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return methods, budgets, protocols, tasks
+
+
+def read_work(args, tasks: list[str]) -> list[tuple[str, dict]]:
+    """(task, sample) of every sample asked for: the first --limit of each task's file in --data-dir,
+    or in the downloaded data (fetch_data); a missing or broken file is a ValueError naming it."""
     data_dir = args.data_dir.expanduser() if args.data_dir else fetch_data()
     check_data_dir(data_dir, tasks)
-    work = [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
+    return [(task, s) for task in tasks for s in load_task(data_dir, task, args.limit)]
+
+
+def length_estimate(sample: dict, max_length: int | None) -> int:
+    """A sample's prompt length in tokens, roughly and without a tokenizer, to balance torchrun's ranks
+    (never a result): LongBench's own `length` field (the words of an English context, the characters
+    of a Chinese one), else the context's characters / 4; at most max_length (the cut) when given."""
+    n = sample.get("length")
+    n = n if isinstance(n, int) and n > 0 else len(sample["context"]) // 4 + 1
+    return min(n, max_length or n)
+
+
+def run(args, group: Group = SINGLE) -> list[dict]:
+    """Check the arguments, run what is missing, write the predictions, tables and plot; returns the
+    results table (aggregate). group: torchrun's ranks (distributed.py: each predicts its share of
+    the samples, rank 0 writes the predictions and the reports; the others return [])."""
+    methods, budgets, protocols, tasks = group.together(lambda: check_args(args, group))
+    if args.data_dir is None:  # each node's first rank downloads the data, its other ranks then find it
+        group.together(lambda: fetch_data() if group.local_rank == 0 else None)
+    work = group.together(lambda: read_work(args, tasks))
 
     model_name = model_label(args.model)
-    out = output_folder(args.out or Path("results") / "longbench" / model_name)
+    out = Path(args.out or Path("results") / "longbench" / model_name).expanduser()
     pred_path = out / "predictions.jsonl"
     config = run_config(args)
     cases = make_cases(methods, budgets, protocols)
-    with OutputLock(out):
-        before = read_predictions(pred_path, config)
-        done = {line_key(x) for x in before} if args.resume else set()
+    with lock_output(out, group):
+        before, done = finished(lambda: read_predictions(pred_path, config), line_key, args.resume, group)
         units = [Unit((task, s["index"]), todo, s) for task, s in work
                  if (todo := [c for c in cases if case_key(task, s, c) not in done])]
-        print(f"{len(work)} samples, {len(work) - len(units)} already done, {len(units)} to run")
-        new = predict(args, units, pred_path, config) if units else []
+        if group.is_main:
+            print(f"{len(work)} samples, {len(work) - len(units)} already done, {len(units)} to run")
+        new = predict(args, units, pred_path, config, group) if units else []
+        if not group.is_main:  # rank 0 has every rank's lines: it writes the reports
+            return []
         wanted = {case_key(task, s, c) for task, s in work for c in cases}
         lines = [x for x in latest(before + new, line_key) if line_key(x) in wanted]
         results = aggregate(lines)
@@ -610,19 +639,22 @@ def case_key(task: str, sample: dict, case) -> tuple:
     return run_key(task, sample["index"], case.method, None if case.name == "full" else case.budget, case.protocol)
 
 
-def predict(args, units: list[Unit], pred_path: Path, config: str) -> list[dict]:
+def predict(args, units: list[Unit], pred_path: Path, config: str, group: Group = SINGLE) -> list[dict]:
     """Load the model, check that the prompts fit it, run every unit's cases (harness.evaluate:
     one context prefill per sample) and append one prediction line per (sample, method, budget,
-    protocol) to pred_path as it finishes; returns the lines made."""
-    model, tok = load_checkpoint(args.model, args.device, args.dtype)
+    protocol) to pred_path as it finishes; returns the lines made (under torchrun, this rank's share
+    of the units, balanced by length_estimate; rank 0 writes and returns every rank's lines)."""
+    mine = share_units(units, lambda unit: length_estimate(unit.data, args.max_length), group)
+    tasks = list(dict.fromkeys(unit.key[0] for unit in units))
+    longest = args.max_length and args.max_length + max(DATASET2MAXLEN[t] for t in tasks)  # (None: the model's)
+    model, tok = load_eval_model(args, group, longest)
     max_position = model.config.max_position
     max_length = args.max_length or official_max_length(max_position)
     chat = has_chat_template(tok)
-    tasks = list(dict.fromkeys(unit.key[0] for unit in units))
-    if not chat and any(t not in NO_CHAT_TASKS for t in tasks):
+    if not chat and any(t not in NO_CHAT_TASKS for t in tasks) and group.is_main:
         print("note: this checkpoint has no chat template: the chat tasks get the raw prompt, as the "
               "official pred.py does for models it has no template for")
-    check_context(tok, tasks, max_length, max_position, chat)
+    group.together(lambda: check_context(tok, tasks, max_length, max_position, chat))
 
     def prompt(unit):
         (task, index), sample = unit.key, unit.data
@@ -639,14 +671,14 @@ def predict(args, units: list[Unit], pred_path: Path, config: str) -> list[dict]
         del line["generated"]
         return line
 
-    return evaluate(model, units, prompt, lambda info, cache: decode_answer(model, tok, cache, info[0]), row,
-                    pred_path, window=args.window, desc="LongBench")
+    return evaluate(model, mine, prompt, lambda info, cache: decode_answer(model, tok, cache, info[0]), row,
+                    pred_path, window=args.window, desc="LongBench", group=group)
 
 
 def main(argv=None) -> list[dict]:
     """The command line: a user error (bad flag, data, checkpoint, device, output folder) is one
     line naming the problem and the fix, exit code 2, never a traceback."""
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser(), run, argv, torchrun=True)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
-                     read_rows, run_main, skipped_at_lengths, stats_report)
+from distributed import Group
+from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
+                     read_rows, run_main, share_units, skipped_at_lengths, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -216,11 +217,11 @@ def rouge1_f(reference: str, response: str) -> float:
 
 # ----------------------------------------------------------------------------- arguments
 
-def check_args(args) -> tuple[list[int], list[float], dict, list[float], list[str]]:
+def check_args(args, group: Group = SINGLE) -> tuple[list[int], list[float], dict, list[float], list[str]]:
     """(lengths, depths, methods {spec: (name, flags)}, budgets, protocols) from the command line,
-    every method spec parsed and checked completely (harness.check_eval_arguments), or a
-    ValueError naming the problem, before any model work."""
-    methods, budgets, protocols = check_eval_arguments(args)
+    every method spec parsed and checked completely (harness.check_eval_arguments, also this rank's
+    devices), or a ValueError naming the problem, before any model work."""
+    methods, budgets, protocols = check_eval_arguments(args, group=group)
     lengths = parse_list(args.lengths, int, "lengths")
     depths = parse_list(args.depths, float, "depths")
     if any(l <= 0 for l in lengths):
@@ -395,13 +396,14 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
 
 # ----------------------------------------------------------------------------- main
 
-def run(args, model=None, tok=None) -> list[dict]:
+def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse
-    a loaded model (tests) instead of loading args.model."""
-    lengths, depths, methods, budgets, protocols = check_args(args)
-    haystack = read_haystack(args.haystack)
+    a loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
+    each runs its share of the cells, rank 0 writes the rows and the reports)."""
+    lengths, depths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
+    haystack = group.together(lambda: read_haystack(args.haystack))
     model_name = model_label(args.model)
-    out = output_folder(args.out or Path("results") / "niah" / model_name)
+    out = Path(args.out or Path("results") / "niah" / model_name).expanduser()
     meta = dict(model=model_name, checkpoint=args.model, needle=args.needle, question=args.question,
                 answer_prefix=args.answer_prefix, haystack=hashlib.sha1(haystack.encode()).hexdigest()[:12],
                 window=args.window, max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
@@ -409,10 +411,9 @@ def run(args, model=None, tok=None) -> list[dict]:
     meta["config"] = config = fingerprint(meta)  # the protocol is in each row, not in the configuration
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
-    with OutputLock(out):
-        before = load_rows(results, config)
-        done = {row_key(r) for r in before} if args.resume else set()
-        skip = skipped_at_lengths(cases, lengths, args.window)
+    with lock_output(out, group):
+        before, done = finished(lambda: load_rows(results, config), row_key, args.resume, group)
+        skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
         def pending(length, depth):  # the cases of a cell still to run; budgets too small for its length never run
             return [c for c in cases if case_key(c.method, c.budget, length, depth, c.protocol) not in done
                     and (c.name == "full" or (c.budget, c.protocol) not in skip[length])]
@@ -420,10 +421,11 @@ def run(args, model=None, tok=None) -> list[dict]:
         units = [Unit((l, d), todo) for l in lengths for d in depths if (todo := pending(l, d))]
         new = []
         if units:
+            mine = share_units(units, lambda unit: unit.key[0], group)  # the cell's prompt length
             if model is None:
-                model, tok = load_checkpoint(args.model, args.device, args.dtype)
+                model, tok = load_eval_model(args, group, max(lengths) + args.max_new_tokens)
             min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
-            check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length)
+            group.together(lambda: check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length))
             hay = haystack_ids(tok, haystack, max(lengths))
             reference = answer_of(args.needle, args.answer_prefix)
 
@@ -439,8 +441,10 @@ def run(args, model=None, tok=None) -> list[dict]:
                             prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
                             needle_token=p["needle_start"], window=args.window, config=config)
 
-            new = evaluate(model, units, prompt, lambda p, cache: answer(model, tok, cache, args.max_new_tokens), row,
-                           results, window=args.window, seed=args.seed, desc="NIAH cells")
+            new = evaluate(model, mine, prompt, lambda p, cache: answer(model, tok, cache, args.max_new_tokens), row,
+                           results, window=args.window, seed=args.seed, desc="NIAH cells", group=group)
+        if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
+            return new
         summary = write_reports(latest(before + new, row_key), out, lengths, depths, list(methods), budgets, meta,
                                 tuple(protocols))
     print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out} "
@@ -472,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     """The command line: a user error (bad argument, method spec, model, device, path) is one line
     naming the problem and the fix, exit code 2, before the model loads where it can be."""
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser(), run, argv, torchrun=True)
 
 
 if __name__ == "__main__":

@@ -107,9 +107,10 @@ from pathlib import Path
 
 import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
-from harness import (OneLineParser, OutputLock, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, latest, load_checkpoint, make_cases, model_label, output_folder, parse_list,
-                     read_rows, run_main, skipped_at_lengths, stats_report)
+from distributed import Group
+from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
+                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
+                     read_rows, run_main, share_units, skipped_at_lengths, stats_report)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -604,11 +605,11 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_args(args) -> tuple[list[str], list[int], dict, list[float], list[str]]:
+def check_args(args, group: Group = SINGLE) -> tuple[list[str], list[int], dict, list[float], list[str]]:
     """(tasks, lengths, methods {spec: (name, flags)}, budgets, protocols) from the command line,
-    every method spec checked completely (harness.check_eval_arguments), or a ValueError naming
-    the problem, before any model work."""
-    methods, budgets, protocols = check_eval_arguments(args)
+    every method spec checked completely (harness.check_eval_arguments, also this rank's devices),
+    or a ValueError naming the problem, before any model work."""
+    methods, budgets, protocols = check_eval_arguments(args, group=group)
     tasks = parse_tasks(args.tasks)
     lengths = parse_list(args.lengths, int, "lengths")
     if any(l <= 0 for l in lengths):
@@ -723,25 +724,26 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
 
 # ----------------------------------------------------------------------------- main
 
-def run(args, model=None, tok=None) -> list[dict]:
+def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse a
-    loaded model (tests) instead of loading args.model."""
-    tasks, lengths, methods, budgets, protocols = check_args(args)
+    loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
+    each runs its share of the samples, rank 0 writes the rows and the reports)."""
+    tasks, lengths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
     import wonderwords
+    essays = group.together(read_haystack)
     model_name = model_label(args.model)
-    out = output_folder(args.out or Path("results") / "ruler" / model_name)
+    out = Path(args.out or Path("results") / "ruler" / model_name).expanduser()
     meta = dict(model=model_name, checkpoint=args.model, dtype=args.dtype, window=args.window, seed=args.seed,
                 generator=GENERATOR_VERSION, wonderwords=wonderwords.__version__,
-                essays=hashlib.sha1(read_haystack().encode()).hexdigest()[:12])
+                essays=hashlib.sha1(essays.encode()).hexdigest()[:12])
     data = {t: file_sha1(qa_file(args.data_dir, TASKS[t].args["dataset"])) for t in tasks if TASKS[t].kind == "qa"}
     configs = {t: fingerprint({**meta, "task": t, "data": data.get(t)}) for t in tasks}
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))
-    with OutputLock(out):
-        before = load_rows(results, configs)
-        done = {row_key(r) for r in before} if args.resume else set()
-        skip = skipped_at_lengths(cases, lengths, args.window)
+    with lock_output(out, group):
+        before, done = finished(lambda: load_rows(results, configs), row_key, args.resume, group)
+        skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
 
         def pending(task, length, index):  # budgets too small for the length never run
             return [c for c in cases if case_key(task, length, index, c.method, c.budget, c.protocol) not in done
@@ -751,11 +753,13 @@ def run(args, model=None, tok=None) -> list[dict]:
                  if (todo := pending(t, l, i))]                                          # run covers every task
         new = []
         if units:
+            mine = share_units(units, lambda unit: unit.key[1], group)  # the requested prompt length
+            longest_answer = max(max_new_tokens(t) for t in tasks)
             if model is None:
-                model, tok = load_checkpoint(args.model, args.device, args.dtype)
-            check_lengths(lengths, model.config.max_position, max(max_new_tokens(t) for t in tasks))
+                model, tok = load_eval_model(args, group, max(lengths) + longest_answer)
+            group.together(lambda: check_lengths(lengths, model.config.max_position, longest_answer))
             chat = has_chat_template(tok)
-            if not chat:
+            if not chat and group.is_main:
                 print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
 
             from model import generate
@@ -775,8 +779,10 @@ def run(args, model=None, tok=None) -> list[dict]:
                             prompt_tokens=len(s["ids"]), context_tokens=s["n_context"], window=args.window, chat=chat,
                             config=configs[s["task"]])
 
-            new = evaluate(model, units, prompt, decode, row, results, window=args.window, seed=args.seed,
-                           desc="RULER samples")
+            new = evaluate(model, mine, prompt, decode, row, results, window=args.window, seed=args.seed,
+                           desc="RULER samples", group=group)
+        if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
+            return new
         wanted = {case_key(t, l, i, c.method, c.budget, c.protocol)
                   for t in tasks for l in lengths for i in indices for c in cases}
         rows = [r for r in latest(before + new, row_key) if row_key(r) in wanted]
@@ -810,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     """The command line: a user error is one line naming the problem and the fix, exit code 2."""
-    return run_main(build_parser(), run, argv)
+    return run_main(build_parser(), run, argv, torchrun=True)
 
 
 if __name__ == "__main__":

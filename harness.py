@@ -47,6 +47,10 @@ Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, e
                (the newest row per case), fingerprint (the configuration a row was made with)
     running    load_checkpoint, evaluate (each unit's cases through run_unit, rows written as
                they finish, skipped budgets said once), stats_report (stats.py on the score rows)
+    torchrun   run_main(..., torchrun=True) gives run() its distributed.Group: placement (this
+               rank's --device / --devices), lock_output (rank 0's), finished (the resume set
+               from rank 0), share_units (balanced by prompt length), evaluate(group=...) (rows
+               to rank 0); without torchrun, a group of one process and nothing changes
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ import shlex
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,12 +72,15 @@ import torch
 
 import stats
 from cache import KVCache
+import distributed
+from distributed import Group, unit_cost
 from methods import budget_fits, compress, parse_method
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what load_model(None) loads
 DTYPES = ("float32", "bfloat16", "float16")
+SINGLE = Group()  # one process, no torchrun
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -144,39 +152,41 @@ def parse_budgets(text: str, tokens: bool = False) -> list[float | int]:
     return list(dict.fromkeys(out))
 
 
-def check_device(name: str) -> None:
-    """Fail early, naming the fix, on a device string torch does not know or cannot use here."""
+def check_device(name: str, flag: str = "--device") -> None:
+    """Fail early, naming the fix, on a device string torch does not know or cannot use here
+    (flag: the option that named it, for the message)."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
                    else f"torch {torch.__version__} sees no GPU")
-            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu, or install "
+            raise ValueError(f"{flag} {name}: CUDA is not available ({why}); use --device cpu, or install "
                              f"the torch build for your CUDA on a machine with a GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
+            raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+        raise ValueError(f"{flag} {name}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: only cpu, cuda and mps devices are supported")
+        raise ValueError(f"{flag} {name}: only cpu, cuda and mps devices are supported")
 
 
 # ----------------------------------------------------------------------------- the command line
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (no usage block)."""
+    """argparse that reports a bad command line in one line (no usage block). Under torchrun every
+    rank parses the same command line and finds the same error: rank 0 alone prints it."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: str) -> None:
     """The options every eval script takes: --methods, --budget, --protocol, --model, --device,
-    --dtype, --window, --out, --resume (check_eval_arguments reads them)."""
+    --devices, --dtype, --window, --out, --resume (check_eval_arguments reads them)."""
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list; 'full' runs once per unit and protocol; name:flag=value:... for an "
                         "ablation, e.g. laprox:selection=layer or laprox:pool=0")
@@ -186,7 +196,11 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
                         "and agnostic (compress the context, then add the question)")
     p.add_argument("--model", default=None,
                    help=f"checkpoint folder or hub id (default: the embedded {DEFAULT_MODEL_NAME})")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
+    p.add_argument("--devices", default=None,
+                   help="instead of --device, a comma list such as cuda:0,cuda:1 that holds ranges of the model's "
+                        "layers (a model larger than one device); under torchrun each rank takes its own slice")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
     p.add_argument("--out", default=None, help=out_help)
@@ -194,27 +208,64 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
                    help="skip the cases already in the results file; --no-resume redoes them (newer lines win)")
 
 
-def check_eval_arguments(args, tokens: bool = False) -> tuple[dict, list, list[str]]:
+def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> tuple[dict, list, list[str]]:
     """(methods {spec: (name, flags)}, budgets, protocols) of add_eval_arguments' options, each
-    checked, and --window and --device, before any model work; ValueError naming the problem."""
+    checked, and --window and this rank's devices (placement), before any model work; ValueError
+    naming the problem."""
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budget, tokens)
     protocols = parse_protocols(args.protocol)
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
-    check_device(args.device)
+    placement(args, group)
     return methods, budgets, protocols
 
 
-def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *,
+def placement(args, group: Group = SINGLE) -> tuple[str, list[str] | None]:
+    """(device, devices): where this rank loads the model (model.load_model's device= or devices=),
+    checked. --device alone: group.device(--device) ("cuda" is cuda:LOCAL_RANK under torchrun).
+    --devices a,b,...: this rank's contiguous slice of the list (group.devices), every name a usable
+    device, a GPU named (cuda:N) and in one rank's slice only, and --device left at cpu."""
+    if args.devices is None:
+        device = group.device(args.device)
+        check_device(device)
+        return device, None
+    if args.device != "cpu":
+        raise ValueError(f"--device {args.device} and --devices {args.devices}: pass one of them (--devices places "
+                         f"the layers on several devices, --device the whole model on one)")
+    names = [d.strip() for d in str(args.devices).split(",") if d.strip()]
+    if not names:
+        raise ValueError("--devices is empty: pass a comma list such as cuda:0,cuda:1")
+    for name in names:
+        check_device(name, "--devices")
+        if torch.device(name).type == "cuda" and torch.device(name).index is None:
+            raise ValueError(f"--devices {args.devices}: name each GPU (cuda:0,cuda:1), not {name}")
+    mine = group.devices(names)
+    k = len(mine)
+    others = names[:group.local_rank * k] + names[(group.local_rank + 1) * k:]  # the node's other ranks'
+    shared = sorted({d for d in mine if torch.device(d).type == "cuda"} & set(others))
+    if shared:
+        raise ValueError(f"--devices {args.devices}: {', '.join(shared)} would serve several ranks of a node; "
+                         f"list every GPU of the node once (each rank takes {k} of them)")
+    return (mine[0], None) if k == 1 else ("cpu", mine)
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torchrun: bool = False,
              interrupted: str = "interrupted; the same command resumes where it stopped"):
     """A script's main(): parse argv, return run(args). A user error (ValueError, OSError: a bad
     argument, method spec, path, checkpoint, device, the disk or the hub) is one line on stderr
     naming the problem and the fix, exit code 2; Ctrl-C is one line, exit code 130. Never a
-    traceback for these; any other exception is a bug and keeps its traceback."""
+    traceback for these; any other exception is a bug and keeps its traceback.
+
+    torchrun: run(args, group=group) in torchrun's process group (distributed.start; without
+    torchrun a group of one process). An error that every rank meets through group.together is
+    printed by the lowest failing rank; the others leave with its exit code (SystemExit), silently."""
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        if not torchrun:
+            return run(args)
+        with distributed.start() as group:
+            return run(args, group=group)
     except (ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
     except KeyboardInterrupt:
@@ -226,15 +277,25 @@ def model_label(name_or_path: str | None) -> str:
     return DEFAULT_MODEL_NAME if name_or_path is None else Path(str(name_or_path).rstrip("/")).name
 
 
-def load_checkpoint(name_or_path: str | None, device: str, dtype: str):
-    """(model, tok) of --model (model.load_model); a checkpoint that cannot be loaded, whatever
-    the library raises, is a ValueError naming it."""
+def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: list[str] | None = None,
+                    length: int | None = None):
+    """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` planned
+    for prompts of `length` tokens; a checkpoint that cannot be loaded, whatever the library
+    raises, is a ValueError naming it."""
     from model import load_model
     try:
-        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype))
+        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, length=length)
     except Exception as e:  # a broken or unreachable checkpoint
         what = "the default model" if name_or_path is None else f"--model {name_or_path}"
         raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+
+
+def load_eval_model(args, group: Group = SINGLE, length: int | None = None):
+    """(model, tok) of an eval's --model, --dtype on this rank's placement (--device or its slice of
+    --devices, whose layers are planned for prompts of `length` tokens), loaded by every rank
+    together: a rank that cannot load it says so once, every rank stops."""
+    device, devices = placement(args, group)
+    return group.together(lambda: load_checkpoint(args.model, device, args.dtype, devices, length))
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -285,6 +346,12 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         self.file.truncate(0)
         self.file.close()  # releases the lock
+
+
+def lock_output(folder: Path, group: Group = SINGLE):
+    """For a `with` block: rank 0 creates the output folder (output_folder) and holds its OutputLock;
+    the other ranks never touch it (no shared filesystem is assumed). An error is rank 0's, said once."""
+    return group.hold(lambda: OutputLock(output_folder(folder)))
 
 
 # ----------------------------------------------------------------------------- the results file
@@ -354,6 +421,19 @@ def latest(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
     for row in rows:
         out[key(row)] = row
     return list(out.values())
+
+
+def finished(read: Callable[[], list[dict]], key: Callable[[dict], tuple], resume: bool,
+             group: Group = SINGLE) -> tuple[list[dict], set[tuple]]:
+    """(rows, done): rank 0 reads the results file (read(): this configuration's rows), every rank
+    gets the keys of its finished cases (done, key(row) as tuples of JSON values; empty with
+    --no-resume), whatever the number of ranks that made them. rows: rank 0's ([] elsewhere)."""
+    rows = []
+
+    def done_keys():
+        rows.extend(read())
+        return [list(key(r)) for r in rows] if resume else []
+    return rows, {tuple(k) for k in group.from_main(done_keys)}
 
 
 def fingerprint(cfg: dict) -> str:
@@ -445,15 +525,15 @@ def skipped_budgets(cases: list[Case], n: int, c: int, window: int) -> dict[tupl
     return out
 
 
-def skipped_at_lengths(cases: list[Case], lengths: list[int], window: int) -> dict[int, dict]:
+def skipped_at_lengths(cases: list[Case], lengths: list[int], window: int, say: bool = True) -> dict[int, dict]:
     """{length: {(budget, protocol): why}}: skipped_budgets on prompts of these nominal lengths,
-    each said once. A budget that does not fit a whole n-token prompt fits none of its parts, so
+    each said once (say: this process prints; under torchrun rank 0 alone). A budget that does not fit a whole n-token prompt fits none of its parts, so
     an eval drops these cases before building a prompt or loading a model (run_unit still checks
     each unit's exact sizes)."""
     out = {}
     for length in lengths:
         out[length] = skipped_budgets(cases, length, length, window)
-        for (budget, protocol), why in sorted(out[length].items(), key=str):
+        for (budget, protocol), why in sorted(out[length].items(), key=str) if say else ():
             print(f"note: {why}: budget {budget:g} ({protocol}) is not evaluated at length {length} for any method "
                   f"(lower --window to include it)")
     return out
@@ -553,20 +633,38 @@ class Unit:
     data: Any = None
 
 
+def share_units(units: list[Unit], length: Callable[[Unit], int], group: Group = SINGLE) -> list[Unit]:
+    """This rank's units, balanced by the estimated cost of their prompts (distributed.unit_cost of
+    length(unit), a token count known before the model loads); rank 0 prints every rank's share.
+    Every unit without torchrun."""
+    return [units[i] for i in group.share([unit_cost(length(unit)) for unit in units])]
+
+
 def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: Callable, results: Path, *,
-             window: int, seed: int = 0, desc: str = "units") -> list[dict]:
+             window: int, seed: int = 0, desc: str = "units", group: Group = SINGLE) -> list[dict]:
     """Run the cases of every unit (run_unit: one context prefill per unit) and append a row per
-    finished case to `results` as it finishes (RowWriter). Returns the rows made.
+    finished case to `results` as it finishes (RowWriter). Returns the rows written.
 
     prompt(unit) -> (context_ids, question_ids, info): the unit's prompt split where its context
     ends (encode_split), and whatever decode and row need (e.g. the sample). decode(info, cache)
     -> the generated text. row(unit, info, result) -> the results line of one case (a dict).
     Budgets that do not fit a unit (skipped_budgets) are skipped for every method alike and said
-    once at the end, per (budget, protocol), with how many units they skipped."""
+    once at the end, per (budget, protocol), with how many units they skipped.
+
+    group: under torchrun, units are this rank's share (share_units); rank 0 alone opens `results`
+    and writes every rank's rows as they arrive (group.rows), returning them all; the other ranks
+    send theirs and return their own. Every rank calls it, also with no units."""
     from tqdm import tqdm
     made, skipped, why = [], Counter(), {}
-    with RowWriter(results) as writer:
-        for unit in tqdm(units, desc=desc, unit="unit"):
+    with ExitStack() as stack:
+        writer = stack.enter_context(RowWriter(results)) if group.is_main else None
+
+        def write(line: dict) -> None:  # rank 0: its own rows and the other ranks', one at a time
+            writer.write(line)
+            made.append(line)
+        put = stack.enter_context(group.rows(write if group.is_main else None))
+        rank = f" (rank {group.rank})" if group.world > 1 else ""
+        for unit in tqdm(units, desc=desc + rank, unit="unit"):
             context, question, info = prompt(unit)
             counted = set()
             for result in run_unit(model, context, question, unit.cases, lambda cache: decode(info, cache),
@@ -578,11 +676,12 @@ def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: 
                     why.setdefault(key, result.skipped)
                     continue
                 line = row(unit, info, result)
-                writer.write(line)
-                made.append(line)
+                put(line)
+                if not group.is_main:  # (rank 0's write keeps its rows)
+                    made.append(line)
     for (budget, protocol), count in skipped.items():
-        print(f"note: budget {budget:g} ({protocol}) skipped for every method on {count} of {len(units)} unit(s), "
-              f"e.g. {why[budget, protocol]}")
+        print(f"note: budget {budget:g} ({protocol}) skipped for every method on {count} of {len(units)} unit(s)"
+              f"{rank}, e.g. {why[budget, protocol]}")
     return made
 
 

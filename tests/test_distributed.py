@@ -97,16 +97,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, *args: str, timeout: float = 90) -> list[tuple[int, str, str]]:
-    """Run the toy eval in `world` processes with torchrun's environment on 127.0.0.1; returns
-    (exit code, stdout, stderr) per rank."""
+def launch(world: int, *args: str, timeout: float = 90, script: Path = TOY) -> list[tuple[int, str, str]]:
+    """Run `script` (the toy eval) in `world` processes with torchrun's environment on 127.0.0.1, one
+    thread each; returns (exit code, stdout, stderr) per rank."""
     port, procs = free_port(), []
     for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
         if Path("/sys/class/net/lo").exists():
             env["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback only
-        procs.append(subprocess.Popen([sys.executable, str(TOY), *args], env=env, cwd=ROOT, text=True,
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]

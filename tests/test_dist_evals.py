@@ -1,0 +1,151 @@
+"""The eval scripts under torchrun (distributed.py through harness.py), on the CPU with the default
+model: 2 gloo processes write exactly the rows (timings aside) and the summary of one process at
+the same thread count, for a small NIAH grid (launched by torchrun itself) and a small RULER run
+resumed from a 1-process partial run (2 processes with torchrun's environment); a user error is
+said once, by one rank; --devices is checked per rank, and cpu,cpu gives the plain rows."""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_niah as E
+import eval_ruler as R
+from distributed import Group, assign, describe_shares, unit_cost
+from harness import OutputLock, placement
+from test_distributed import ROOT, launch
+
+TIMINGS = ("prefill_s", "compress_s", "question_s", "decode_s")
+NIAH = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv", "--budget", "0.2",
+        "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
+RULER = ["--tasks", "vt", "--lengths", "900", "--samples", "2", "--methods", "laprox", "--budget", "0.2",
+         "--protocol", "aware,agnostic"]
+
+
+def keyed(results: Path, key) -> dict:
+    """{key(row): row without its timings} of a results file; every case once."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    out = {key(r): {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
+    assert len(out) == len(rows), "a case was written twice"
+    return out
+
+
+def summary(out: Path) -> dict:
+    """summary.json (its tables follow the methods and protocols in the order the rows came)."""
+    return json.loads((out / "summary.json").read_text())
+
+
+def run_single(main, argv: list[str]) -> None:
+    """main(argv) in this process with one thread, as every rank has (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def niah_single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("niah") / "one"
+    run_single(E.main, NIAH + ["--out", str(out)])
+    return out
+
+
+def test_niah_under_torchrun_writes_the_single_process_rows_and_summary(niah_single, tmp_path):
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "eval_niah.py", *NIAH, "--out", str(out)]                       # as the README says
+    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert keyed(out / "results.jsonl", E.row_key) == keyed(niah_single / "results.jsonl", E.row_key)
+    assert summary(out) == summary(niah_single)
+    costs = [unit_cost(600)] * 2                                               # two cells of 600 tokens
+    assert "\n".join(describe_shares(assign(costs, 2), costs)) in done.stdout and done.stdout.count("rank 0:") == 1
+    assert done.stdout.count("NIAH SmolLM2-135M-Instruct: mean score") == 1   # rank 0 alone reports
+    for name in ("heatmap_full.png", "heatmap_laprox_0.2_agnostic.png", "scores_vs_budget.png", "summary.md"):
+        assert (out / name).exists()
+
+
+def test_ruler_resumed_on_two_ranks_skips_what_one_process_finished(tmp_path):
+    """The reference in one process (vt, 2 samples, laprox in both protocols); a results file holding
+    its aware row of sample 0 (as if that run had stopped there), resumed by 2 ranks: they compute
+    the rest, a unit each (sample 0's agnostic case, both of sample 1's), and the file ends with
+    exactly the reference's rows, the finished one untouched."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_single(R.main, RULER + ["--out", str(one)])
+    lines = (one / "results.jsonl").read_text().splitlines()
+    finished = [line for line in lines if json.loads(line)["index"] == 0 and json.loads(line)["protocol"] == "aware"]
+    assert len(lines) == 4 and len(finished) == 1
+    two.mkdir()
+    (two / "results.jsonl").write_text("\n".join(finished) + "\n")
+    ranks = launch(2, *RULER, "--out", str(two), script=ROOT / "eval_ruler.py", timeout=300)
+    assert all(rc == 0 for rc, _, _ in ranks), [err[-2000:] for _, _, err in ranks]
+    assert keyed(two / "results.jsonl", R.row_key) == keyed(one / "results.jsonl", R.row_key)
+    assert (two / "results.jsonl").read_text().splitlines()[:len(finished)] == finished
+    costs = [unit_cost(900)] * 2                                               # (vt, 900, 0) and (vt, 900, 1)
+    assert "\n".join(describe_shares(assign(costs, 2), costs)) in ranks[0][1]
+    assert "unit(s)" not in ranks[1][1] and "RULER SmolLM2" not in ranks[1][1]   # rank 0 alone reports
+    assert summary(two) == summary(one)
+
+
+@pytest.mark.parametrize("argv, busy, words", [
+    (["--devices", "cpu,cpu,cpu"], False, "lists 3 device(s) for 2 process(es)"),   # every rank finds it
+    (["--no-such-flag"], False, "unrecognized arguments"),                           # argparse, before the group
+    ([], True, "is in use by pid"),                                                  # rank 0 alone finds it
+])
+def test_a_user_error_under_two_ranks_is_one_line_from_one_rank(tmp_path, argv, busy, words):
+    out = tmp_path / "out"
+    if busy:
+        out.mkdir()
+    with OutputLock(out) if busy else contextlib.nullcontext():  # another run holds the folder
+        (rc0, out0, err0), (rc1, out1, err1) = launch(2, *NIAH, *argv, "--out", str(out),
+                                                      script=ROOT / "eval_niah.py")
+    assert rc0 == rc1 == 2, (err0, err1)
+    assert words in err0 and err0.count("\n") == 1 and err0.startswith("eval_niah.py: error: "), err0
+    assert err1 == "" and out1 == "" and "Traceback" not in err0
+    assert not (out / "results.jsonl").exists() and (busy or not out.exists())  # before any work
+
+
+def args(device="cpu", devices=None) -> Namespace:
+    return Namespace(device=device, devices=devices)
+
+
+def test_devices_are_checked_and_sliced_per_rank():
+    assert placement(args()) == ("cpu", None) and placement(args(devices="cpu")) == ("cpu", None)
+    assert placement(args(devices="cpu, cpu")) == ("cpu", ["cpu", "cpu"])
+    rank1 = Group(rank=1, world=2, local_rank=1, local_world=2, launched=True)
+    assert placement(args(devices="cpu,cpu"), rank1) == ("cpu", None)
+    assert placement(args(devices="cpu,cpu,cpu,cpu"), rank1) == ("cpu", ["cpu", "cpu"])
+    for given, group, words in [
+        (args("cuda:0", "cpu,cpu"), Group(), "pass one of them"),
+        (args(devices=","), Group(), "is empty"),
+        (args(devices="cpu,bogus"), Group(), "--devices 'bogus' is not a device"),
+        (args(devices="cpu,cpu,cpu"), rank1, "lists 3 device(s) for 2 process(es)"),
+        (args("cuda:0"), rank1, "one device"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            placement(given, group)
+
+
+def test_devices_cpu_cpu_gives_the_plain_rows(niah_single, tmp_path):
+    """The layers over two "devices" (memory.plan_layers' two ranges): the rows of a plain cpu run."""
+    out = tmp_path / "split"
+    run_single(E.main, NIAH + ["--devices", "cpu,cpu", "--out", str(out)])
+    assert keyed(out / "results.jsonl", E.row_key) == keyed(niah_single / "results.jsonl", E.row_key)
+
+
+def test_longbench_balances_by_its_samples_length_field():
+    from eval_longbench import length_estimate
+    assert length_estimate({"length": 5000, "context": "x" * 100}, None) == 5000
+    assert length_estimate({"length": 5000, "context": "x" * 100}, 3500) == 3500     # the cut
+    assert length_estimate({"context": "x" * 4000}, None) == 1001                      # no field: characters / 4
