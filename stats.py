@@ -97,6 +97,16 @@ def unit_weights(strata, stratified: bool = True) -> np.ndarray:
     return 1.0 / (len(labels) * sizes[codes])
 
 
+def can_resample(strata, stratified: bool = True) -> bool:
+    """Whether a bootstrap CI means anything: at least 2 units, and with stratified resampling at least 2
+    in every stratum. A task with one sample is resampled into itself, so it adds no spread: with one
+    sample a task, the CI would have width 0 whatever the scores are."""
+    strata = np.asarray(strata)
+    if not stratified:
+        return len(strata) >= 2
+    return len(strata) >= 2 and int(np.unique(strata, return_counts=True)[1].min()) >= 2
+
+
 def resample_indices(strata, n_resamples: int = N_RESAMPLES, seed: int = 0,
                      stratified: bool = True) -> np.ndarray:
     """Bootstrap resamples of N units: (n_resamples, N) int indices into the units, seeded.
@@ -148,7 +158,8 @@ def bootstrap_mean(scores, strata=None, *, n_resamples: int = N_RESAMPLES, seed:
                    confidence: float = CONFIDENCE, stratified: bool = True) -> dict:
     """Pooled mean of scores (N,) (any real values: scores in [0, 1], or differences in [-1, 1])
     with its percentile bootstrap CI. strata: (N,) task labels, None for one stratum.
-    Returns {"mean", "low", "high", "n"}; low/high are None when N < 2 (no spread to resample)."""
+    Returns {"mean", "low", "high", "n"}; low/high are None when N < 2 or, stratified, a task has
+    fewer than 2 units (can_resample: no spread to resample)."""
     check_bootstrap_args(n_resamples, confidence)
     scores = np.asarray(scores, dtype=float)
     strata = np.zeros(len(scores), dtype=int) if strata is None else np.asarray(strata)
@@ -160,7 +171,7 @@ def bootstrap_mean(scores, strata=None, *, n_resamples: int = N_RESAMPLES, seed:
         return {"mean": None, "low": None, "high": None, "n": 0}
     w = unit_weights(strata, stratified)
     out = {"mean": float(scores @ w), "low": None, "high": None, "n": len(scores)}
-    if len(scores) >= 2:
+    if can_resample(strata, stratified):
         counts = shared_resample_counts(tuple(strata.tolist()), n_resamples, seed, stratified)  # (R, N)
         resampled = counts @ (w * scores)  # (R,) pooled means of the resamples
         out["low"], out["high"] = percentile_interval(resampled, confidence)
@@ -247,10 +258,10 @@ def loss_ratio(full: dict, method: dict, baseline: dict, *, n_resamples: int = N
     keys = common_units(full, method, baseline)
     out = {"ratio": None, "low": None, "high": None, "n": len(keys), "nonpositive_fraction": None,
            "at_most_half": None, "at_most_half_ci": None, "note": ""}
-    if len(keys) < 2:
-        out["note"] = f"n/a: {len(keys)} unit(s) in common"
-        return out
     strata = [str(k[0]) for k in keys]
+    if not can_resample(strata, stratified):
+        out["note"] = f"n/a: {len(keys)} unit(s) in common, fewer than 2 in some task"
+        return out
     w = unit_weights(strata, stratified)
     loss_method = np.array([full[k] - method[k] for k in keys])      # (N,)
     loss_baseline = np.array([full[k] - baseline[k] for k in keys])  # (N,)
@@ -394,7 +405,7 @@ def format_difference(ci: dict | None, up: str, down: str, scale: float = 1.0, d
         return "n/a"
     text = format_ci(ci, scale, digits, sign=True)
     if ci["significant"] is None:
-        return text
+        return f"{text} (no CI)"
     if not ci["significant"]:
         return f"{text} no difference"
     return f"**{text} {up if ci['mean'] > 0 else down}**"
@@ -470,7 +481,8 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
     out = [f"Means with {conf} bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
            f"{resampling}).",
            f"Legend: **bold** = significant ({conf} CI excludes 0), with its direction; 'no difference' = the CI "
-           f"includes 0. No multiple-comparison correction is applied.", ""]
+           f"includes 0. No multiple-comparison correction is applied. A value without [low, high] has no CI "
+           f"(fewer than 2 units in some task): no claim.", ""]
     for protocol, p in summary["protocols"].items():
         out += [f"### protocol: {protocol}", "", "Scores (n = units, where fewer than the reference's):", ""]
         out += scores_markdown(p, ref, scale, digits) + [""]

@@ -120,6 +120,22 @@ def test_bootstrap_mean_checks_its_input():
     assert stats.bootstrap_mean([0.4])["low"] is None  # one unit: no interval
 
 
+def test_no_interval_when_a_task_has_a_single_unit():
+    """A stratum of one unit is resampled into itself: with one sample a task the stratified CI would have
+    width 0 whatever the scores, so there is none; with 2+ in every task there is one, and it has width."""
+    rng = np.random.default_rng(11)
+    one_each = stats.bootstrap_mean(rng.uniform(size=5), ["a", "b", "c", "d", "e"])
+    assert one_each["mean"] is not None and one_each["low"] is None and one_each["high"] is None
+    assert stats.bootstrap_mean(rng.uniform(size=4), ["a", "a", "a", "b"])["low"] is None
+    unstratified = stats.bootstrap_mean(rng.uniform(size=5), ["a", "b", "c", "d", "e"], stratified=False)
+    assert unstratified["low"] < unstratified["high"]
+    two_each = stats.bootstrap_mean(rng.uniform(size=6), ["a", "a", "b", "b", "c", "c"])
+    assert two_each["low"] < two_each["mean"] < two_each["high"]
+    keys = [("a", 0), ("b", 0), ("c", 0)]
+    full, method, base = ({k: float(v) for k, v in zip(keys, rng.uniform(size=3))} for _ in range(3))
+    assert stats.loss_ratio(full, method, base)["low"] is None
+
+
 # ----------------------------------------------------------------------------- comparisons
 
 def test_paired_difference_matches_naive_loop_and_skips_missing_units():
