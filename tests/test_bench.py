@@ -53,15 +53,8 @@ def _bench_errors(tmp_path):
 
 
 @pytest.mark.parametrize("case", list(_bench_errors(Path("."))))
-def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case):
+def test_user_errors_are_one_line_and_exit_2(tmp_path, one_line_error, case):
     (tmp_path / "a_file").write_text("not a folder")
     argv, words = _bench_errors(tmp_path)[case]
-    if case == "cuda without cuda":
-        import torch
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit) as done:
-        bench.main(argv)
-    err = capsys.readouterr().err
-    assert done.value.code == 2 and words in err and err.count("\n") == 1 and ": error: " in err, err
+    one_line_error(bench.main, argv, words, cuda=case == "cuda without cuda")
     assert not (tmp_path / "bench.json").exists()

@@ -328,17 +328,10 @@ def _user_errors(tmp_path):
 
 
 @pytest.mark.parametrize("case", list(_user_errors(Path("."))))
-def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case):
+def test_user_errors_are_one_line_and_exit_2(tmp_path, one_line_error, case):
     (tmp_path / "a_file.txt").write_text("not a folder")
     argv, words = _user_errors(tmp_path)[case]
-    if case == "cuda without cuda":
-        import torch
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit) as done:
-        E.main(argv)
-    err = capsys.readouterr().err
-    assert done.value.code == 2 and words in err and err.count("\n") == 1 and ": error: " in err, err
+    one_line_error(E.main, argv, words, cuda=case == "cuda without cuda")
     assert not (tmp_path / "out" / "results.jsonl").exists()  # failed before any case ran
 
 
