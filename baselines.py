@@ -2,7 +2,7 @@
 
 Each scorer maps a cache.Prefill to per-layer scores, (1, H_kv, n) float32, higher = keep; the
 selection rules live in cache.py and the registry that pairs scorers with rules, their flags and
-defaults (the table in shared/baselines.md) in methods.py. Conventions shared by the
+defaults in methods.py (METHODS). Conventions shared by the
 scorers: B = 1; H query heads, H_kv KV heads, G = H // H_kv, query head h reads KV head h // G;
 query-head scores are reduced to KV heads by the mean over the group; w = prefill.window.
 The window attention (softmax of the w window queries over the prompt, causal inside the
@@ -78,7 +78,11 @@ def snapkv_scorer(prefill: Prefill) -> list[Tensor]:
     """SnapKV (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"):
     attention of the w window queries, summed over the window, then the group mean.
     attention (1, H, w, n) -> sum over w (1, H, n) -> per layer (1, H_kv, n).
-    (Its max pooling, kernel 7, is the registry's `pool` flag.)"""
+    Its pooling is the registry's `pool` and `pooling` flags: by default average pooling, kernel 7,
+    over the candidates (the LaProx paper's Appendix A, for every pooled method; SnapKV's and
+    AdaKV's own code and kvpress also average-pool, kernel 5 in kvpress, each query head's window
+    mean before the group mean); pooling=max is KVCache-Factory's SnapKV. PyramidKV, AdaKV and
+    CriticalKV read this same score."""
     return [group_mean(laprox.window_attention(q, k).sum(dim=2), prefill.n_kv_heads)
             for q, k in zip(prefill.queries, prefill.keys)]
 

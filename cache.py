@@ -255,34 +255,45 @@ def resolve_budget(budget: float | int, n: int, window: int, *, sinks: int = 0) 
     return k
 
 
+POOLING_MODES = ("avg", "max")
+
+
 def check_pool_kernel(kernel) -> None:
-    """A max-pooling kernel: an int >= 0, odd when > 1 (0 or 1 = off)."""
+    """A pooling kernel: an int >= 0, odd when > 1 (0 or 1 = off)."""
     if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 0:
         raise ValueError(f"pool kernel must be an int >= 0 (0 or 1 = off), got {kernel!r}")
     if kernel > 1 and kernel % 2 == 0:
         raise ValueError(f"pool kernel must be odd so the output stays centred on each token, got {kernel}; use {kernel + 1}")
 
 
-def pool_scores(scores: Tensor, kernel: int, *, window: int = 0) -> Tensor:
-    """1-D max pooling of scores over the token axis, stride 1, same length.
+def pool_scores(scores: Tensor, kernel: int, *, window: int = 0, mode: str = "avg") -> Tensor:
+    """1-D pooling of scores over the token axis, stride 1, same length: score smoothing, so that a
+    kept token brings its neighbours (a fact spans several tokens).
 
     scores: (..., n), e.g. (1, H_kv, n) for one layer; each row is pooled on its own.
-    kernel: odd window size (7 for SnapKV and LaProx); 0 or 1 turns pooling off.
-    window: the last `window` positions (the observation window, always kept anyway) are left
-        as they are and do not spread into the tokens before them, as in SnapKV, which pools
-        only the prefix scores[..., :-window].
-    Returns (..., n): out[j] = max(scores[j - kernel//2 : j + kernel//2 + 1]) within the prefix.
+    kernel: odd window size (7 for SnapKV, its followers and LaProx); 0 or 1 turns pooling off.
+    window: only the candidates, the n - window tokens before the observation window (which is
+        always kept), are pooled; the window's scores are left as they are and do not spread into
+        the tokens before them, as in SnapKV, which pools only the prefix scores[..., :-window].
+    mode: "avg" (the LaProx paper's Appendix A, for every pooled method):
+        F.avg_pool1d(kernel_size=kernel, stride=1, padding=kernel // 2), zero padding counted, so
+        out[j] = sum(scores[j - kernel//2 : j + kernel//2 + 1] within the candidates) / kernel;
+        "max" (KVCache-Factory's SnapKV): out[j] = max of the same span.
+    Returns (..., n) float32.
     """
     check_pool_kernel(kernel)
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {mode!r}")
     n = scores.shape[-1]
     if not 0 <= window <= n:
         raise ValueError(f"window {window} must be in [0, n={n}]")
     if kernel <= 1 or window == n:
         return scores
-    prefix = scores[..., : n - window].reshape(-1, 1, n - window)
-    pooled = F.max_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)  # pads with -inf
+    prefix = scores[..., : n - window].reshape(-1, 1, n - window).float()
+    pool = F.avg_pool1d if mode == "avg" else F.max_pool1d  # max pads with -inf, avg with counted zeros
+    pooled = pool(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)
     pooled = pooled.reshape(*scores.shape[:-1], n - window)
-    return torch.cat([pooled, scores[..., n - window:]], dim=-1)
+    return torch.cat([pooled, scores[..., n - window:].float()], dim=-1)
 
 
 def stack_scores(scores: list[Tensor]) -> Tensor:
@@ -404,17 +415,24 @@ def safeguard(k: int, forced: int, alpha: float) -> int:
     return int(alpha * (k - forced))
 
 
+def _guarded_key(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
+    """The sort key of a selection with a per-head floor: s (L, H_kv, n) with every head's forced
+    entries and then its top safeguard(k, forced, alpha) others set to +inf, so that any later top-k
+    over heads takes them first. forced: (n,) bool."""
+    f = int(forced.sum())
+    key = s.masked_fill(forced, math.inf)
+    if alpha > 0:
+        key.scatter_(-1, _top(key, f + safeguard(k, f, alpha)), math.inf)
+    return key
+
+
 def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     """AdaKV allocation (Feng et al. 2024): each head first keeps its forced entries and its top
     floor(alpha * (k - forced)) other entries (the safeguard), then the rest of the layer's
     H_kv * k entries go to the highest scores over all heads of the layer.
     s: (L, H_kv, n); forced: (n,) bool. Returns (L, H_kv, n) bool, H_kv * k True per layer."""
     L, H, n = s.shape
-    f = int(forced.sum())
-    safe = safeguard(k, f, alpha)
-    key = s.masked_fill(forced, math.inf)
-    key.scatter_(-1, _top(key, f + safe), math.inf)  # forced entries rank first, then the safeguard
-    flat = _top(key.reshape(L, H * n), H * k)
+    flat = _top(_guarded_key(s, k, forced, alpha).reshape(L, H * n), H * k)
     return torch.zeros(L, H * n, dtype=torch.bool, device=s.device).scatter_(-1, flat, True).reshape(L, H, n)
 
 
@@ -434,18 +452,23 @@ def select_adakv(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, a
     return _mask_to_kept(_adakv_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device), alpha))
 
 
-def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -> list[list[Tensor]]:
-    """Model-wide selection (LaProx): one top-k over every (layer, KV head, token) entry of the
-    model, total L * H_kv * k, after the forced entries of every head. Meaningful only when
-    scores are comparable across layers (LaProx's normalised scores).
+def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, floor: float = 0.0) -> list[list[Tensor]]:
+    """Model-wide selection (LaProx's Algorithm 2): one top-k over every (layer, KV head, token)
+    entry of the model, total L * H_kv * k, after the forced entries of every head. Meaningful only
+    when scores are comparable across layers (LaProx's normalised scores).
 
+    floor: a per-head floor (ours; 0 = the paper): each head first keeps its top
+        floor(floor * (k - forced)) candidates (cache.safeguard, AdaKV's safeguard), then the rest of
+        the budget is one model-wide top-k. It guards a concentrated head (a few large scores, a tiny
+        tail) against losing its tail to the global threshold. floor = 1 is select_uniform.
     scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
-    A head may keep as few as its forced entries (window + sinks), or all n.
+    Without a floor a head may keep as few as its forced entries (window + sinks), or all n.
     """
+    check_number("floor", floor, 0, 1)
     s = stack_scores(scores)
     L, H, n = s.shape
     _check_k(k, n, window, sinks)
-    key = s.masked_fill(forced_mask(n, window, sinks, s.device), math.inf).reshape(-1)
+    key = _guarded_key(s, k, forced_mask(n, window, sinks, s.device), floor).reshape(-1)
     mask = torch.zeros(L * H * n, dtype=torch.bool, device=s.device).scatter_(0, _top(key, L * H * k), True)
     return _mask_to_kept(mask.reshape(L, H, n))
 
@@ -453,15 +476,18 @@ def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -
 SCOPES = ("model", "layer", "head")
 
 
-def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = "model", sinks: int = 0) -> list[list[Tensor]]:
-    """LaProx's rule: the same scores selected model-wide (one top-k over the model, default),
-    layer-wise (one top-k per layer, no safeguard: select_adakv with alpha = 0) or per head
-    (uniform per-head budget, select_uniform). scores: per layer (1, H_kv, n)."""
+def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = "model", sinks: int = 0,
+                 floor: float = 0.0) -> list[list[Tensor]]:
+    """LaProx's rule: the same scores selected model-wide (one top-k over the model, default, the
+    paper's Algorithm 2), layer-wise (one top-k per layer: select_adakv with alpha = floor; the
+    paper's Table 5 ablation) or per head (uniform per-head budget, select_uniform, which every
+    floor leaves as it is; the paper's Table 6 ablation). scores: per layer (1, H_kv, n)."""
     if selection == "model":
-        return select_model(scores, k, window, sinks=sinks)
+        return select_model(scores, k, window, sinks=sinks, floor=floor)
     if selection == "layer":
-        return select_adakv(scores, k, window, sinks=sinks, alpha=0.0)
+        return select_adakv(scores, k, window, sinks=sinks, alpha=floor)
     if selection == "head":
+        check_number("floor", floor, 0, 1)
         return select_uniform(scores, k, window, sinks=sinks)
     raise ValueError(f"selection must be one of {SCOPES}, got {selection!r}")
 

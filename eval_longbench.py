@@ -606,7 +606,7 @@ def run(args, group: Group = SINGLE) -> list[dict]:
     config = run_config(args)
     cases = make_cases(methods, budgets, protocols)
     with lock_output(out, group):
-        before, done = finished(lambda: read_predictions(pred_path, config), line_key, args.resume, group)
+        before, done = finished(lambda: read_predictions(pred_path, config), line_key, args.resume, group, methods)
         units = [Unit((task, s["index"]), todo, s) for task, s in work
                  if (todo := [c for c in cases if case_key(task, s, c) not in done])]
         if group.is_main:

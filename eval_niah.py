@@ -412,7 +412,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
     with lock_output(out, group):
-        before, done = finished(lambda: load_rows(results, config), row_key, args.resume, group)
+        before, done = finished(lambda: load_rows(results, config), row_key, args.resume, group, methods)
         skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
         def pending(length, depth):  # the cases of a cell still to run; budgets too small for its length never run
             return [c for c in cases if case_key(c.method, c.budget, length, depth, c.protocol) not in done

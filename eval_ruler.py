@@ -742,7 +742,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))
     with lock_output(out, group):
-        before, done = finished(lambda: load_rows(results, configs), row_key, args.resume, group)
+        before, done = finished(lambda: load_rows(results, configs), row_key, args.resume, group, methods)
         skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
 
         def pending(task, length, index):  # budgets too small for the length never run

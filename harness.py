@@ -74,7 +74,7 @@ import stats
 from cache import KVCache
 import distributed
 from distributed import Group, unit_cost
-from methods import budget_fits, compress, parse_method
+from methods import budget_fits, compress, parse_method, resolved_flags
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -423,15 +423,24 @@ def latest(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
     return list(out.values())
 
 
+def same_definitions(rows: list[dict], methods: dict[str, tuple[str, dict]]) -> list[dict]:
+    """The rows whose method, if this run has it (methods: label -> (name, flags)), was made with the
+    flags it resolves to now (the row's `method_flags`): a row made under other defaults (an older
+    `laprox` or `snapkv`), or before rows recorded them, is neither done nor reported."""
+    now = {label: resolved_flags(name, flags) for label, (name, flags) in methods.items()}
+    return [r for r in rows if r.get("method") not in now or r.get("method_flags") == now[r["method"]]]
+
+
 def finished(read: Callable[[], list[dict]], key: Callable[[dict], tuple], resume: bool,
-             group: Group = SINGLE) -> tuple[list[dict], set[tuple]]:
-    """(rows, done): rank 0 reads the results file (read(): this configuration's rows), every rank
+             group: Group = SINGLE, methods: dict[str, tuple[str, dict]] | None = None) -> tuple[list[dict], set[tuple]]:
+    """(rows, done): rank 0 reads the results file (read(): this configuration's rows; with
+    `methods`, only those of the methods' current definitions, see same_definitions), every rank
     gets the keys of its finished cases (done, key(row) as tuples of JSON values; empty with
     --no-resume), whatever the number of ranks that made them. rows: rank 0's ([] elsewhere)."""
     rows = []
 
     def done_keys():
-        rows.extend(read())
+        rows.extend(read() if methods is None else same_definitions(read(), methods))
         return [list(key(r)) for r in rows] if resume else []
     return rows, {tuple(k) for k in group.from_main(done_keys)}
 
@@ -491,9 +500,11 @@ class Result:
     skipped: str | None = None
 
     def row(self) -> dict:
-        """The flat fields a results line holds (method label, budget, protocol, then the measurements)."""
+        """The flat fields a results line holds (method label, its resolved flags, budget, protocol, then
+        the measurements)."""
         c = self.case
-        return dict(method=c.method, budget=c.budget, protocol=c.protocol, generated=self.generated,
+        return dict(method=c.method, method_flags=resolved_flags(c.name, c.flags), budget=c.budget,
+                    protocol=c.protocol, generated=self.generated,
                     kept_fraction=self.kept_fraction, kept_of=self.kept_of, cache_mb=self.cache_mb,
                     prefill_s=self.prefill_s, compress_s=self.compress_s, question_s=self.question_s,
                     decode_s=self.decode_s)

@@ -1,4 +1,4 @@
-"""Triton kernels for the LaProx score (spec section 6).
+"""Triton kernels for the LaProx score (laprox.py, steps (1)-(6)).
 
 Compute exactly what laprox.laprox_scores computes (group="exact" or "sum", center=False) without
 ever materialising the (B, H, w, n) window attention. Read laprox.py first: the step numbers
@@ -417,7 +417,7 @@ def _first_that_fits(name, configs, launch):
     raise KernelDoesNotFit(f"{name} ran out of resources with every planned config: " + "; ".join(errors))
 
 
-def laprox_scores_triton(queries, keys, values, M, *, group="exact", plan=None, keys_per_chunk=None):
+def laprox_scores_triton(queries, keys, values, M, *, group="sum", plan=None, keys_per_chunk=None):
     """LaProx scores of one layer with the Triton kernels; the same result as laprox.laprox_scores.
 
     queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D), any strides

@@ -1,7 +1,33 @@
 """LaProx: score each cached KV entry by how much the layer's output would move without it.
 
-Reference implementation of the method as the project defines it (shared/laprox-spec.md).
-The fused GPU kernel lives in kernels.py and must agree with the functions here.
+Reference implementation of LaProx (Mai and Kim, "Reformulating KV Cache Eviction Problem for
+Long-Context LLM Inference", arXiv 2605.07234). The fused GPU kernel lives in kernels.py and
+must agree with the functions here.
+
+The paper's method, and the default of `methods.select(prefill, "laprox", budget)`:
+  * Algorithm 1, per query head h and key j: p_{h,j} = ||A_h[:, j]||_2 * ||W_O^h v_j||_2, with A_h
+    the attention of the last w = 32 (window) queries; steps (1)-(6) below.
+  * GQA (its Appendix A, "mean attention weight within each query group"): the per-head products
+    averaged over the group; we sum them (group="sum"), which ranks the same under every
+    normalisation, since G is the same in every layer.
+  * Pooling (Appendix A): average pooling, kernel 7, of each KV head's row over its candidates
+    (the tokens before the window), zero padding counted (cache.pool_scores, mode "avg").
+  * Algorithm 2: per layer, divide every score by the sum of that layer's pooled candidate scores
+    over all its KV heads (normalize="mass", step (7)), then one top-K over the whole model's
+    candidates, K = L * H_kv * (k - w), k = round(budget * n); the window is always kept and
+    counts toward the budget (cache.select_model). Its ablations: selection within each layer
+    (Table 5, selection="layer"), a uniform per-head budget (Table 6, selection="head"), and the
+    "raw layer-flatten" variant without the normalisation (normalize="none").
+Ours, each a flag whose default is the paper's, kept to be ablated and reported beside it:
+  * group="exact": the exact Frobenius norm of the group's term (5), where the paper's sum is its
+    upper bound; it is what the bound (4) asks for when G > 1.
+  * normalize="residual" / "output": divide a layer by the norm of the stream it perturbs / of its
+    own output, step (7); the derivation's first-order view of RMSNorm. Measured on the default
+    model: "residual" hands layers 0-1 a quarter to a third of the model's budget.
+  * pooling="max": KVCache-Factory's SnapKV pooling; pool=0 turns smoothing off.
+  * center=True: the softmax renormalisation to first order, step (9).
+  * floor=alpha: a per-head floor in the model-wide selection, step (8).
+The previous default of this repository is the spec "laprox:group=exact:normalize=residual:pooling=max".
 
 The derivation, one step per numbered line; the code below cites these numbers.
 -------------------------------------------------------------------------------
@@ -25,7 +51,8 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
     Writing out head_h, the attention output on the window is a sum of column-row products:
         Y = sum_h A_h V_{g(h)} W_O^h = sum_g sum_j T_{g,j},
         T_{g,j} = sum_{h in group g} a_{h,j} u_{h,j}^T            (a w x d matrix).
-    Each KV entry (g, j) contributes exactly one term T_{g,j}.
+    Each KV entry (g, j) contributes exactly one term T_{g,j}: a sum of G rank-1 matrices, so
+    of rank up to G (rank 1 only for MHA).
 
 (4) Evicting a set of entries removes their terms (we ignore the softmax
     renormalisation, see (9)). With Y_S the sum over the kept set S, the triangle
@@ -39,28 +66,44 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
 (5) Expand the squared norm of the group term. Since <x y^T, x' y'^T>_F = (x.x')(y.y'),
         ||T_{g,j}||_F^2 = sum_{h,h' in group g} (a_{h,j} . a_{h',j}) (u_{h,j} . u_{h',j}).
     Both factors are G x G Gram matrices: one of attention columns (length w), one of
-    projected values (length d). Their elementwise product, summed, is the score^2.
-    For G = 1 this is ||a_j|| ||u_j||: column norm times row norm.
-    group="sum" replaces the exact group norm by its triangle-inequality upper bound
-        s^sum_{g,j} = sum_h ||a_{h,j}|| ||u_{h,j}||  >=  s_{g,j}.
+    projected values (length d). Their elementwise product, summed, is the score^2
+    (group="exact"). For G = 1 this is ||a_j|| ||u_j||: column norm times row norm.
+    The paper scores each query head alone and averages over the group; group="sum" takes the
+    sum, the triangle-inequality upper bound of the exact group norm,
+        s^sum_{g,j} = sum_h ||a_{h,j}|| ||u_{h,j}||  >=  s_{g,j},
+    which needs only the diagonal (h = h') terms of both Grams.
 
 (6) The projected values never need to be formed in d dimensions:
         u_{h,j} . u_{h',j} = v_j^T W_h^T W_{h'} v_j = v_j^T M_{hh'} v_j,
         M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per layer).
     M_{h'h} = M_{hh'}^T, so the value Gram is symmetric and only h <= h' is computed.
-    Cost per key: G^2 D^2 instead of G D d.
+    Cost per key: G D^2 for group="sum" (the G diagonal forms v^T M_hh v), G(G+1)/2 D^2 for
+    "exact", instead of G D d for the projections themselves.
 
-(7) Across layers. Within a layer every s_{g,j} is measured in units of the same Y, so
-    heads compare directly. Layer l's Y_l is added to the residual stream and the next
-    layer reads RMSNorm(x_l + Y_l): what matters is the perturbation relative to that
-    stream. Why relative: RMSNorm(x) = sqrt(d) x / ||x|| (times a gain), whose Jacobian
-    scales each row by sqrt(d) / ||x_row|| (and projects out the row's own direction), so
-    to first order a perturbation of a row matters in proportion to 1 / ||x_row||.
-    normalize="residual" divides layer l's scores by ||x_l + Y_l||_F over the window rows:
-    one Frobenius norm instead of a weight per row is our simplification. "output" divides
-    by ||Y_l||_F; "none" leaves them as they are.
+(7) Across layers (the paper's Algorithm 2). Within a layer every s_{g,j} is in units of
+    the same Y, so heads compare directly; across layers they do not: output norms differ by
+    orders of magnitude between layers. normalize="mass" (the paper's) divides layer l's pooled
+    scores by B_l, the sum of that layer's pooled candidate scores over all its KV heads (the
+    candidates are the tokens before the window, which is kept anyway). Each score becomes the
+    entry's share of its own layer's bound, and the shares of a layer sum to 1. A model-wide
+    top-k over shares keeps the set that maximises sum_l (kept share of B_l), i.e. minimises
+        sum_l  (sum over evicted (g, j) of layer l of s_{l,g,j}) / B_l,
+    the sum over layers of each layer's bound (4) relative to its size: every layer's relative
+    error counts the same, whatever its output's scale. Layers whose mass is spread thin lose
+    entries to layers whose mass is concentrated on few entries.
+    Ours, as flags: "residual" divides layer l by ||x_l + Y_l||_F over the window rows, the
+    stream that the same block's MLP RMSNorm reads (RMSNorm(x) = sqrt(d) x / ||x|| times a gain;
+    its Jacobian scales each row by sqrt(d) / ||x_row||, so a perturbation matters in proportion
+    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification).
+    "output" divides by ||Y_l||_F; "none" leaves the raw scores (the paper's raw layer-flatten).
 
-(8) Selection (pooling, budgets, top-k across the model) is cache.py's business.
+(8) Selection (cache.py): pooling, the budget and one top-k across the model. A known failure
+    mode of any global cut: a retrieval head whose scores are concentrated (a few large, a tiny
+    tail) loses its tail to the model-wide threshold, e.g. the last digits of a needle's value;
+    no normalisation fixes it (measured on the default model, RULER niah_single_1). floor=alpha
+    (ours, default 0) guarantees every head its top floor(alpha * (k - w)) candidates first
+    (AdaKV's safeguard, alpha times its uniform share beyond the window); the rest of the budget
+    is still one model-wide top-k, and alpha = 1 is the uniform per-head budget.
 
 (9) Research flag center=True: renormalisation to first order. Write p_{h,t,j} for the
     entries of A_h and let obar_{h,t} = sum_j p_{h,t,j} v_j (D-dim head output before
@@ -79,7 +122,8 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
                     + sum_t p_{h,t,j} p_{h',t,j} obar_{h,t}^T M_{hh'} obar_{h',t},
         R_{hh',j} = sum_t p_{h,t,j} p_{h',t,j} v_j^T M_{hh'} obar_{h',t}.
     (The middle term uses obar_h^T M_{hh'} v = v^T M_{h'h} obar_h.) group="sum" takes
-    sum_h sqrt(C_{hh,j}) as in (5). Only D x D products appear, as in (6).
+    sum_h sqrt(C_{hh,j}), each query head's own centred term, as in (5). Only D x D products
+    appear, as in (6).
 
 Shapes used throughout: queries (B, H, w, D), keys and values (B, H_kv, n, D),
 o_proj_weight (d, H*D); scores come out as (B, H_kv, n) float32. Everything is
@@ -95,8 +139,8 @@ import weakref
 
 import torch
 
-GROUP_MODES = ("exact", "sum")
-NORMALIZE_MODES = ("residual", "output", "none")
+GROUP_MODES = ("sum", "exact")                           # the paper's first
+NORMALIZE_MODES = ("mass", "residual", "output", "none")  # the paper's first
 
 
 # ----------------------------------------------------------------------------- checks
@@ -320,14 +364,16 @@ def _key_chunk(B, H_kv, w, n_pairs, D):
     return max(1, 2 ** 26 // (B * H_kv * max(n_pairs * D, w)))
 
 
-def laprox_scores(queries, keys, values, o_proj_weight, *, group="exact", center=False, key_chunk=None):
+def laprox_scores(queries, keys, values, o_proj_weight, *, group="sum", center=False, key_chunk=None):
     """LaProx score s_{g,j} = ||T_{g,j}||_F of every KV entry of one layer (PyTorch path).
 
     queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D);
     o_proj_weight: (d, H*D). group in {"exact", "sum"}; center=True is the research
     variant of step (9). Returns (B, H_kv, n) float32 (higher = more important).
-    The window attention (B, H, w, n) is the one layer-sized tensor held; the Grams are formed
-    key_chunk keys at a time (default: _key_chunk). M comes from value_gram_pairs (cached).
+    Without center, the window attention (B, H, w, n) is the one layer-sized tensor held: the Grams
+    are formed key_chunk keys at a time (default: _key_chunk). center=True forms them unchunked,
+    several (B, H_kv, G, G, n) and (B, H_kv, G, w, n) tensors at once. M comes from
+    value_gram_pairs (cached).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
     _check_group(group)
@@ -355,7 +401,7 @@ log = logging.getLogger(__name__)
 _FALLBACKS_LOGGED = set()   # reasons already logged by laprox_scores_auto
 
 
-def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="exact", center=False,
+def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", center=False,
                        use_triton=None):
     """laprox_scores on the best available path; same arguments and result.
 
@@ -407,19 +453,29 @@ def eviction_error(queries, keys, values, o_proj_weight, keep):
 
 # ------------------------------------------------------------- (7) across-layer scaling
 
-def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="residual"):
+def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window=0):
     """Make scores of different layers comparable, step (7).
 
-    scores_per_layer: list over L layers of (B, H_kv, n) tensors.
+    scores_per_layer: list over L layers of (B, H_kv, n) tensors, pooled already (the paper
+        normalises the pooled scores).
     resid_norm, out_norm: (L,) ||x_l + Y_l||_F and ||Y_l||_F over the window rows.
-    mode: "residual" divides layer l by resid_norm[l], "output" by out_norm[l],
-    "none" returns the scores unchanged. Returns a new list of float32 tensors.
+    mode: "mass" (the paper's) divides layer l by the sum of its scores over all KV heads and the
+        n - window candidates (the tokens before the window; a layer with no candidates, or a zero
+        sum, is left as it is: it has nothing to select); "residual" divides by resid_norm[l],
+        "output" by out_norm[l]; "none" returns the scores unchanged.
+    window: w, needed by "mass". Returns a new list of float32 tensors.
     """
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
     L = len(scores_per_layer)
     if mode == "none":
         return [s.float() for s in scores_per_layer]
+    if mode == "mass":
+        out = []
+        for s in scores_per_layer:
+            mass = s[..., : s.shape[-1] - window].float().sum(dim=(-2, -1), keepdim=True)   # (B, 1, 1)
+            out.append(s.float() / torch.where(mass > 0, mass, torch.ones_like(mass)))
+        return out
     norms = resid_norm if mode == "residual" else out_norm
     norms = torch.as_tensor(norms, dtype=torch.float32).reshape(-1)
     if norms.numel() != L:
@@ -431,17 +487,15 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="residual"):
 
 # ------------------------------------------------------------------- the Prefill scorer
 
-def laprox_scorer(prefill, *, group="exact", center=False, normalize="residual", use_triton=None):
-    """LaProx scores for every layer of a Prefill (cache.Prefill).
+def laprox_scorer(prefill, *, group="sum", center=False, use_triton=None):
+    """LaProx scores s_{g,j} of step (4)-(5) for every layer of a Prefill (cache.Prefill), before
+    pooling and the across-layer normalisation (methods.method_scores applies both, in the
+    paper's order: pool, then normalize_scores).
 
-    prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)),
-    o_proj (per layer (d, H*D)), resid_norm and out_norm ((L,) float32).
-    Returns a list over layers of (1, H_kv, n) float32 scores (higher = keep), normalised
-    by `normalize` (step (7)). Triton on CUDA, PyTorch otherwise (see laprox_scores_auto).
+    prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)) and
+    o_proj (per layer (d, H*D)). Returns a list over layers of (1, H_kv, n) float32 scores
+    (higher = keep). Triton on CUDA, PyTorch otherwise (see laprox_scores_auto).
     """
     _check_group(group)
-    if normalize not in NORMALIZE_MODES:  # checked again by normalize_scores, but before the work
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-    scores = [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
-              for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]
-    return normalize_scores(scores, prefill.resid_norm, prefill.out_norm, normalize)
+    return [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
+            for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]

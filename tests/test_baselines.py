@@ -120,11 +120,13 @@ def test_registry():
     assert set(methods.METHODS) == {"full", "random", "streamingllm", "h2o", "tova", "knorm", "snapkv",
                                       "pyramidkv", "adakv", "criticalkv", "laprox"}
     lp = methods.METHODS["laprox"]
-    assert lp.scorer is laprox.laprox_scorer and lp.pool == 7
-    assert lp.select_flags["selection"] == "model" and lp.score_flags["normalize"] == "residual"
-    for name in ("snapkv", "pyramidkv", "adakv", "criticalkv"):
+    assert lp.scorer is laprox.laprox_scorer and (lp.pool, lp.pooling, lp.normalize) == (7, "avg", "mass")
+    assert lp.select_flags == {"selection": "model", "sinks": 0, "floor": 0.0} and lp.score_flags["group"] == "sum"
+    for name in ("snapkv", "pyramidkv", "adakv", "criticalkv"):  # the LaProx paper's Appendix A
         m = methods.METHODS[name]
-        assert m.scorer is baselines.snapkv_scorer and m.pool == 7
+        assert m.scorer is baselines.snapkv_scorer and (m.pool, m.pooling, m.normalize) == (7, "avg", None)
+    for name in ("random", "streamingllm", "h2o", "tova", "knorm"):  # unpooled, as before
+        assert methods.METHODS[name].pool == 0
     assert methods.METHODS["pyramidkv"].select_flags["beta"] == 20
     assert methods.METHODS["adakv"].select_flags["alpha"] == 0.2
     assert methods.METHODS["streamingllm"].select_flags["sinks"] == 4
@@ -133,10 +135,15 @@ def test_registry():
 
 def test_laprox_flags_reach_the_scorer():
     p = make_prefill(n=120)
-    a = methods.method_scores(p, "laprox", pool=0)
+    a = methods.method_scores(p, "laprox", pool=0, normalize="residual")
     b = methods.method_scores(p, "laprox", pool=0, normalize="none")
     ratio = [(x / y).mean().item() for x, y in zip(a, b)]
     close(ratio, (1 / p.resid_norm).tolist(), tol=1e-4)
+    mass = methods.method_scores(p, "laprox")  # pooled, then each layer's candidates sum to 1
+    close([s[..., : p.n - p.window].double().sum().item() for s in mass], [1.0] * len(mass), tol=1e-5)
+    assert methods.resolved_flags("laprox", {"floor": 0}) == {
+        "group": "sum", "center": False, "use_triton": None, "selection": "model", "sinks": 0, "floor": 0.0,
+        "pool": 7, "pooling": "avg", "normalize": "mass"}
     with pytest.raises(ValueError, match="normalize"):
         select(p, "laprox", 0.2, normalize="bogus")
 

@@ -456,3 +456,20 @@ def test_aware_through_the_continuation_matches_todays_path(default):
     assert (agnostic_full - one_shot.logits).abs().max() <= 1e-4
     assert got["full", 1.0, "agnostic"].generated == got["full", 1.0, "aware"].generated
     print({k: r.generated for k, r in got.items()})
+
+
+def test_rows_of_other_method_definitions_are_neither_done_nor_reported():
+    """A row records its method's resolved flags; a rerun takes it as done only under the same ones
+    (an old default laprox row, or a row from before method_flags existed, runs again)."""
+    methods = Hn.parse_methods("laprox,snapkv:pooling=max")
+    now = {label: Hn.resolved_flags(name, flags) for label, (name, flags) in methods.items()}
+    old = dict(now["laprox"], group="exact", normalize="residual", pooling="max")
+    rows = [dict(method="laprox", method_flags=now["laprox"], budget=0.05),
+            dict(method="laprox", method_flags=old, budget=0.2),
+            dict(method="snapkv:pooling=max", budget=0.05),                     # made before method_flags
+            dict(method="snapkv:pooling=max", method_flags=now["snapkv:pooling=max"], budget=0.2),
+            dict(method="h2o", method_flags={"sinks": 0}, budget=0.05)]          # not in this run: kept as is
+    kept = Hn.same_definitions(rows, methods)
+    assert [(r["method"], r["budget"]) for r in kept] == [("laprox", 0.05), ("snapkv:pooling=max", 0.2), ("h2o", 0.05)]
+    _, done = Hn.finished(lambda: rows, lambda r: (r["method"], r["budget"]), True, methods=methods)
+    assert done == {("laprox", 0.05), ("snapkv:pooling=max", 0.2), ("h2o", 0.05)}

@@ -1,7 +1,7 @@
 """laprox.py against naive float64 references that materialise every T_{g,j} with loops.
 
 The references never call laprox: attention is a per-row softmax loop, T_{g,j} is built
-from outer products, and its Frobenius norm is taken directly (spec sections 1-3).
+from outer products, and its Frobenius norm is taken directly (laprox.py, steps (3)-(5)).
 """
 import math
 import sys
@@ -123,7 +123,7 @@ SHAPES = [  # (G, H_kv, D, n, w, B)
 @pytest.mark.parametrize("G,H_kv,D,n,w,B", SHAPES)
 def test_exact_scores_match_naive_T_norms(G, H_kv, D, n, w, B):
     q, k, v, o = make_layer(seed=G * 100 + D + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
-    got = laprox.laprox_scores(q, k, v, o)
+    got = laprox.laprox_scores(q, k, v, o, group="exact")
     assert_scores_close(got, naive_scores(q, k, v, o))
 
 
@@ -180,7 +180,7 @@ def test_error_bound_holds_for_random_subsets(G, H_kv, D, n, w):
     # the decomposition (3): Y = sum_h A_h V_g W_O^h equals the sum of all T_{g,j}
     Y = sum(A[h] @ v[0, h // G].double() @ head_weight(o, h, D).T for h in range(H_kv * G))
     torch.testing.assert_close(sum(T.values()), Y, rtol=1e-10, atol=1e-10)
-    scores = laprox.laprox_scores(q, k, v, o)[0].double()
+    scores = laprox.laprox_scores(q, k, v, o, group="exact")[0].double()
     gen = torch.Generator().manual_seed(G)
     for keep_frac in (0.1, 0.5, 0.9):
         for _ in range(5):
@@ -254,6 +254,11 @@ def test_normalize_scores_modes():
     got = laprox.normalize_scores(scores, resid, out, "none")
     for s, g in zip(scores, got):
         torch.testing.assert_close(g, s)
+    got = laprox.normalize_scores(scores, resid, out, "mass", window=3)  # the paper's: shares of the candidates
+    for s, g in zip(scores, got):
+        candidates = s[..., :7].double()
+        torch.testing.assert_close(g.double(), s.double() / candidates.sum(), rtol=1e-6, atol=0)
+        assert abs(g[..., :7].double().sum().item() - 1.0) < 1e-6
     with pytest.raises(ValueError, match="normalize mode"):
         laprox.normalize_scores(scores, resid, out, "layer")
     with pytest.raises(ValueError, match="3 layers"):
@@ -263,22 +268,21 @@ def test_normalize_scores_modes():
 
 
 def test_laprox_scorer_on_a_prefill():
+    """The scorer gives each layer's raw scores (the paper's group sum by default); the flags reach them."""
     layers = [make_layer(seed=40 + l, H_kv=2, G=3, w=8, n=35, D=64) for l in range(3)]
     prefill = SimpleNamespace(
         queries=[q for q, _, _, _ in layers], keys=[k for _, k, _, _ in layers],
-        values=[v for _, _, v, _ in layers], o_proj=[o for _, _, _, o in layers],
-        resid_norm=torch.tensor([3.0, 5.0, 7.0]), out_norm=torch.tensor([1.0, 2.0, 0.5]))
-    for normalize, norms in (("residual", prefill.resid_norm), ("output", prefill.out_norm),
-                             ("none", torch.ones(3))):
-        got = laprox.laprox_scorer(prefill, normalize=normalize)
+        values=[v for _, _, v, _ in layers], o_proj=[o for _, _, _, o in layers])
+    for group in ("sum", "exact"):
+        got = laprox.laprox_scorer(prefill, group=group)
         assert len(got) == 3
-        for (q, k, v, o), s, nrm in zip(layers, got, norms):
+        for (q, k, v, o), s in zip(layers, got):
             assert s.shape == (1, 2, 35) and s.dtype == torch.float32
-            torch.testing.assert_close(s, laprox.laprox_scores(q, k, v, o) / nrm)
-    got = laprox.laprox_scorer(prefill, group="sum", center=True, normalize="none")
+            assert_scores_close(s, naive_scores(q, k, v, o, group=group))
+    got = laprox.laprox_scorer(prefill, group="sum", center=True)
     torch.testing.assert_close(got[1], laprox.laprox_scores(*layers[1], group="sum", center=True))
-    with pytest.raises(ValueError, match="normalize"):
-        laprox.laprox_scorer(prefill, normalize="max")
+    with pytest.raises(ValueError, match="group"):
+        laprox.laprox_scorer(prefill, group="max")
 
 
 @pytest.mark.parametrize("G,H_kv,D,n,w", [(1, 2, 64, 41, 8), (3, 2, 64, 67, 8), (4, 1, 128, 131, 5)])
@@ -290,7 +294,7 @@ def test_eviction_error_is_the_norm_of_the_evicted_terms(G, H_kv, D, n, w):
     ref = torch.linalg.norm(sum(T[g, j] for g in range(H_kv) for j in range(n) if not keep[0, g, j])).item()
     got = laprox.eviction_error(q, k, v, o, keep)
     assert got.shape == (1,) and abs(got.item() - ref) <= 1e-4 * ref
-    assert got.item() <= laprox.laprox_scores(q, k, v, o)[~keep].sum().item() * (1 + 1e-5)
+    assert got.item() <= laprox.laprox_scores(q, k, v, o, group="exact")[~keep].sum().item() * (1 + 1e-5)
 
 
 def test_laprox_beats_snapkv_on_the_bound_it_minimises_on_the_default_model():

@@ -10,6 +10,8 @@ import zipfile
 
 import pytest
 
+import methods
+
 import eval_longbench as lb
 
 
@@ -422,7 +424,8 @@ def test_budgets_parse():
 # ---- predictions, resume, scores ----
 
 def fake_line(task, index, method, budget, pred, sample, kept=1.0):
-    return {"task": task, "_id": sample["_id"], "index": index, "method": method, "budget": budget,
+    return {"task": task, "_id": sample["_id"], "index": index, "method": method,
+            "method_flags": methods.resolved_flags(method, {}), "budget": budget,
             "pred": pred, "answers": sample["answers"], "all_classes": sample["all_classes"],
             "length": sample["length"], "kept_fraction": kept}
 

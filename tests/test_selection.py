@@ -94,11 +94,18 @@ def naive_adakv(S, k, w, sinks=0, alpha=0.2):
     return out
 
 
-def naive_model(S, k, w, sinks=0):
+def naive_model(S, k, w, sinks=0, floor=0.0):
+    """One top-k over the model; with a floor, each head's forced tokens and its top
+    floor(floor * (k - forced)) others come first."""
     L, H, n = len(S), len(S[0]), len(S[0][0])
     fs = forced_set(n, w, sinks)
+    first = set()
+    for l in range(L):
+        for g in range(H):
+            order = sorted((j for j in range(n) if j not in fs), key=lambda j: (-S[l][g][j], j))
+            first |= {(l, g, j) for j in order[: math.floor(floor * (k - len(fs)))]}
     entries = [(l, g, j) for l in range(L) for g in range(H) for j in range(n)]
-    order = sorted(entries, key=lambda e: (e[2] not in fs, -S[e[0]][e[1]][e[2]], e))
+    order = sorted(entries, key=lambda e: (e[2] not in fs and e not in first, -S[e[0]][e[1]][e[2]], e))
     chosen = set(order[: L * H * k])
     return [[sorted(j for j in range(n) if (l, g, j) in chosen) for g in range(H)] for l in range(L)]
 
@@ -174,22 +181,40 @@ def test_budget_below_window_plus_sinks():
 
 # ---------------- pooling ----------------
 
-def naive_pool(row, kernel, w):
+def naive_pool(row, kernel, w, mode="avg"):
+    """Pool the n - w candidates: the max of the span, or its sum over the kernel size (zero padding
+    counted, as F.avg_pool1d does by default)."""
     n, r = len(row), kernel // 2
     if kernel <= 1:
         return list(row)
     m = n - w
-    return [max(row[max(0, j - r): min(m, j + r + 1)]) for j in range(m)] + list(row[m:])
+    spans = [row[max(0, j - r): min(m, j + r + 1)] for j in range(m)]
+    pooled = [max(x) for x in spans] if mode == "max" else [math.fsum(x) / kernel for x in spans]
+    return pooled + list(row[m:])
 
 
+@pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("kernel", [0, 1, 3, 7])
 @pytest.mark.parametrize("w", [0, 8])
-def test_pool_matches_naive(kernel, w):
+def test_pool_matches_naive(kernel, w, mode):
     s = torch.randn(1, 3, 50)
-    out = pool_scores(s, kernel, window=w)
+    out = pool_scores(s, kernel, window=w, mode=mode)
     assert out.shape == s.shape
     for g in range(3):
-        assert out[0, g].tolist() == naive_pool(s[0, g].tolist(), kernel, w)
+        want = torch.tensor(naive_pool(s[0, g].double().tolist(), kernel, w, mode), dtype=torch.float64)
+        assert torch.allclose(out[0, g].double(), want, rtol=0, atol=1e-6)
+
+
+def test_average_pooling_edges_by_hand():
+    """Kernel 7 over candidates 1, 2, .., 10 (window of 3 left as it is): zero padding counts, so the
+    first candidate averages 1 + 2 + 3 + 4 over 7 and the last 7 + 8 + 9 + 10 over 7; the window's
+    large scores do not leak into the candidates before it."""
+    s = torch.tensor([[[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 100., 200., 300.]]])
+    out = pool_scores(s, 7, window=3, mode="avg")[0, 0].tolist()
+    want = [10 / 7, 15 / 7, 21 / 7, 28 / 7, 35 / 7, 42 / 7, 49 / 7, 45 / 7, 40 / 7, 34 / 7, 100, 200, 300]
+    assert out == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        pool_scores(s, 7, window=3, mode="mean")
 
 
 @pytest.mark.parametrize("bad", [2, 6, -1, 1.5, True])
@@ -220,6 +245,9 @@ def test_rules_match_naive_with_ties(k, w, sinks, seed):
         (select_scope(scores, k, w, selection="layer", sinks=sinks), naive_adakv(S, k, w, sinks, alpha=0.0)),
         (select_scope(scores, k, w, selection="head", sinks=sinks), naive_uniform(S, k, w, sinks)),
         (select_scope(scores, k, w, sinks=sinks), naive_model(S, k, w, sinks)),
+        (select_model(scores, k, w, sinks=sinks, floor=0.2), naive_model(S, k, w, sinks, floor=0.2)),
+        (select_scope(scores, k, w, sinks=sinks, floor=0.5), naive_model(S, k, w, sinks, floor=0.5)),
+        (select_scope(scores, k, w, selection="layer", sinks=sinks, floor=0.5), naive_adakv(S, k, w, sinks, 0.5)),
     ]
     weights = [torch.rand(1, H, n) for _ in range(L)]
     key2 = [(s.float() / w + 1e-4) * wt.float() for s, wt in zip(scores, weights)]
@@ -259,6 +287,31 @@ def test_pyramid_budgets_reference_formula():
         pyramid_budgets(10, 3, 100, beta=0.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_floor_bounds_model_wide_selection(seed):
+    """floor=0 is plain model-wide selection and floor=1 the uniform per-head budget; in between,
+    every head keeps at least its window + floor(alpha * (k - window)) and the total stays exact."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, n, w, k = 4, 3, 150, 8, 30
+    # one concentrated head per layer (a few large scores, a tiny tail): a global cut starves it
+    scores = [torch.rand(1, H, n, generator=g) for _ in range(L)]
+    for s in scores:
+        s[0, 0] *= 1e-3
+        s[0, 0, :5] = 10.0
+    assert as_lists(select_model(scores, k, w, floor=0.0)) == as_lists(select_model(scores, k, w))
+    assert as_lists(select_model(scores, k, w, floor=1.0)) == as_lists(select_uniform(scores, k, w))
+    starved = kept_counts(select_model(scores, k, w))[:, 0]
+    assert (starved == w + 5).all()  # window + its 5 large scores, nothing of its tail
+    for alpha in (0.2, 0.5):
+        kept = select_model(scores, k, w, floor=alpha)
+        counts = kept_counts(kept)
+        assert (counts >= w + math.floor(alpha * (k - w))).all()
+        assert int(counts.sum()) == L * H * k
+        assert (counts[:, 0] == starved.clamp_min(w + math.floor(alpha * (k - w)))).all()  # its tail: just the floor
+    with pytest.raises(ValueError, match="floor"):
+        select_model(scores, k, w, floor=1.5)
+
+
 def test_rule_errors():
     scores = tie_scores()
     with pytest.raises(ValueError, match="window"):
@@ -279,7 +332,7 @@ NAIVE = {
     select_uniform: lambda S, k, w, f, p: naive_uniform(S, k, w, f["sinks"]),
     select_pyramid: lambda S, k, w, f, p: naive_pyramid(S, k, w, f["sinks"], f["beta"]),
     select_adakv: lambda S, k, w, f, p: naive_adakv(S, k, w, f["sinks"], f["alpha"]),
-    select_scope: lambda S, k, w, f, p: naive_model(S, k, w, f["sinks"]),
+    select_scope: lambda S, k, w, f, p: naive_model(S, k, w, f["sinks"], f["floor"]),
 }
 
 CONFIGS = {  # name: (prefill kwargs, budgets that fit above the window)
@@ -315,6 +368,94 @@ def test_method_matches_naive(method, config, budget):
     check_invariants(kept, L, H_kv, n, w, flags["sinks"], k)
     achieved = float(kept_counts(kept).sum()) / (L * H_kv * n)
     assert abs(achieved - budget) <= 0.5 / n + 1e-12
+
+
+# ---------------- the paper's LaProx and the pooled baselines' defaults, from scratch in float64 ----------------
+
+def window_attention64(q, K, w):
+    """q (w, D), K (n, D) float64 -> (w, n) causal softmax of the window rows (row t at n - w + t)."""
+    n, D = K.shape
+    logits = q @ K.T / math.sqrt(D)
+    for t in range(w):
+        logits[t, n - w + t + 1:] = -math.inf
+    return torch.softmax(logits, dim=-1)
+
+
+def avg_pool7(row):
+    """Kernel 7, stride 1, zero padding counted, over a list of candidates."""
+    m = len(row)
+    return [math.fsum(row[max(0, j - 3): min(m, j + 4)]) / 7 for j in range(m)]
+
+
+def paper_laprox_shares(p):
+    """Algorithms 1-2 with Appendix A: per query head ||A_h[:, j]|| * ||W_O^h v_j||, the group mean,
+    average pooling of the candidates, divided by the layer's candidate sum. [l][g][j], j < n - w."""
+    H, H_kv, n, w, D = p.n_heads, p.n_kv_heads, p.n, p.window, p.head_dim
+    G, out = H // H_kv, []
+    for l in range(p.n_layers):
+        q, K, V, Wo = (t.double() for t in (p.queries[l][0], p.keys[l][0], p.values[l][0], p.o_proj[l]))
+        rows = []
+        for g in range(H_kv):
+            per = torch.zeros(n, dtype=torch.float64)
+            for h in range(g * G, (g + 1) * G):
+                A = window_attention64(q[h], K[g], w)
+                u = V[g] @ Wo[:, h * D:(h + 1) * D].T          # (n, d): value j through head h's o_proj rows
+                per += A.norm(dim=0) * u.norm(dim=1)
+            rows.append(avg_pool7((per / G)[: n - w].tolist()))
+        mass = math.fsum(x for r in rows for x in r)
+        out.append([[x / mass for x in r] for r in rows])
+    return out
+
+
+def kept_from_choice(chosen, L, H_kv, n, w):
+    return [[sorted({j for (l2, g2, j) in chosen if (l2, g2) == (l, g)} | set(range(n - w, n))) for g in range(H_kv)]
+            for l in range(L)]
+
+
+def assert_equal_up_to_cut_ties(got, want, share, cut, rel=1e-5):
+    """Kept sets equal, except entries whose float64 score is within rel of the cut (float ties)."""
+    differ = [(l, g, j) for l in range(len(got)) for g in range(len(got[l]))
+              for j in set(got[l][g]) ^ set(want[l][g])]
+    assert len(differ) <= 4, differ
+    for l, g, j in differ:
+        assert abs(share(l, g, j) - cut(l, g)) <= rel * abs(cut(l, g)), (l, g, j)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_laprox_default_is_the_papers_algorithm(budget):
+    p = make_prefill(L=3, H=6, H_kv=2, n=300, w=8, seed=7)
+    L, H_kv, n, w = p.n_layers, p.n_kv_heads, p.n, p.window
+    S = paper_laprox_shares(p)
+    k = round(budget * n)
+    entries = sorted(((l, g, j) for l in range(L) for g in range(H_kv) for j in range(n - w)),
+                     key=lambda e: (-S[e[0]][e[1]][e[2]], e))
+    chosen = entries[: L * H_kv * (k - w)]                       # one top-K over the model's candidates
+    want = kept_from_choice(set(chosen), L, H_kv, n, w)
+    got = as_lists(select(p, "laprox", budget))
+    cut = S[chosen[-1][0]][chosen[-1][1]][chosen[-1][2]]
+    assert_equal_up_to_cut_ties(got, want, lambda l, g, j: S[l][g][j], lambda l, g: cut)
+    assert len({(l, g) for l, g, _ in chosen}) > 1 and kept_counts(select(p, "laprox", budget)).unique().numel() > 1
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2])
+def test_snapkv_default_is_the_papers_setting(budget):
+    """SnapKV under the LaProx paper's Appendix A: window attention summed over the window queries,
+    the group mean, average pooling (kernel 7) of the candidates, per-head top-k beyond the window."""
+    p = make_prefill(L=2, H=6, H_kv=2, n=300, w=8, seed=8)
+    H, H_kv, n, w = p.n_heads, p.n_kv_heads, p.n, p.window
+    G, k = H // H_kv, round(budget * n)
+    want, pooled = [], {}
+    for l in range(p.n_layers):
+        q, K = p.queries[l][0].double(), p.keys[l][0].double()
+        heads = []
+        for g in range(H_kv):
+            a = sum(window_attention64(q[h], K[g], w).sum(0) for h in range(g * G, (g + 1) * G)) / G
+            pooled[l, g] = row = avg_pool7(a[: n - w].tolist())
+            top = sorted(range(n - w), key=lambda j: (-row[j], j))[: k - w]
+            heads.append(sorted(set(top) | set(range(n - w, n))))
+        want.append(heads)
+    cut = lambda l, g: sorted(pooled[l, g], reverse=True)[k - w - 1]
+    assert_equal_up_to_cut_ties(as_lists(select(p, "snapkv", budget)), want, lambda l, g, j: pooled[l, g][j], cut)
 
 
 def test_below_window_budgets_raise_for_every_method():
@@ -364,12 +505,14 @@ def test_selection_on_cuda_matches_cpu_rule():
 def test_normalisation_moves_model_wide_budget_between_layers():
     """Model-wide LaProx selection: a layer whose residual stream is larger gets a smaller share
     under normalize="residual" (its scores are divided by that norm), "output" and "none" ignore
-    the residual norm, and the total is always the request."""
+    the residual norm, "mass" ignores both (each layer's shares sum to 1), and the total is always
+    the request."""
     p = make_prefill(L=3, H=6, H_kv=2, n=300, w=8, seed=5)
     p.resid_norm = torch.ones(3)
     counts = lambda **f: kept_counts(select(p, "laprox", 0.1, pool=0, **f)).sum(1)  # (L,) kept per layer
     base = counts(normalize="residual")
     assert torch.equal(base, counts(normalize="none"))  # all norms 1: same scores
+    mass = counts()
     p.resid_norm = torch.tensor([1.0, 100.0, 1.0])
     shrunk = counts(normalize="residual")
     assert shrunk[1] < base[1] and shrunk[1] == 2 * 8  # only the window of its 2 heads is left
@@ -377,3 +520,6 @@ def test_normalisation_moves_model_wide_budget_between_layers():
     assert torch.equal(counts(normalize="none"), base)
     p.out_norm = torch.tensor([1.0, 1.0, 0.01])  # a small output: its entries count 100x more
     assert counts(normalize="output")[2] > counts(normalize="none")[2]
+    assert torch.equal(counts(), mass) and int(mass.sum()) == 3 * 2 * 30
+    p.values[1] = p.values[1] * 1000.0  # a layer 1000x louder: its raw scores win, its shares do not move
+    assert torch.equal(counts(), mass) and counts(normalize="none")[1] > mass[1]

@@ -1,0 +1,181 @@
+"""Why did a method fail on this case? Restore what it evicted, one unit at a time, and re-decode.
+
+Where the full cache answers a case and a method does not, the evicted entries of some layer or
+head usually carry the answer. `explain` puts back the evicted entries of one layer at a time,
+then of one KV head at a time within the layers whose restoration raises the score (or, if no
+single layer does, within the 3 layers that gain most), and optionally a token span (such as the
+answer's tokens) in every layer and head at once. It prints one row per unit tried:
+
+    unit          restored   kept    score  answer
+    none                 0   4,590   0.00   '4471'
+    layer 18          3,614   8,204   1.00   '4471096'
+    layer 18 head 2   1,205   5,795   1.00   '4471096'
+
+    python explain.py --task niah_single_1 --index 0 --length 4000 --method laprox --budget 0.05
+    python explain.py --niah 4000,0.5 --method laprox --budget 0.05 --span answer
+
+Aware protocol only (the question in the prompt when the cache is compressed): restoring an
+entry of the compressed prompt is then one change to one cache. Each restoration is decoded
+from its own cache, one at a time (readable; the units of one case are independent).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cache import KVCache, Prefill
+from methods import parse_method, select
+
+
+@dataclass
+class Trial:
+    """One row of the diagnosis: which unit was restored, how many entries that put back, the
+    cache's total prompt entries, the case's score and what was generated."""
+    unit: str
+    restored: int
+    kept: int
+    score: float
+    answer: str
+
+
+def restore(kept: list[list[torch.Tensor]], n: int, layer: int | None = None, head: int | None = None,
+            span: range | None = None) -> tuple[list[list[torch.Tensor]], int]:
+    """kept (per layer, a list over KV heads of sorted int64 indices) with one unit put back: every
+    prompt token of `layer` (all its heads, or only `head`), or the tokens of `span` in every layer
+    and head. Returns (the new kept sets, how many entries were added)."""
+    out, added = [], 0
+    for l, heads in enumerate(kept):
+        row = []
+        for g, idx in enumerate(heads):
+            if span is not None:
+                want = torch.tensor(list(span), dtype=idx.dtype, device=idx.device)
+            elif l == layer and head in (None, g):
+                want = torch.arange(n, dtype=idx.dtype, device=idx.device)
+            else:
+                row.append(idx)
+                continue
+            new = torch.unique(torch.cat([idx, want]))  # sorted
+            added += len(new) - len(idx)
+            row.append(new)
+        out.append(row)
+    return out, added
+
+
+def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answer: Callable[[KVCache], str],
+            score: Callable[[str], float], span: range | None = None, top: int = 3,
+            log: Callable[[Trial], None] = lambda t: None) -> list[Trial]:
+    """Restore the evicted entries of one unit at a time and re-decode; returns one Trial per unit.
+
+    prefill: the aware prefill of the case's whole prompt. kept: the method's kept sets on it
+    (methods.select). answer(cache) -> generated text (greedy, from cache.last_logits); score(text)
+    -> the case's score. Units: "none", each layer, then each KV head of the layers whose
+    restoration raises the score (if none does, of the `top` layers with the largest gain, ties
+    to the shallower layer), then the token span if one is given. log(trial) sees each row as it
+    is made (the script prints it).
+    """
+    trials = []
+
+    def trial(unit: str, new_kept, added: int) -> Trial:
+        cache = KVCache.from_prefill(prefill, new_kept)
+        text = answer(cache)
+        t = Trial(unit, added, int(cache.prompt_lengths.sum()), float(score(text)), text)
+        trials.append(t)
+        log(t)
+        return t
+
+    base = trial("none", kept, 0)
+    layers = [trial(f"layer {l}", *restore(kept, prefill.n, layer=l)) for l in range(prefill.n_layers)]
+    fixing = [l for l, t in enumerate(layers) if t.score > base.score]
+    if not fixing:
+        fixing = sorted(range(len(layers)), key=lambda l: (-(layers[l].score - base.score), l))[:top]
+    for l in fixing:
+        for g in range(prefill.n_kv_heads):
+            trial(f"layer {l} head {g}", *restore(kept, prefill.n, layer=l, head=g))
+    if span is not None:
+        trial(f"tokens {span.start}:{span.stop}", *restore(kept, prefill.n, span=span))
+    return trials
+
+
+def find_span(ids: list[int], tok, text: str) -> range:
+    """Where the tokens of `text` first occur in the prompt `ids` (encoded with and without a leading
+    space, as a tokenizer spells a word inside a sentence); a clear error if nowhere."""
+    for variant in (" " + text, text):
+        sub = tok.encode(variant, add_special_tokens=False)
+        for i in range(len(ids) - len(sub) + 1):
+            if sub and ids[i:i + len(sub)] == sub:
+                return range(i, i + len(sub))
+    raise ValueError(f"the answer {text!r} does not occur in the prompt as tokens; pass --span START:END instead")
+
+
+# ----------------------------------------------------------------------------- the script
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    case = p.add_mutually_exclusive_group(required=True)
+    case.add_argument("--task", help="a RULER task (eval_ruler.py), with --index and --length")
+    case.add_argument("--niah", help="a NIAH cell LENGTH,DEPTH (eval_niah.py's prompt), e.g. 4000,0.5")
+    p.add_argument("--index", type=int, default=0, help="the RULER sample's index (default 0)")
+    p.add_argument("--length", type=int, default=4000, help="the RULER prompt length (default 4000)")
+    p.add_argument("--method", default="laprox", help="a method spec, e.g. laprox or laprox:floor=0.2")
+    p.add_argument("--budget", type=float, default=0.05, help="fraction of the KV entries kept (default 0.05)")
+    p.add_argument("--span", help="also restore a token span in every layer and head: START:END or 'answer'")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def ruler_case(tok, model, args):
+    """(prompt ids, answer(cache), score(text), the answer's text) of one RULER sample."""
+    import eval_ruler as R
+    from model import generate
+    s = R.make_sample(tok, args.task, args.length, args.index, args.seed, R.has_chat_template(tok))
+    return (s["ids"], lambda cache: generate(model, tok, cache=cache, max_new_tokens=s["max_new_tokens"]),
+            lambda text: R.score(text, s["answers"], s["metric"]), s["answers"][0])
+
+
+def niah_case(tok, model, args):
+    """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score)."""
+    import eval_niah as N
+    d = N.build_parser().parse_args([])
+    length, depth = (float(x) for x in args.niah.split(","))
+    hay = N.haystack_ids(tok, N.read_haystack(d.haystack), int(length))
+    p = N.build_prompt(tok, hay, int(length), depth, d.needle, d.question, d.answer_prefix)
+    reference = N.answer_of(d.needle, d.answer_prefix)
+    return (p["ids"], lambda cache: N.answer(model, tok, cache, d.max_new_tokens),
+            lambda text: N.recall_score(reference, N.clean_response(text)), reference)
+
+
+def run(args) -> list[Trial]:
+    from harness import load_checkpoint
+    name, flags = parse_method(args.method)  # before the model loads
+    if not 0 < args.budget <= 1:
+        raise ValueError(f"--budget {args.budget} must be a fraction in (0, 1]")
+    model, tok = load_checkpoint(args.model, "cpu", "float32")
+    ids, answer, score, reference = (ruler_case if args.task else niah_case)(tok, model, args)
+    span = None
+    if args.span == "answer":
+        span = find_span(ids, tok, reference)
+    elif args.span:
+        a, _, b = args.span.partition(":")
+        span = range(int(a), int(b))
+    with torch.inference_mode():
+        prefill = model.prefill(torch.tensor([ids]), window=args.window)
+        kept = select(prefill, name, args.budget, **flags)
+        full = score(answer(KVCache.from_prefill(prefill)))
+        print(f"{len(ids)}-token prompt; full cache scores {full:.2f}; {args.method} at {args.budget:g} (aware):")
+        print(f"{'unit':<22} {'restored':>9} {'kept':>9} {'score':>6}  answer")
+        return explain(prefill, kept, answer, score, span, log=lambda t: print(
+            f"{t.unit:<22} {t.restored:>9,} {t.kept:>9,} {t.score:>6.2f}  {t.answer.strip()[:60]!r}", flush=True))
+
+
+def main(argv=None):
+    from harness import run_main
+    return run_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()
