@@ -15,7 +15,7 @@ from cache import Prefill
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
-SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))}
+SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))} | {"explain"}  # explain.py: a script over the evals
 
 
 def project_imports(path: Path) -> set[str]:
