@@ -141,9 +141,9 @@ def niah_case(tok, model, args):
     """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score)."""
     import eval_niah as N
     d = N.build_parser().parse_args([])
-    length, depth = (float(x) for x in args.niah.split(","))
-    hay = N.haystack_ids(tok, N.read_haystack(d.haystack), int(length))
-    p = N.build_prompt(tok, hay, int(length), depth, d.needle, d.question, d.answer_prefix)
+    length, depth = args.niah
+    hay = N.haystack_ids(tok, N.read_haystack(d.haystack), length)
+    p = N.build_prompt(tok, hay, length, depth, d.needle, d.question, d.answer_prefix)
     reference = N.answer_of(d.needle, d.answer_prefix)
     return (p["ids"], lambda cache: N.answer(model, tok, cache, d.max_new_tokens),
             lambda text: N.recall_score(reference, N.clean_response(text)), reference)
@@ -154,6 +154,16 @@ def run(args) -> list[Trial]:
     name, flags = parse_method(args.method)  # before the model loads
     if not 0 < args.budget <= 1:
         raise ValueError(f"--budget {args.budget} must be a fraction in (0, 1]")
+    if args.niah is not None:
+        try:
+            length, depth = args.niah.split(",")
+            args.niah = (int(length), float(depth))
+        except ValueError:
+            raise ValueError(f"--niah {args.niah!r} must be LENGTH,DEPTH, e.g. 4000,0.5") from None
+    else:
+        import eval_ruler as R
+        if args.task not in R.TASKS:
+            raise ValueError(f"--task {args.task!r} is not a RULER task; known: {', '.join(R.TASKS)}")
     model, tok = load_checkpoint(args.model, "cpu", "float32")
     ids, answer, score, reference = (ruler_case if args.task else niah_case)(tok, model, args)
     span = None
