@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ruler_case(tok, model, args):
-    """(prompt ids, answer(cache), score(text), the answer's text) of one RULER sample."""
+    """(prompt ids, answer(cache), score(text), the text whose tokens --span answer restores) of one
+    RULER sample: its answer's value."""
     import eval_ruler as R
     from model import generate
     s = R.make_sample(tok, args.task, args.length, args.index, args.seed, R.has_chat_template(tok))
@@ -138,7 +139,8 @@ def ruler_case(tok, model, args):
 
 
 def niah_case(tok, model, args):
-    """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score)."""
+    """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score);
+    --span answer restores the needle sentence."""
     import eval_niah as N
     d = N.build_parser().parse_args([])
     length, depth = args.niah
@@ -146,7 +148,7 @@ def niah_case(tok, model, args):
     p = N.build_prompt(tok, hay, length, depth, d.needle, d.question, d.answer_prefix)
     reference = N.answer_of(d.needle, d.answer_prefix)
     return (p["ids"], lambda cache: N.answer(model, tok, cache, d.max_new_tokens),
-            lambda text: N.recall_score(reference, N.clean_response(text)), reference)
+            lambda text: N.recall_score(reference, N.clean_response(text)), d.needle.strip())
 
 
 def run(args) -> list[Trial]:
