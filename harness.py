@@ -74,7 +74,7 @@ import stats
 from cache import KVCache
 import distributed
 from distributed import Group, unit_cost
-from methods import budget_fits, compress, parse_method, resolved_flags
+from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -485,8 +485,9 @@ class Result:
     kept_fraction: entries kept / entries of what was compressed (kept_of: "prompt" for aware,
     "context" for agnostic). cache_mb: the compressed cache right after compression (agnostic:
     before the question is added). Timings in seconds: prefill_s, the shared prefill(s) this case
-    read (aware via the continuation: context + continuation); compress_s, scoring + selection +
-    building the cache; question_s, prefilling the question onto the compressed cache (agnostic
+    read (aware via the continuation: context + continuation); compress_s, scoring (its even share
+    of a scoring that several cases use, see score_once: then timing_shared) + selection + building
+    the cache; question_s, prefilling the question onto the compressed cache (agnostic
     only, else 0); decode_s. skipped: why the case did not run (its budget does not fit), else None."""
     case: Case
     generated: str | None = None
@@ -498,6 +499,7 @@ class Result:
     question_s: float = 0.0
     decode_s: float = 0.0
     skipped: str | None = None
+    timing_shared: bool = False
 
     def row(self) -> dict:
         """The flat fields a results line holds (method label, its resolved flags, budget, protocol, then
@@ -507,7 +509,7 @@ class Result:
                     protocol=c.protocol, generated=self.generated,
                     kept_fraction=self.kept_fraction, kept_of=self.kept_of, cache_mb=self.cache_mb,
                     prefill_s=self.prefill_s, compress_s=self.compress_s, question_s=self.question_s,
-                    decode_s=self.decode_s)
+                    decode_s=self.decode_s, timing_shared=self.timing_shared)
 
 
 # ----------------------------------------------------------------------------- running a unit
@@ -550,12 +552,36 @@ def skipped_at_lengths(cases: list[Case], lengths: list[int], window: int, say: 
     return out
 
 
-def compress_case(prefill, case: Case, seed: int) -> KVCache:
-    """methods.compress for one case; "random" draws from `seed` unless its flags set one."""
+def case_flags(case: Case, seed: int) -> dict:
+    """The flags a case compresses with: "random" draws from `seed` unless its flags set one."""
     flags = dict(case.flags)
     if case.name == "random":
         flags.setdefault("seed", seed)
-    return compress(prefill, method=case.name, budget=case.budget, **flags)
+    return flags
+
+
+def compress_case(prefill, case: Case, seed: int, scored: Scored | None = None) -> KVCache:
+    """methods.compress for one case (scored: its scores on this prefill, made once, see score_once)."""
+    return compress(prefill, case.name, case.budget, scored, **case_flags(case, seed))
+
+
+def score_once(prefill, cases: list[Case], seed: int) -> dict[int, tuple[Scored, float, bool]]:
+    """Score `prefill` once for each distinct methods.score_key among `cases` (scores do not depend
+    on the budget, nor on the selection flags: laprox and laprox:selection=head share theirs).
+    Returns {index in cases: (its Scored, its even share of that scoring's seconds, whether it was
+    shared with another case)}; "full" cases have no entry."""
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        if case.name != "full":
+            groups.setdefault(score_key(case.name, case_flags(case, seed)), []).append(i)
+    device, out = prefill.keys[0].device, {}
+    for members in groups.values():
+        first = cases[members[0]]
+        t0 = clock(device)
+        scored = score(prefill, first.name, **case_flags(first, seed))
+        seconds = clock(device) - t0
+        out.update({i: (scored, seconds / len(members), len(members) > 1) for i in members})
+    return out
 
 
 @torch.inference_mode()
@@ -603,23 +629,27 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
     else:  # aware only: no split needed, one prefill of the whole prompt (the same ids)
         prefill = model.prefill(torch.cat([context, question], 1), window=window, h2o=h2o)
     prefill_s = clock(device) - t0
-    for case in agnostic:
-        yield run_case(model, prefill, case, decode, question, prefill_s, seed)
+    scored = score_once(prefill, agnostic, seed)
+    for i, case in enumerate(agnostic):
+        yield run_case(model, prefill, case, decode, question, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
     if agnostic and aware:
         t0 = clock(device)
         prefill = model.prefill(question, window=window, h2o=h2o, past=prefill)  # the context prefill is freed
         prefill_s += clock(device) - t0
-    for case in aware:
-        yield run_case(model, prefill, case, decode, None, prefill_s, seed)
+    scored = score_once(prefill, aware, seed)
+    for i, case in enumerate(aware):
+        yield run_case(model, prefill, case, decode, None, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
 
 
 def run_case(model, prefill, case: Case, decode: Callable[[KVCache], str], question, prefill_s: float,
-             seed: int) -> Result:
+             seed: int, scored: Scored | None = None, score_s: float = 0.0, shared: bool = False) -> Result:
     """Compress `prefill` for one case and decode. question: None (aware: the prefill holds the
-    whole prompt) or (1, t) ids to prefill onto the compressed context first (agnostic)."""
+    whole prompt) or (1, t) ids to prefill onto the compressed context first (agnostic).
+    scored, score_s, shared: the case's scores made by score_once, its share of their time (counted
+    in compress_s) and whether other cases shared them (None: scored here)."""
     device = prefill.keys[0].device
     t0 = clock(device)
-    cache = compress_case(prefill, case, seed)
+    cache = compress_case(prefill, case, seed, scored)
     t1 = clock(device)
     kept, mb = cache.kept_fraction(), cache.nbytes() / 2 ** 20  # before the question or decoding appends
     t2 = t1
@@ -629,7 +659,7 @@ def run_case(model, prefill, case: Case, decode: Callable[[KVCache], str], quest
     generated = decode(cache)
     t3 = clock(device)
     return Result(case, generated, kept, "prompt" if question is None else "context", mb,
-                  prefill_s, t1 - t0, t2 - t1, t3 - t2)
+                  prefill_s, score_s + t1 - t0, t2 - t1, t3 - t2, timing_shared=shared)
 
 
 # ----------------------------------------------------------------------------- running an eval

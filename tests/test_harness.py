@@ -473,3 +473,26 @@ def test_rows_of_other_method_definitions_are_neither_done_nor_reported():
     assert [(r["method"], r["budget"]) for r in kept] == [("laprox", 0.05), ("snapkv:pooling=max", 0.2), ("h2o", 0.05)]
     _, done = Hn.finished(lambda: rows, lambda r: (r["method"], r["budget"]), True, methods=methods)
     assert done == {("laprox", 0.05), ("snapkv:pooling=max", 0.2), ("h2o", 0.05)}
+
+
+def test_scores_are_made_once_per_score_key_and_select_the_same(tiny):
+    """laprox at two budgets and laprox:selection=head share one scoring; snapkv and
+    snapkv:pooling=max do not; every case keeps what it keeps when scored alone."""
+    model = tiny["llama-gqa"]
+    with torch.inference_mode():
+        prefill = model.prefill(random_ids(260, 9), window=8)
+        cases = Hn.make_cases(Hn.parse_methods("full,laprox,laprox:selection=head,snapkv,snapkv:pooling=max,random"),
+                              [0.1, 0.3], ["aware"])
+        once = Hn.score_once(prefill, cases, seed=3)
+        by = {(c.method, c.budget): once.get(i) for i, c in enumerate(cases)}
+        assert by["full", 1.0] is None
+        laprox_scored = by["laprox", 0.1][0]
+        assert all(by[m, b][0] is laprox_scored and by[m, b][2] for m in ("laprox", "laprox:selection=head")
+                   for b in (0.1, 0.3))
+        assert by["snapkv", 0.1][0] is by["snapkv", 0.3][0] is not by["snapkv:pooling=max", 0.1][0]
+        for i, case in enumerate(cases):
+            alone = Hn.compress_case(prefill, case, seed=3)
+            shared = Hn.compress_case(prefill, case, 3, once[i][0] if i in once else None)
+            assert torch.equal(alone.lengths, shared.lengths)
+            for l in range(len(alone.k)):
+                assert torch.equal(alone.k[l], shared.k[l])
