@@ -371,16 +371,23 @@ def test_refused_config_names_the_file_when_loading(saved_checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------- a model over several devices
 
+def assert_close(got, want, name="", tol=1e-5):
+    """got == want within tol * max|want| (two computations of the same numbers, never bit for bit)."""
+    assert got.shape == want.shape, name
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * max(want.double().abs().max().item(), 1e-30), (name, err)
+
+
 def kept_lists(kept):
     return [[i.tolist() for i in layer] for layer in kept]
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "llama-mha-tied"])
-def test_placement_over_cpu_cpu_is_exactly_the_single_device_model(tmp_path, family):
+def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
     """Layers on two "devices" that are both the CPU, as memory.plan_layers splits them: the code that
-    moves activations, positions, RoPE tables, scores and kept indices between devices runs, and the
-    logits, every Prefill field (with and without past), the kept sets and greedy decoding are exactly
-    those of the model on one device."""
+    moves activations, positions, RoPE tables, scores and kept indices between devices runs. The logits
+    and every Prefill field (with and without past) equal the one-device model's within float tolerance
+    (the placed copy may take other BLAS paths), and the kept sets and greedy tokens are identical."""
     import copy
     import memory
     from methods import METHODS, compress, select
@@ -392,15 +399,16 @@ def test_placement_over_cpu_cpu_is_exactly_the_single_device_model(tmp_path, fam
     assert (two.lm_head.weight is two.embed.weight) == (family == "llama-mha-tied")
     ids = torch.randint(3, BASE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(15))
     with torch.no_grad():
-        assert torch.equal(two(ids), one(ids))
+        assert_close(two(ids), one(ids))
         a, b = one.prefill(ids, window=8, h2o=True), two.prefill(ids, window=8, h2o=True)
         ca, cb = (m.prefill(ids[:, 30:], window=8, h2o=True, past=m.prefill(ids[:, :30], window=8, h2o=True))
                   for m in (one, two))
     for got, want in ((b, a), (cb, ca)):
         for name in ("keys", "values", "queries", "h2o", "o_proj"):
-            assert all(torch.equal(x, y) for x, y in zip(getattr(got, name), getattr(want, name))), name
+            for x, y in zip(getattr(got, name), getattr(want, name)):
+                assert_close(x, y, name)
         for name in ("resid_norm", "out_norm", "resid_rows", "out_rows", "logits"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), name
+            assert_close(getattr(got, name), getattr(want, name), name)
     for method in METHODS:
         assert kept_lists(select(b, method, 12)) == kept_lists(select(a, method, 12)), method
     assert decode_greedy(two, compress(b, "laprox", 12), 8) == decode_greedy(one, compress(a, "laprox", 12), 8)
@@ -413,7 +421,7 @@ def test_load_model_on_devices_places_each_weight(tmp_path):
     two, _ = load_model(str(folder), devices=["cpu", "cpu"], length=64)
     ids = torch.randint(3, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(17))
     with torch.no_grad():
-        assert torch.equal(two(ids), one(ids))
+        assert_close(two(ids), one(ids))
     where = device_map(["cpu", "meta", "cuda:1"], [range(0, 1), range(1, 1), range(1, 3)], 3)  # names -> devices
     assert [str(where(n)) for n in ("embed.weight", "layers.0.attn.q_proj.bias", "layers.1.mlp.up_proj.weight",
                                     "layers.2.attn_norm.weight", "norm.weight", "lm_head.weight")] == \
