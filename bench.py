@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cache import kept_counts
-from eval_niah import answer, build_parser, build_prompt, haystack_ids, read_haystack
+from eval_niah import build_parser, decoding, build_prompt, haystack_ids, read_haystack
 from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
                      parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
@@ -126,15 +126,66 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
 def bench_shared_prefill(model, tok, prompt: dict, budget, window, device) -> dict:
     """One NIAH cell, every default method, run exactly as eval_niah.py runs it by default
     (harness.run_unit, protocol aware: one prefill, then per method compress and decode the answer
-    with eval_niah.answer): one shared prefill vs a prefill per method. prompt: a niah_prompt."""
+    with eval_niah.decoding): one shared prefill vs a prefill per method. prompt: a niah_prompt."""
     cases = make_cases(NIAH_METHODS, [budget], ["aware"])
-    decode = lambda cache: answer(model, tok, cache, NIAH_NEW_TOKENS)
-    unit = lambda cases: list(run_unit(model, prompt["context_ids"], prompt["question_ids"], cases, decode,
+    spec = decoding(tok, NIAH_NEW_TOKENS)
+    unit = lambda cases: list(run_unit(model, prompt["context_ids"], prompt["question_ids"], cases, spec, tok,
                                        window=window))
     t_shared, _ = timed(lambda: unit(cases), device)
     t_separate, _ = timed(lambda: [unit([c]) for c in cases], device)
     return {"n": len(prompt["ids"]), "methods": len(cases), "shared_s": t_shared,
             "per_method_s": t_separate, "ratio": t_separate / t_shared}
+
+
+RULER_TASKS = ("niah_single_1", "niah_multivalue", "vt", "cwe")  # answers of different lengths
+STAGES = ("prefill_s", "compress_s", "question_s", "decode_s")
+
+
+def bench_ruler(model, tok, length: int, window: int, device, tasks=RULER_TASKS,
+                budgets=(0.01, 0.05, 0.2)) -> dict:
+    """One RULER sample of each task at `length` tokens, every default method at every budget, both
+    protocols (harness.run_unit, as eval_ruler.py runs them), decoded one case at a time and then as
+    batches: the wall time of each path, their ratio, where each path's time goes (the rows' stage
+    seconds; prefill_s counted once per unit) and which generated texts differ."""
+    import eval_ruler as R
+    from decode import Decoding
+    from harness import PROTOCOLS
+    cases = make_cases(NIAH_METHODS, list(budgets), list(PROTOCOLS))
+    samples = [R.make_sample(tok, task, length, 0, 0, R.has_chat_template(tok)) for task in tasks]
+
+    def run_all(batch: bool) -> list:
+        out = []
+        for s in samples:
+            spec = Decoding(s["max_new_tokens"], stop_ids=frozenset(tok.eos_ids))
+            out.append(list(run_unit(model, s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], cases, spec, tok,
+                                     window=window, batch=batch)))
+        return out
+
+    res = {"length": length, "tasks": list(tasks), "cases_per_sample": len(cases)}
+    for label, batch in (("one_at_a_time", False), ("batched", True)):
+        step(f"RULER, {len(tasks)} samples x {len(cases)} cases, decoded {label.replace('_', ' ')}")
+        seconds, units = timed(lambda: run_all(batch), device)
+        stages = {k: sum(getattr(r, k) for results in units for r in results if not r.skipped) for k in STAGES}
+        stages["prefill_s"] = sum(max(r.prefill_s for r in results) for results in units)  # shared by the unit
+        texts = {f"{task} {r.case.method} {r.case.budget:g} {r.case.protocol}": r.generated
+                 for task, results in zip(tasks, units) for r in results}
+        res[label] = {"wall_s": seconds, "stages_s": stages, "texts": texts}
+    res["ratio"] = res["one_at_a_time"]["wall_s"] / res["batched"]["wall_s"]
+    one, batched = res["one_at_a_time"]["texts"], res["batched"]["texts"]
+    res["differ"] = [case for case in one if one[case] != batched[case]]
+    return res
+
+
+def ruler_table(r: dict) -> str:
+    lines = [f"RULER at {r['length']} tokens, {len(r['tasks'])} tasks ({', '.join(r['tasks'])}), "
+             f"{r['cases_per_sample']} cases each:"]
+    for label in ("one_at_a_time", "batched"):
+        x = r[label]
+        lines.append(f"  {label.replace('_', ' '):14s} {x['wall_s']:8.1f} s   "
+                     + "  ".join(f"{k[:-2]} {v:7.1f} s" for k, v in x["stages_s"].items()))
+    lines.append(f"  one at a time / batched: {r['ratio']:.2f}x; generated texts that differ: {len(r['differ'])}"
+                 + "".join(f"\n    {d}" for d in r["differ"]))
+    return "\n".join(lines)
 
 
 def bench_kernel(ns, repeats) -> list[dict]:
@@ -234,7 +285,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-load", action="store_true", help="do not time the first conversion")
     ap.add_argument("--out", default="results/bench.json")
     ap.add_argument("--layers", action="store_true", help="look inside the model instead (see the docstring)")
-    ap.add_argument("--length", type=int, default=4000, help="prompt length of --layers")
+    ap.add_argument("--length", type=int, default=4000, help="prompt length of --layers and --ruler")
+    ap.add_argument("--ruler", action="store_true", help="time RULER decoded one case at a time vs as batches: one "
+                    f"sample of {', '.join(RULER_TASKS)}, every default method, 1/5/20%%, both protocols")
     return ap
 
 
@@ -267,6 +320,12 @@ def run(a) -> dict:
     if a.layers:
         report_layers(model, tok, a.length, a.budget)
         return {}
+    if a.ruler:
+        res = bench_ruler(model, tok, a.length, a.window, a.device)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(ruler_table(res))
+        print(f"full figures: {a.out}")
+        return res
     res: dict = {"args": vars(a)}
     if not a.skip_load:
         step("load time (first conversion, then cached)")

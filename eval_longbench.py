@@ -36,6 +36,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+from decode import Decoding, answer_text, decode_case
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, read_rows,
@@ -399,25 +400,26 @@ def newline_id(tok) -> int:
     return tok.encode("\n", add_special_tokens=False)[-1]
 
 
-def decode_answer(model, tok, cache, task: str) -> str:
-    """The greedy answer as pred.py decodes it (num_beams=1, do_sample=False), from a fresh
-    cache (its last_logits (1, vocab) are the prefill's): at most DATASET2MAXLEN[task] tokens,
-    stopping at the model's eos ids. On samsum pred.py also passes min_length=prompt+1 and
+def decoding(tok, task: str) -> Decoding:
+    """The greedy decoding of pred.py (num_beams=1, do_sample=False): at most DATASET2MAXLEN[task]
+    tokens, stopping at the model's eos ids. On samsum pred.py also passes min_length=prompt+1 and
     eos_token_id=[eos, newline_id]: neither may be the first new token (their logits are -inf
     for it), and generation stops on either id only (a token that merely contains "\n", such
-    as ".\n", does not stop it). Returns the text with special tokens skipped; a stopping
+    as ".\n", does not stop it). The text (decode.answer_text) skips special tokens; a stopping
     "\n" stays, as in pred.py (eval.py scores the first line).
 
     eos: tok.eos_ids, i.e. generation_config's eos_token_id (what transformers' generate stops
     on) and the tokenizer's eos_token (what pred.py names on samsum); they differ only on
     checkpoints with several end tokens."""
-    from model import decode_greedy
-    stop, first = set(tok.eos_ids), cache.last_logits
-    if task == "samsum" and first is not None:
-        stop.add(newline_id(tok))
-        first = first.clone()
-        first[:, sorted(stop)] = float("-inf")
-    return tok.decode(decode_greedy(model, cache, DATASET2MAXLEN[task], stop_ids=stop, logits=first))
+    stop = frozenset(tok.eos_ids) | ({newline_id(tok)} if task == "samsum" else set())
+    return Decoding(DATASET2MAXLEN[task], stop_ids=stop, first_banned=stop if task == "samsum" else frozenset())
+
+
+def decode_answer(model, tok, cache, task: str) -> str:
+    """The answer of one fresh cache (its last_logits (1, vocab) are the prefill's), decoded alone
+    (decode.decode_case) by `decoding`'s rule."""
+    spec = decoding(tok, task)
+    return answer_text(tok, decode_case(model, cache, spec), spec)
 
 
 # ---- predictions file ----
@@ -671,8 +673,8 @@ def predict(args, units: list[Unit], pred_path: Path, config: str, group: Group 
         del line["generated"]
         return line
 
-    return evaluate(model, mine, prompt, lambda info, cache: decode_answer(model, tok, cache, info[0]), row,
-                    pred_path, window=args.window, desc="LongBench", group=group)
+    return evaluate(model, tok, mine, prompt, lambda info: decoding(tok, info[0]), row,
+                    pred_path, window=args.window, desc="LongBench", group=group, batch=args.batch)
 
 
 def main(argv=None) -> list[dict]:

@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from decode import Decoding, answer_text, decode_case
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
@@ -264,11 +265,16 @@ def load_rows(path: Path, config: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the model part
 
+def decoding(tok, max_new_tokens: int) -> Decoding:
+    """NIAH's decoding: greedy, stopping at the end of turn or the first newline (KVCache-Factory
+    stops generation at "\\n")."""
+    return Decoding(max_new_tokens, stop_ids=frozenset(tok.eos_ids), stop_strings=("\n",))
+
+
 def answer(model, tok, cache, max_new_tokens: int) -> str:
-    """NIAH's decoding: greedy from the cache, stopping at the end of turn or the first newline
-    (KVCache-Factory stops generation at "\\n")."""
-    from model import generate
-    return generate(model, tok, cache=cache, max_new_tokens=max_new_tokens, stop_strings=("\n",))
+    """NIAH's answer from one cache, decoded alone (decode.decode_case)."""
+    spec = decoding(tok, max_new_tokens)
+    return answer_text(tok, decode_case(model, cache, spec, tok.decode), spec)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -441,8 +447,9 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
                             prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
                             needle_token=p["needle_start"], window=args.window, config=config)
 
-            new = evaluate(model, mine, prompt, lambda p, cache: answer(model, tok, cache, args.max_new_tokens), row,
-                           results, window=args.window, seed=args.seed, desc="NIAH cells", group=group)
+            new = evaluate(model, tok, mine, prompt, lambda p: decoding(tok, args.max_new_tokens), row,
+                           results, window=args.window, seed=args.seed, desc="NIAH cells", group=group,
+                           batch=args.batch)
         if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
             return new
         summary = write_reports(latest(before + new, row_key), out, lengths, depths, list(methods), budgets, meta,

@@ -107,6 +107,7 @@ from pathlib import Path
 
 import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
+from decode import Decoding
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
                      fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
@@ -762,14 +763,12 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
             if not chat and group.is_main:
                 print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
 
-            from model import generate
-
             def prompt(unit):
                 s = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
                 return s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], s
 
-            def decode(s, cache):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
-                return generate(model, tok, cache=cache, max_new_tokens=s["max_new_tokens"])
+            def decoding(s):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
+                return Decoding(s["max_new_tokens"], stop_ids=frozenset(tok.eos_ids))
 
             def row(unit, s, result):
                 generated = result.generated
@@ -779,8 +778,8 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
                             prompt_tokens=len(s["ids"]), context_tokens=s["n_context"], window=args.window, chat=chat,
                             config=configs[s["task"]])
 
-            new = evaluate(model, mine, prompt, decode, row, results, window=args.window, seed=args.seed,
-                           desc="RULER samples", group=group)
+            new = evaluate(model, tok, mine, prompt, decoding, row, results, window=args.window, seed=args.seed,
+                           desc="RULER samples", group=group, batch=args.batch)
         if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
             return new
         wanted = {case_key(t, l, i, c.method, c.budget, c.protocol)

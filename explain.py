@@ -15,8 +15,8 @@ answer's tokens) in every layer and head at once. It prints one row per unit tri
     python explain.py --niah 4000,0.5 --method laprox --budget 0.05 --span answer
 
 Aware protocol only (the question in the prompt when the cache is compressed): restoring an
-entry of the compressed prompt is then one change to one cache. Each restoration is decoded
-from its own cache, one at a time (readable; the units of one case are independent).
+entry of the compressed prompt is then one change to one cache. Each restoration has its own
+cache; the caches of a round (the layers, then the heads) are decoded together as batches.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from cache import KVCache, Prefill
+from decode import Decoding, answer_text, decode_in_groups
 from methods import parse_method, select
 
 
@@ -64,38 +65,40 @@ def restore(kept: list[list[torch.Tensor]], n: int, layer: int | None = None, he
     return out, added
 
 
-def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answer: Callable[[KVCache], str],
+def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answers: Callable[[list[KVCache]], list[str]],
             score: Callable[[str], float], span: range | None = None, top: int = 3,
             log: Callable[[Trial], None] = lambda t: None) -> list[Trial]:
     """Restore the evicted entries of one unit at a time and re-decode; returns one Trial per unit.
 
     prefill: the aware prefill of the case's whole prompt. kept: the method's kept sets on it
-    (methods.select). answer(cache) -> generated text (greedy, from cache.last_logits); score(text)
-    -> the case's score. Units: "none", each layer, then each KV head of the layers whose
-    restoration raises the score (if none does, of the `top` layers with the largest gain, ties
-    to the shallower layer), then the token span if one is given. log(trial) sees each row as it
-    is made (the script prints it).
+    (methods.select). answers(caches) -> the generated text of each cache (greedy, from its
+    last_logits; the script decodes them as batches, decode.decode_in_groups); score(text) -> the
+    case's score. Units: "none", each layer, then each KV head of the layers whose restoration
+    raises the score (if none does, of the `top` layers with the largest gain, ties to the
+    shallower layer), then the token span if one is given: three rounds of decoding. log(trial)
+    sees each row as its round finishes (the script prints it).
     """
     trials = []
 
-    def trial(unit: str, new_kept, added: int) -> Trial:
-        cache = KVCache.from_prefill(prefill, new_kept)
-        text = answer(cache)
-        t = Trial(unit, added, int(cache.prompt_lengths.sum()), float(score(text)), text)
-        trials.append(t)
-        log(t)
-        return t
+    def tried(units: list[tuple[str, list, int]]) -> list[Trial]:  # (unit, kept sets, entries added)
+        caches = [KVCache.from_prefill(prefill, new_kept) for _, new_kept, _ in units]
+        texts = answers(caches)
+        made = [Trial(unit, added, int(cache.prompt_lengths.sum()), float(score(text)), text)
+                for (unit, _, added), cache, text in zip(units, caches, texts)]
+        for t in made:
+            log(t)
+        trials.extend(made)
+        return made
 
-    base = trial("none", kept, 0)
-    layers = [trial(f"layer {l}", *restore(kept, prefill.n, layer=l)) for l in range(prefill.n_layers)]
+    base, *layers = tried([("none", kept, 0)] + [(f"layer {l}", *restore(kept, prefill.n, layer=l))
+                                                 for l in range(prefill.n_layers)])
     fixing = [l for l, t in enumerate(layers) if t.score > base.score]
     if not fixing:
         fixing = sorted(range(len(layers)), key=lambda l: (-(layers[l].score - base.score), l))[:top]
-    for l in fixing:
-        for g in range(prefill.n_kv_heads):
-            trial(f"layer {l} head {g}", *restore(kept, prefill.n, layer=l, head=g))
+    tried([(f"layer {l} head {g}", *restore(kept, prefill.n, layer=l, head=g))
+           for l in fixing for g in range(prefill.n_kv_heads)])
     if span is not None:
-        trial(f"tokens {span.start}:{span.stop}", *restore(kept, prefill.n, span=span))
+        tried([(f"tokens {span.start}:{span.stop}", *restore(kept, prefill.n, span=span))])
     return trials
 
 
@@ -128,17 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ruler_case(tok, model, args):
-    """(prompt ids, answer(cache), score(text), the text whose tokens --span answer restores) of one
+def ruler_case(tok, args):
+    """(prompt ids, its Decoding, score(text), the text whose tokens --span answer restores) of one
     RULER sample: its answer's value."""
     import eval_ruler as R
-    from model import generate
     s = R.make_sample(tok, args.task, args.length, args.index, args.seed, R.has_chat_template(tok))
-    return (s["ids"], lambda cache: generate(model, tok, cache=cache, max_new_tokens=s["max_new_tokens"]),
+    return (s["ids"], Decoding(s["max_new_tokens"], stop_ids=frozenset(tok.eos_ids)),
             lambda text: R.score(text, s["answers"], s["metric"]), s["answers"][0])
 
 
-def niah_case(tok, model, args):
+def niah_case(tok, args):
     """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score);
     --span answer restores the needle sentence."""
     import eval_niah as N
@@ -147,7 +149,7 @@ def niah_case(tok, model, args):
     hay = N.haystack_ids(tok, N.read_haystack(d.haystack), length)
     p = N.build_prompt(tok, hay, length, depth, d.needle, d.question, d.answer_prefix)
     reference = N.answer_of(d.needle, d.answer_prefix)
-    return (p["ids"], lambda cache: N.answer(model, tok, cache, d.max_new_tokens),
+    return (p["ids"], N.decoding(tok, d.max_new_tokens),
             lambda text: N.recall_score(reference, N.clean_response(text)), d.needle.strip())
 
 
@@ -167,7 +169,14 @@ def run(args) -> list[Trial]:
         if args.task not in R.TASKS:
             raise ValueError(f"--task {args.task!r} is not a RULER task; known: {', '.join(R.TASKS)}")
     model, tok = load_checkpoint(args.model, "cpu", "float32")
-    ids, answer, score, reference = (ruler_case if args.task else niah_case)(tok, model, args)
+    ids, spec, score, reference = (ruler_case if args.task else niah_case)(tok, args)
+
+    def answers(caches):  # decoded as batches, each at most one full cache (decode.decode_in_groups)
+        texts = [""] * len(caches)
+        for group, tokens in decode_in_groups(model, caches, [spec] * len(caches), tok.decode):
+            for i, t in zip(group, tokens):
+                texts[i] = answer_text(tok, t, spec)
+        return texts
     span = None
     if args.span == "answer":
         span = find_span(ids, tok, reference)
@@ -177,10 +186,10 @@ def run(args) -> list[Trial]:
     with torch.inference_mode():
         prefill = model.prefill(torch.tensor([ids]), window=args.window)
         kept = select(prefill, name, args.budget, **flags)
-        full = score(answer(KVCache.from_prefill(prefill)))
+        full = score(answers([KVCache.from_prefill(prefill)])[0])
         print(f"{len(ids)}-token prompt; full cache scores {full:.2f}; {args.method} at {args.budget:g} (aware):")
         print(f"{'unit':<22} {'restored':>9} {'kept':>9} {'score':>6}  answer")
-        return explain(prefill, kept, answer, score, span, log=lambda t: print(
+        return explain(prefill, kept, answers, score, span, log=lambda t: print(
             f"{t.unit:<22} {t.restored:>9,} {t.kept:>9,} {t.score:>6.2f}  {t.answer.strip()[:60]!r}", flush=True))
 
 

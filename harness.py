@@ -34,7 +34,7 @@ added after compression and never evicted.
 
     cases = make_cases({"full": ("full", {}), "laprox": ("laprox", {})}, [0.05], ["aware", "agnostic"])
     context, question = encode_split(tok, text, text.index(ctx_text) + len(ctx_text))
-    for r in run_unit(model, context, question, cases, decode=lambda cache: generate(model, tok, cache=cache)):
+    for r in run_unit(model, context, question, cases, Decoding(64, frozenset(tok.eos_ids)), tok):
         print(r.case.method, r.case.protocol, r.generated, r.kept_fraction)
 
 Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, eval_longbench.py):
@@ -72,6 +72,7 @@ import torch
 
 import stats
 from cache import KVCache
+from decode import Decoding, answer_text, decode_case, decode_in_groups
 import distributed
 from distributed import Group, unit_cost
 from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
@@ -206,6 +207,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip the cases already in the results file; --no-resume redoes them (newer lines win)")
+    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode a unit's cases as batches, one forward per step (the same answers); --no-batch: "
+                        "one case at a time, holding one compressed cache at once")
 
 
 def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> tuple[dict, list, list[str]]:
@@ -585,15 +589,18 @@ def score_once(prefill, cases: list[Case], seed: int) -> dict[int, tuple[Scored,
 
 
 @torch.inference_mode()
-def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list[Case],
-             decode: Callable[[KVCache], str], *, window: int = 32, seed: int = 0) -> Iterator[Result]:
+def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list[Case], decoding: Decoding,
+             tok, *, window: int = 32, seed: int = 0, batch: bool = True) -> Iterator[Result]:
     """Run every case on one work unit; yield one Result per case (agnostic cases first, then aware).
 
     model: model.Model. context_ids (c,), question_ids (t,): the prompt's two parts (encode_split),
-    both non-empty. cases: see make_cases (an eval drops the ones it has done). decode: the eval's
-    decoding, cache -> text; it starts from cache.last_logits, the next-token logits after the
-    whole prompt, e.g. lambda cache: generate(model, tok, cache=cache, max_new_tokens=24) (model.generate).
-    window: the observation window w of the prefills. seed: the "random" method's seed.
+    both non-empty. cases: see make_cases (an eval drops the ones it has done). decoding: the eval's
+    decoding rule for this unit (decode.Decoding), from cache.last_logits, the next-token logits after
+    the whole prompt. tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text
+    (decode.answer_text). window: the observation window w of the prefills. seed: the "random"
+    method's seed. batch: decode every case of a protocol as one batch (decode.decode_batch, in
+    groups bounded by memory: decode_cases); False: one case at a time (decode.decode_case). Both give
+    the same rows but for the timings.
 
     The context is prefilled once (H2O's statistics only when an h2o case is present). Agnostic
     cases compress that prefill and prefill the question onto each compressed cache; aware cases
@@ -622,6 +629,7 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
     h2o = any(case.name == "h2o" for case in todo)
     context = torch.tensor([context_ids], device=device)
     question = torch.tensor([question_ids], device=device)
+    decode = decode_cases if batch else decode_one_at_a_time
 
     t0 = clock(device)
     if agnostic:
@@ -629,24 +637,33 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
     else:  # aware only: no split needed, one prefill of the whole prompt (the same ids)
         prefill = model.prefill(torch.cat([context, question], 1), window=window, h2o=h2o)
     prefill_s = clock(device) - t0
-    scored = score_once(prefill, agnostic, seed)
-    for i, case in enumerate(agnostic):
-        yield run_case(model, prefill, case, decode, question, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
+    if agnostic:
+        yield from decode(model, prepare_cases(model, prefill, agnostic, question, prefill_s, seed),
+                          decoding, tok, c + t)
     if agnostic and aware:
         t0 = clock(device)
         prefill = model.prefill(question, window=window, h2o=h2o, past=prefill)  # the context prefill is freed
         prefill_s += clock(device) - t0
-    scored = score_once(prefill, aware, seed)
-    for i, case in enumerate(aware):
-        yield run_case(model, prefill, case, decode, None, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
+    if aware:
+        yield from decode(model, prepare_cases(model, prefill, aware, None, prefill_s, seed),
+                          decoding, tok, c + t)
 
 
-def run_case(model, prefill, case: Case, decode: Callable[[KVCache], str], question, prefill_s: float,
-             seed: int, scored: Scored | None = None, score_s: float = 0.0, shared: bool = False) -> Result:
-    """Compress `prefill` for one case and decode. question: None (aware: the prefill holds the
-    whole prompt) or (1, t) ids to prefill onto the compressed context first (agnostic).
-    scored, score_s, shared: the case's scores made by score_once, its share of their time (counted
-    in compress_s) and whether other cases shared them (None: scored here)."""
+def prepare_cases(model, prefill, cases: list[Case], question, prefill_s: float,
+                  seed: int) -> Iterator[tuple[KVCache, Result]]:
+    """(cache ready to decode, its Result so far) per case, lazily: decoding one at a time holds one
+    compressed cache at once, a batch holds them all. Scores are made once first (score_once)."""
+    scored = score_once(prefill, cases, seed)
+    return (prepare_case(model, prefill, case, question, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
+            for i, case in enumerate(cases))
+
+
+def prepare_case(model, prefill, case: Case, question, prefill_s: float, seed: int, scored: Scored | None = None,
+                 score_s: float = 0.0, shared: bool = False) -> tuple[KVCache, Result]:
+    """Compress `prefill` for one case; (the cache to decode, its Result without the answer). question:
+    None (aware: the prefill holds the whole prompt) or (1, t) ids to prefill onto the compressed
+    context first (agnostic). scored, score_s, shared: the case's scores made by score_once, its share
+    of their time (counted in compress_s) and whether other cases shared them (None: scored here)."""
     device = prefill.keys[0].device
     t0 = clock(device)
     cache = compress_case(prefill, case, seed, scored)
@@ -656,10 +673,37 @@ def run_case(model, prefill, case: Case, decode: Callable[[KVCache], str], quest
     if question is not None:  # the question reads only what compression kept of the context
         cache.last_logits = model(question, cache)[:, -1]
         t2 = clock(device)
-    generated = decode(cache)
-    t3 = clock(device)
-    return Result(case, generated, kept, "prompt" if question is None else "context", mb,
-                  prefill_s, score_s + t1 - t0, t2 - t1, t3 - t2, timing_shared=shared)
+    return cache, Result(case, None, kept, "prompt" if question is None else "context", mb,
+                         prefill_s, score_s + t1 - t0, t2 - t1, timing_shared=shared)
+
+
+def decode_one_at_a_time(model, prepared, decoding: Decoding, tok, n: int) -> Iterator[Result]:
+    """Decode each prepared (cache, Result) alone (decode.decode_case), as it comes."""
+    for cache, result in prepared:
+        t0 = clock(cache.k[0].device)
+        result.generated = answer_text(tok, decode_case(model, cache, decoding, tok.decode), decoding)
+        result.decode_s = clock(cache.k[0].device) - t0
+        yield result
+
+
+def decode_cases(model, prepared, decoding: Decoding, tok, n: int) -> Iterator[Result]:
+    """Decode the prepared (cache, Result) pairs of one protocol as batches (decode.decode_in_groups):
+    a batch's padded buffers hold at most the unit's full cache (n prompt tokens and the new ones),
+    so a full cache decodes alone. A batch's time is split evenly over its cases (timing_shared).
+    Yields the Results in the order of the cases."""
+    caches, results = map(list, zip(*prepared))
+    limit = caches[0].n_layers * caches[0].n_kv_heads * (n + decoding.max_new_tokens - 1)
+    device = caches[0].k[0].device
+    t0 = clock(device)
+    for group, tokens in decode_in_groups(model, caches, [decoding] * len(caches), tok.decode, limit):
+        t1 = clock(device)
+        for i, answer in zip(group, tokens):
+            results[i].generated = answer_text(tok, answer, decoding)
+            results[i].decode_s = (t1 - t0) / len(group)
+            results[i].timing_shared = results[i].timing_shared or len(group) > 1
+            caches[i] = None  # answered: its memory can go
+        t0 = t1
+    yield from results
 
 
 # ----------------------------------------------------------------------------- running an eval
@@ -681,14 +725,15 @@ def share_units(units: list[Unit], length: Callable[[Unit], int], group: Group =
     return [units[i] for i in group.share([unit_cost(length(unit)) for unit in units])]
 
 
-def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: Callable, results: Path, *,
-             window: int, seed: int = 0, desc: str = "units", group: Group = SINGLE) -> list[dict]:
+def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable, row: Callable, results: Path, *,
+             window: int, seed: int = 0, desc: str = "units", group: Group = SINGLE, batch: bool = True) -> list[dict]:
     """Run the cases of every unit (run_unit: one context prefill per unit) and append a row per
     finished case to `results` as it finishes (RowWriter). Returns the rows written.
 
     prompt(unit) -> (context_ids, question_ids, info): the unit's prompt split where its context
-    ends (encode_split), and whatever decode and row need (e.g. the sample). decode(info, cache)
-    -> the generated text. row(unit, info, result) -> the results line of one case (a dict).
+    ends (encode_split), and whatever decoding and row need (e.g. the sample). decoding(info) -> the
+    unit's decode.Decoding (its answers' text: decode.answer_text with tok). row(unit, info, result)
+    -> the results line of one case (a dict). batch: see run_unit.
     Budgets that do not fit a unit (skipped_budgets) are skipped for every method alike and said
     once at the end, per (budget, protocol), with how many units they skipped.
 
@@ -708,8 +753,8 @@ def evaluate(model, units: list[Unit], prompt: Callable, decode: Callable, row: 
         for unit in tqdm(units, desc=desc + rank, unit="unit"):
             context, question, info = prompt(unit)
             counted = set()
-            for result in run_unit(model, context, question, unit.cases, lambda cache: decode(info, cache),
-                                   window=window, seed=seed):
+            for result in run_unit(model, context, question, unit.cases, decoding(info), tok,
+                                   window=window, seed=seed, batch=batch):
                 if result.skipped:
                     key = (result.case.budget, result.case.protocol)
                     skipped[key] += key not in counted

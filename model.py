@@ -99,9 +99,12 @@ def rope_frequencies(cfg: Config) -> Tensor:
 
 
 def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotate x: (B, h, T, D) at positions (T,), rotate-half layout (as HF checkpoints store q/k)."""
-    angles = positions[:, None].float() * inv_freq[None, :]          # (T, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)    # (T, D)
+    """Rotate x: (B, h, T, D) at positions (T,), or (B, T) when each sequence has its own (a batch of
+    caches, decode.CacheBatch); rotate-half layout (as HF checkpoints store q/k)."""
+    angles = positions[..., None].float() * inv_freq                 # (T, D/2) or (B, T, D/2)
+    if angles.ndim == 3:
+        angles = angles[:, None]                                     # (B, 1, T, D/2): every head alike
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)    # (..., T, D)
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -119,10 +122,15 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """Causal attention of the T newest positions. q: (1|B, h_q, T, D); k, v: (B, h_kv, S, D)
-    with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t."""
+    with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t.
+    key_mask: (B, h_kv, 1, S) bool, for one new token per sequence over padded caches
+    (decode.CacheBatch): a query sees exactly the keys its row marks True."""
     T, S = q.shape[2], k.shape[2]
+    if key_mask is not None:
+        mask = key_mask.repeat_interleave(q.shape[1] // k.shape[1], 1)  # the group's query heads share it
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -154,15 +162,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x: (B, T, d) -> (B, T, d). With a cache (B = 1) the new keys are appended to it and
-        attention reads every entry it holds, per head when eviction left heads uneven."""
+        """x: (B, T, d) -> (B, T, d). With a cache (B = 1; or B sequences of a decode.CacheBatch) the new
+        keys are appended to it and attention reads every entry it holds, per head when eviction left
+        heads uneven (a CacheBatch reads each layer as one padded batch with a key mask)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, positions, inv_freq)
         if cache is None:
             y = attention(q, k, v)
         else:
-            parts = cache.update(layer, k, v)  # one (keys, values) pair per group of heads
-            y = torch.cat([attention(qg, kg, vg) for qg, (kg, vg) in zip(q.chunk(len(parts), 1), parts)], 1)
+            parts = cache.update(layer, k, v)  # one (keys, values[, key_mask]) per group of heads
+            y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -238,13 +247,14 @@ class Model(nn.Module):
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """input_ids: (B, T) -> logits (B, T, vocab) float32. Without a cache the T tokens are a
-        whole sequence (positions 0..T-1); with one (B = 1) they continue it from cache.pos."""
+        whole sequence (positions 0..T-1); with one (B = 1) they continue it from cache.pos; with a
+        decode.CacheBatch (T = 1) each row continues its own sequence from its own pos, (B, 1)."""
         self.check_ids(input_ids)
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.pos
-        self.check_length(start + T)
+        start = 0 if cache is None else cache.pos  # an int, or a (B, 1) tensor
+        self.check_length(int(torch.as_tensor(start).max()) + T)
         x = self.embed(input_ids.to(self.embed.weight.device))
-        positions = torch.arange(start, start + T, device=x.device)
+        positions = torch.as_tensor(start, device=x.device) + torch.arange(T, device=x.device)  # (T,) | (B, T)
         for i, blk in enumerate(self.layers):
             x = x.to(blk.attn_norm.weight.device)  # moves only where two ranges of layers meet (place)
             x = x + blk.attn(blk.attn_norm(x), positions.to(x.device), self.inv_freq(x.device), cache, i)

@@ -4,6 +4,7 @@ import torch
 
 import explain
 from cache import KVCache
+from decode import Decoding, decode_batch
 from methods import select
 from model import decode_greedy, load_model
 from test_model import BASE, make_checkpoint
@@ -34,10 +35,10 @@ def test_explain_finds_the_planted_head(tmp_path):
     ids = torch.randint(3, BASE["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         prefill = model.prefill(ids, window=8)
-        answer = lambda cache: str(decode_greedy(model, cache, 8))
-        reference = answer(KVCache.from_prefill(prefill))
+        reference = str(decode_greedy(model, KVCache.from_prefill(prefill), 8))  # one at a time
+        answers = lambda caches: [str(t) for t in decode_batch(model, caches, [Decoding(8)] * len(caches))]
         kept = select(prefill, "snapkv", 0.1)
-        trials = explain.explain(prefill, kept, answer, lambda text: float(text == reference))
+        trials = explain.explain(prefill, kept, answers, lambda text: float(text == reference))
     rows = {t.unit: t for t in trials}
     assert rows["none"].score == 0.0 and rows["none"].restored == 0
     assert rows["none"].kept == 3 * 2 * 20

@@ -15,7 +15,8 @@ import eval_niah as E
 import harness as Hn
 from cache import KVCache
 from methods import compress, select
-from model import decode_greedy, load_model
+from decode import Decoding, answer_text, decode_case
+from model import load_model
 from test_model import BASE, make_checkpoint
 
 METHODS = ["snapkv", "laprox", "h2o", "tova", "knorm", "adakv", "pyramidkv", "criticalkv", "streamingllm", "random"]
@@ -159,10 +160,11 @@ def test_question_onto_a_compressed_cache_matches_float64_loop(tiny, uneven, t):
 
 
 class Spy:
-    """The model, logging the prefills run_unit asks for: (tokens, on a past?, h2o?)."""
+    """The model, logging the prefills run_unit asks for: (tokens, on a past?, h2o?), and the
+    next-token logits of each question prefilled onto a compressed cache (agnostic)."""
 
     def __init__(self, model):
-        self.model, self.calls = model, []
+        self.model, self.calls, self.question_logits = model, [], []
 
     def parameters(self):
         return self.model.parameters()
@@ -172,30 +174,41 @@ class Spy:
         return self.model.prefill(ids, **kw)
 
     def __call__(self, ids, cache):
-        return self.model(ids, cache)
+        logits = self.model(ids, cache)
+        if ids.shape[0] == 1 and ids.shape[1] > 1:  # a question, not a decoding step
+            self.question_logits.append(logits[:, -1].clone())
+        return logits
 
 
-def greedy(model, log=None):
-    """A decode callable: 6 greedy tokens; `log` collects the first-token logits."""
-    def decode(cache):
-        if log is not None:
-            log.append(cache.last_logits.clone())
-        return decode_greedy(model, cache, 6)
-    return decode
+class IdsTok:
+    """A tokenizer's decoding side for tiny models: text is the ids; id 2 is the eos (BASE)."""
+    eos_ids = [2]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+SIX = Decoding(6, stop_ids=frozenset(IdsTok.eos_ids))  # 6 greedy tokens, or up to the eos
+
+
+def six_tokens(model, cache) -> str:
+    """What run_unit generates with SIX, decoded alone."""
+    return answer_text(IdsTok(), decode_case(model, cache, SIX), SIX)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen3-qknorm"])
-def test_agnostic_full_gives_the_one_shot_logits(tiny, family):
-    model = tiny[family]
+@pytest.mark.parametrize("batch", [True, False])
+def test_agnostic_full_gives_the_one_shot_logits(tiny, family, batch):
+    model = Spy(tiny[family])
     ids = random_ids(40, seed=50)
     cases = Hn.make_cases({"full": ("full", {})}, [0.5], ["agnostic", "aware"])
-    log = []
-    results = list(Hn.run_unit(model, ids[0, :31].tolist(), ids[0, 31:].tolist(), cases, greedy(model, log), window=8))
-    one_shot = model.prefill(ids, window=8)
+    results = list(Hn.run_unit(model, ids[0, :31].tolist(), ids[0, 31:].tolist(), cases, SIX, IdsTok(), window=8,
+                               batch=batch))
+    one_shot = model.model.prefill(ids, window=8)
     assert [r.case.protocol for r in results] == ["agnostic", "aware"]
-    for logits in log:
-        assert (logits - one_shot.logits).abs().max() <= 1e-4
-    assert results[0].generated == results[1].generated == decode_greedy(model, KVCache.from_prefill(one_shot), 6)
+    (logits,) = model.question_logits
+    assert (logits - one_shot.logits).abs().max() <= 1e-4
+    assert results[0].generated == results[1].generated == six_tokens(model.model, KVCache.from_prefill(one_shot))
     assert results[0].kept_fraction == results[1].kept_fraction == 1.0
     assert (results[0].kept_of, results[1].kept_of) == ("context", "prompt")
 
@@ -210,8 +223,7 @@ def test_run_unit_budgets_skips_and_prefills(tiny):
                "streamingllm": ("streamingllm", {})}
     cases = Hn.make_cases(methods, [0.2, 0.5], list(Hn.PROTOCOLS))
     assert len(cases) == 2 * (1 + 3 * 2)
-    results = list(Hn.run_unit(model, ids[0, :30].tolist(), ids[0, 30:].tolist(), cases,
-                               greedy(model.model), window=8))
+    results = list(Hn.run_unit(model, ids[0, :30].tolist(), ids[0, 30:].tolist(), cases, SIX, IdsTok(), window=8))
     assert sorted(map(id, (r.case for r in results))) == sorted(map(id, cases))
     skipped = {(r.case.method, r.case.protocol) for r in results if r.skipped}
     assert skipped == {(m, p) for m in methods if m != "full" for p in Hn.PROTOCOLS}
@@ -231,9 +243,9 @@ def test_run_unit_prefills_once_and_asks_h2o_only_when_needed(tiny):
     ids = random_ids(40, seed=61)
     ctx, q = ids[0, :30].tolist(), ids[0, 30:].tolist()
     aware_only = Hn.make_cases({"h2o": ("h2o", {}), "snapkv": ("snapkv", {})}, [0.5], ["aware"])
-    list(Hn.run_unit(model, ctx, q, aware_only, greedy(model.model), window=8))
+    list(Hn.run_unit(model, ctx, q, aware_only, SIX, IdsTok(), window=8))
     agnostic_only = Hn.make_cases({"snapkv": ("snapkv", {})}, [0.5], ["agnostic"])
-    list(Hn.run_unit(model, ctx, q, agnostic_only, greedy(model.model), window=8))
+    list(Hn.run_unit(model, ctx, q, agnostic_only, SIX, IdsTok(), window=8))
     assert model.calls == [(40, False, True), (30, False, False)]
 
 
@@ -246,7 +258,7 @@ def test_argument_errors(tiny):
     with pytest.raises(ValueError, match="non-empty context and question"):
         Hn.encode_split(None, "abc", 3)
     with pytest.raises(ValueError, match="non-empty context and question"):
-        next(Hn.run_unit(tiny["llama-gqa"], [5, 6], [], [], greedy(tiny["llama-gqa"])))
+        next(Hn.run_unit(tiny["llama-gqa"], [5, 6], [], [], SIX, IdsTok()))
 
 
 # ----------------------------------------------------------------------------- the prompt split
@@ -426,8 +438,9 @@ def test_default_model_continuation_equals_one_shot(default):
 
 
 def test_aware_through_the_continuation_matches_todays_path(default):
-    """The harness with both protocols (aware from the continuation) generates exactly what the
-    path before the protocols did (a one-shot prefill of tok.encode(text), compress, generate);
+    """The harness with both protocols (aware from the continuation, decoded as a batch) generates
+    exactly what the path before the protocols did (a one-shot prefill of tok.encode(text), compress,
+    generate, one case at a time);
     agnostic "full" starts from the one-shot logits within 1e-4 and answers the same. (Few cases:
     decoding is the slow part.)"""
     from model import generate
@@ -435,14 +448,10 @@ def test_aware_through_the_continuation_matches_todays_path(default):
     specs = ["full", "laprox", "snapkv:pool=0"]
     cases = [c for c in Hn.make_cases(Hn.parse_methods(",".join(specs)), [0.1], list(Hn.PROTOCOLS))
              if c.protocol == "aware" or c.name in ("full", "laprox")]
-    first_logits = []
-
-    def decode(cache):
-        first_logits.append(cache.last_logits.clone())
-        return generate(model, tok, cache=cache, max_new_tokens=8, stop_strings=("\n",))
-
-    results = list(Hn.run_unit(model, context_ids, question_ids, cases, decode, window=16))
-    assert not any(r.skipped for r in results) and len(results) == len(cases) == len(first_logits)
+    spy = Spy(model)
+    spec = Decoding(8, stop_ids=frozenset(tok.eos_ids), stop_strings=("\n",))
+    results = list(Hn.run_unit(spy, context_ids, question_ids, cases, spec, tok, window=16))  # batched
+    assert not any(r.skipped for r in results) and len(results) == len(cases)
     got = {(r.case.method, r.case.budget, r.case.protocol): r for r in results}
     with torch.inference_mode():  # today's path, written out
         prefill = model.prefill(torch.tensor([context_ids + question_ids]), window=16)
@@ -452,7 +461,7 @@ def test_aware_through_the_continuation_matches_todays_path(default):
                 want = generate(model, tok, cache=cache, max_new_tokens=8, stop_strings=("\n",))
                 assert got[c.method, c.budget, "aware"].generated == want, c.method
                 assert got[c.method, c.budget, "aware"].kept_fraction == cache.kept_fraction()
-    (agnostic_full,) = [x for r, x in zip(results, first_logits) if r.case.name == "full" and r.case.protocol == "agnostic"]
+    agnostic_full = spy.question_logits[[c.method for c in cases if c.protocol == "agnostic"].index("full")]
     assert (agnostic_full - one_shot.logits).abs().max() <= 1e-4
     assert got["full", 1.0, "agnostic"].generated == got["full", 1.0, "aware"].generated
     print({k: r.generated for k, r in got.items()})

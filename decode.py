@@ -1,0 +1,225 @@
+"""Greedy decoding from compressed caches: one cache at a time, or every case of a work unit as one batch.
+
+An eval's decoding is data, a `Decoding` (how many tokens, which ids and strings stop, which ids
+the first token may not be), so that one batch can honour each case's own rule:
+
+    spec = Decoding(max_new_tokens=24, stop_ids=frozenset(tok.eos_ids), stop_strings=("\\n",))
+    tokens = decode_case(model, cache, spec, tok.decode)              # the readable path: model.decode_greedy
+    answers = decode_batch(model, caches, [spec] * len(caches), tok.decode)   # the same tokens, one forward per step
+    text = answer_text(tok, tokens, spec)
+
+Batched decoding (why: a step of a small model costs about the same for one sequence or dozens,
+since reading the weights dominates). The B caches stay ragged: each (case, layer, KV head) keeps
+its own entries at their own positions. A step reads, per layer, one (B, H_kv, S_l, D) buffer (S_l:
+the longest head of that layer in the batch, plus room for the new tokens) whose rows hold each
+head's entries first and zero padding after them, with a key mask so that padding is never
+attended (the padding is finite, so 0 x padding adds exactly nothing). RoPE positions are each
+case's own. A case that stops leaves the batch, and the buffers shrink to what the others need.
+`batch_groups` bounds the memory: a batch's buffers never hold more entries than the unit's full
+cache (L x H_kv x (n + new tokens)), so batching costs at most about one more full cache.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cache import KVCache, check_int
+from model import decode_greedy
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one answer is decoded: greedy, at most max_new_tokens; stop after a token of stop_ids
+    (it stays in the tokens) or once the text contains one of stop_strings (the text is cut there,
+    answer_text); the first token may not be one of first_banned (LongBench samsum's min_length)."""
+    max_new_tokens: int
+    stop_ids: frozenset = frozenset()
+    stop_strings: tuple = ()
+    first_banned: frozenset = frozenset()
+
+    def __post_init__(self):
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
+
+    def first_logits(self, logits: Tensor) -> Tensor:
+        """logits: (1, vocab), the prefill's: a copy with first_banned at -inf (the caller's are kept)."""
+        if not self.first_banned:
+            return logits
+        logits = logits.clone()
+        logits[:, sorted(self.first_banned)] = float("-inf")
+        return logits
+
+    def done(self, tokens: list[int], detok=None) -> bool:
+        """Whether decoding stops after `tokens`. detok(ids) -> text is needed for stop_strings."""
+        if tokens[-1] in self.stop_ids or len(tokens) >= self.max_new_tokens:
+            return True
+        return bool(self.stop_strings) and any(s in detok(tokens) for s in self.stop_strings)
+
+
+def answer_text(tok, tokens: list[int], spec: Decoding) -> str:
+    """The answer's text: a final end-of-sequence token dropped, special tokens skipped, and the text
+    cut at the first stop string (what model.generate returns)."""
+    if tokens and tokens[-1] in tok.eos_ids:
+        tokens = tokens[:-1]
+    text = tok.decode(tokens)
+    for s in spec.stop_strings:
+        text = text.split(s)[0]
+    return text
+
+
+def check_detok(specs: list[Decoding], detok) -> None:
+    if detok is None and any(s.stop_strings for s in specs):
+        raise ValueError("a Decoding with stop_strings needs detok (ids -> text, e.g. tok.decode) to test them")
+
+
+def decode_case(model, cache: KVCache, spec: Decoding, detok=None) -> list[int]:
+    """One cache, one token at a time (model.decode_greedy), by spec's rule: the reference that
+    decode_batch is tested against. Starts from cache.last_logits (the prefill's)."""
+    check_detok([spec], detok)
+    if cache.last_logits is None:
+        return decode_greedy(model, cache, spec.max_new_tokens)  # raises its "decoded from already" error
+    stop = (lambda toks: spec.done(toks, detok)) if spec.stop_strings else None
+    return decode_greedy(model, cache, spec.max_new_tokens, stop_ids=spec.stop_ids,
+                         logits=spec.first_logits(cache.last_logits), stop=stop)
+
+
+# ----------------------------------------------------------------------------- a batch of ragged caches
+
+class CacheBatch:
+    """B ragged KVCaches as per-layer padded buffers that Model.forward decodes one token each.
+
+    k[l], v[l]: (B, H_kv, S_l, D) on layer l's device; row (b, g) holds lengths[b, l, g] entries, then
+    zeros. pos: (B, 1), each case's next position. room: new tokens each row can still take.
+    update() has KVCache.update's interface, plus the key mask it returns with the buffers.
+    """
+
+    def __init__(self, caches: list[KVCache], room: int):
+        """caches: KVCaches of one model (their entries are copied: the caller may free them).
+        room: new tokens to make space for (a case decodes at most max_new_tokens - 1 of them)."""
+        check_int("room", room, 0)
+        if not caches:
+            raise ValueError("a CacheBatch needs at least one cache")
+        first = caches[0]
+        self.n_layers, self.n_kv_heads, self.head_dim = first.n_layers, first.n_kv_heads, first.head_dim
+        self.room = room
+        self.pos = torch.tensor([[c.pos] for c in caches])
+        self.lengths = torch.stack([c.lengths for c in caches])  # (B, L, H_kv)
+        self.k, self.v = [], []
+        for l in range(self.n_layers):
+            S = int(self.lengths[:, l].max()) + room
+            ref = first.k[l]
+            k = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
+            v = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
+            for b, c in enumerate(caches):
+                for g in range(self.n_kv_heads):
+                    kg, vg = c.head(l, g)
+                    k[b, g, :kg.shape[0]], v[b, g, :vg.shape[0]] = kg, vg
+            self.k.append(k); self.v.append(v)
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    def key_mask(self, layer: int) -> Tensor:
+        """(B, H_kv, 1, S_l) bool: True on the entries a row holds, False on its padding."""
+        S = self.k[layer].shape[2]
+        lengths = self.lengths[:, layer].to(self.k[layer].device)
+        return (torch.arange(S, device=lengths.device) < lengths[..., None])[:, :, None]
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Append one new entry to every (case, head) of `layer`: k_new, v_new (B, H_kv, 1, D). Returns
+        [(keys, values, key_mask)]: the whole padded layer, (B, H_kv, S_l, D) and (B, H_kv, 1, S_l)."""
+        if k_new.shape[2] != 1:
+            raise ValueError(f"a CacheBatch decodes one token per step, got {k_new.shape[2]}")
+        if layer == 0:  # one step: every layer appends once
+            if self.room < 1:
+                raise ValueError("this CacheBatch has no room left: build it with room >= the tokens to decode")
+            self.room -= 1
+        lengths = self.lengths[:, layer].to(k_new.device)  # (B, H_kv): where each row's new entry goes
+        b = torch.arange(len(self), device=k_new.device)[:, None]
+        g = torch.arange(self.n_kv_heads, device=k_new.device)[None, :]
+        self.k[layer][b, g, lengths] = k_new[:, :, 0]
+        self.v[layer][b, g, lengths] = v_new[:, :, 0]
+        self.lengths[:, layer] += 1
+        return [(self.k[layer], self.v[layer], self.key_mask(layer))]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these batch rows (the cases still decoding), and shrink each layer's buffers to
+        its longest remaining head plus the room left."""
+        idx = torch.tensor(rows)
+        self.pos, self.lengths = self.pos[idx], self.lengths[idx]
+        for l in range(self.n_layers):
+            S = int(self.lengths[:, l].max()) + self.room
+            i = idx.to(self.k[l].device)
+            self.k[l] = self.k[l].index_select(0, i)[:, :, :S].contiguous()
+            self.v[l] = self.v[l].index_select(0, i)[:, :, :S].contiguous()
+
+    def entries(self) -> int:
+        """Entries the padded buffers hold (sum over layers of B x H_kv x S_l): their memory in rows of D."""
+        return sum(k.shape[0] * k.shape[1] * k.shape[2] for k in self.k)
+
+
+@torch.no_grad()
+def decode_batch(model, caches: list[KVCache], specs: list[Decoding], detok=None) -> list[list[int]]:
+    """Greedy tokens for every cache, one forward per step for all of them: the same tokens as
+    decode_case on each (up to float rounding in near-ties), each case stopping by its own spec and
+    then leaving the batch. caches: each answers once (its last_logits, the prefill's, are used and
+    cleared; the last token is not fed back), as in decode_greedy. Returns the tokens per case."""
+    if len(caches) != len(specs):
+        raise ValueError(f"decode_batch needs one Decoding per cache, got {len(specs)} for {len(caches)}")
+    check_detok(specs, detok)
+    for c in caches:
+        if c.last_logits is None:
+            raise ValueError("a cache has been decoded from already (its last token was never fed back); "
+                             "build a new one from the prefill (compress / KVCache.from_prefill) for another answer")
+    if not caches:
+        return []
+    logits = torch.cat([s.first_logits(c.last_logits).to(caches[0].last_logits.device) for c, s in zip(caches, specs)])
+    for c in caches:
+        c.last_logits = None
+    batch = CacheBatch(caches, room=max(s.max_new_tokens for s in specs) - 1)
+    out: list[list[int]] = [[] for _ in caches]
+    alive = list(range(len(caches)))  # the case of each batch row
+    while True:
+        tokens = logits.argmax(-1)  # (B,)
+        for i, token in zip(alive, tokens.tolist()):
+            out[i].append(token)
+        still = [row for row, i in enumerate(alive) if not specs[i].done(out[i], detok)]
+        if not still:
+            return out
+        if len(still) < len(alive):
+            batch.keep(still)
+            alive, tokens = [alive[row] for row in still], tokens[still]
+        logits = model(tokens[:, None], batch)[:, -1]
+
+
+def padded_entries(caches: list[KVCache], room: int) -> int:
+    """Entries a CacheBatch of these caches would hold (see CacheBatch.entries), without building it."""
+    longest = torch.stack([c.lengths for c in caches]).amax(0)  # (L, H_kv) -> per layer, its longest head
+    return len(caches) * caches[0].n_kv_heads * int((longest.amax(1) + room).sum())
+
+
+def batch_groups(caches: list[KVCache], room: int, limit: int) -> list[list[int]]:
+    """Split cases into batches whose padded buffers hold at most `limit` entries each (a case that
+    alone exceeds it decodes alone). Cases are taken from the largest (its padded size, per layer its
+    longest head) down, so that a batch pads its cases to similar sizes. Returns the indices per batch."""
+    check_int("limit", limit, 1)
+    size = [padded_entries([c], room) for c in caches]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(caches)), key=lambda i: -size[i]):
+        if groups and padded_entries([caches[j] for j in groups[-1] + [i]], room) <= limit:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def decode_in_groups(model, caches: list[KVCache], specs: list[Decoding], detok=None, limit: int | None = None):
+    """decode_batch over batch_groups of the caches: yields (the group's case indices, their tokens)
+    as each batch finishes. limit: entries a batch's buffers may hold; default, the largest case's
+    full cache (L x H_kv x (its position + room)), so that batching costs at most one more of it."""
+    room = max(s.max_new_tokens for s in specs) - 1
+    if limit is None:
+        limit = caches[0].n_layers * caches[0].n_kv_heads * (max(c.pos for c in caches) + room)
+    for group in batch_groups(caches, room, limit):
+        yield group, decode_batch(model, [caches[i] for i in group], [specs[i] for i in group], detok)
