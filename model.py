@@ -128,9 +128,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
     key_mask: (B, h_kv, 1, S) bool, for one new token per sequence over padded caches
     (decode.CacheBatch): a query sees exactly the keys its row marks True."""
     T, S = q.shape[2], k.shape[2]
-    if key_mask is not None:
-        mask = key_mask.repeat_interleave(q.shape[1] // k.shape[1], 1)  # the group's query heads share it
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if key_mask is not None:  # T = 1: the G query heads of a KV head become its G queries, so that the
+        B, H, _, D = q.shape    # padded keys are read once per KV head, never copied G times
+        y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, D), k, v, attn_mask=key_mask)
+        return y.view(B, H, 1, D)
     if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
