@@ -439,7 +439,7 @@ def dropped_rope_field(cfg: dict) -> str | None:
 
 LLAMA3_PRETRAINED = ("the context length the model was pretrained with, before its context was extended; copy it "
                      "from the base model (Llama 3.1 / 3.2: 8192, in their rope_scaling); transformers takes "
-                     "max_position_embeddings when the key is absent")
+                     "max_position_embeddings when the key is absent and config.json has it")
 
 
 def check_config(cfg: dict) -> None:
