@@ -7,7 +7,8 @@ $LAPROX_CACHE (default ~/.cache/laprox), which model.load_model then reads like 
 checkpoint. The folder is built aside and renamed into place, so a reader sees it whole or not
 at all; its manifest (size and sha256 of every file) is checked on every load, and a damaged
 folder is rebuilt. resolve_checkpoint turns a name into a folder (local, default or hub);
-read_json and weight_files read a folder's files with errors that name the file and the fix.
+read_json, weight_files and safetensors_dtypes read a folder's files with errors that name the
+file and the fix.
 Nothing here imports model.py.
 
     folder = default_checkpoint_dir()       # converts on first use (~10 s), then just returns the path
