@@ -15,6 +15,11 @@ looks inside the model instead: on a NIAH prompt, the fraction each layer keeps 
 model-wide selection, and, layer by layer, how far the window output moves (||Y - Y_S||_F,
 laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budget.
 
+    python bench.py --load --repeats 5
+
+times warm loads of the model (median of --repeats) with and without the NaN / inf check of each
+weight (model.check_finite), and prints what the check costs in ms and %.
+
 Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
 slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
 """
@@ -86,6 +91,26 @@ def bench_load(name) -> dict:
             else:
                 os.environ["LAPROX_CACHE"] = old
     return {"first_s": first, "cached_s": cached}
+
+
+def bench_finite_check(name, device, dtype, repeats: int) -> dict:
+    """Median warm load time of `name` with model.check_finite and with it replaced by a no-op,
+    the two alternating so that a busy machine slows both alike (the caller has loaded once)."""
+    import model as model_module
+    check, times = model_module.check_finite, {"with_ms": [], "without_ms": []}
+    try:
+        for _ in range(repeats):
+            for key, fn in (("with_ms", check), ("without_ms", lambda *args: None)):
+                model_module.check_finite = fn
+                times[key].append(1000 * timed(lambda: load_checkpoint(name, device, dtype), device)[0])
+    finally:
+        model_module.check_finite = check
+    res = {k: statistics.median(v) for k, v in times.items()}
+    res["cost_ms"] = res["with_ms"] - res["without_ms"]
+    res["cost_pct"] = 100 * res["cost_ms"] / res["without_ms"]
+    print(f"load, median of {repeats}: {res['with_ms']:.0f} ms with the finiteness check, {res['without_ms']:.0f} ms "
+          f"without: {res['cost_ms']:+.1f} ms ({res['cost_pct']:+.1f}%)")
+    return res
 
 
 def bench_overhead(model, ids, budget, window, repeats, device) -> dict:
@@ -288,6 +313,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--length", type=int, default=4000, help="prompt length of --layers and --ruler")
     ap.add_argument("--ruler", action="store_true", help="time RULER decoded one case at a time vs as batches: one "
                     f"sample of {', '.join(RULER_TASKS)}, every default method, 1/5/20%%, both protocols")
+    ap.add_argument("--load", action="store_true", help="time loading with and without the NaN / inf check instead")
     return ap
 
 
@@ -326,6 +352,8 @@ def run(a) -> dict:
         print(ruler_table(res))
         print(f"full figures: {a.out}")
         return res
+    if a.load:  # the load above was the warm-up
+        return bench_finite_check(a.model, a.device, a.dtype, a.repeats)
     res: dict = {"args": vars(a)}
     if not a.skip_load:
         step("load time (first conversion, then cached)")

@@ -7,7 +7,8 @@ $LAPROX_CACHE (default ~/.cache/laprox), which model.load_model then reads like 
 checkpoint. The folder is built aside and renamed into place, so a reader sees it whole or not
 at all; its manifest (size and sha256 of every file) is checked on every load, and a damaged
 folder is rebuilt. resolve_checkpoint turns a name into a folder (local, default or hub);
-read_json and weight_files read a folder's files with errors that name the file and the fix.
+read_json, weight_files and safetensors_dtypes read a folder's files with errors that name the
+file and the fix.
 Nothing here imports model.py.
 
     folder = default_checkpoint_dir()       # converts on first use (~10 s), then just returns the path
@@ -406,33 +407,64 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def rope_parameters(cfg: dict) -> tuple[dict, str | None]:
-    """(RoPE parameters, scaling type) of a config.json dict: newer configs put theta and scaling in
-    `rope_parameters`, older ones in `rope_theta` and `rope_scaling`. The type is "default" when
+    """(RoPE parameters, scaling type) of a config.json dict, read as transformers 5.2 reads it
+    (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty `rope_scaling` (older
+    configs) is taken whole, else `rope_parameters` (newer ones); the other field is dropped
+    (check_config refuses a dropped field that says something else, see dropped_rope_field).
+    rope_theta is the dict's, else the top-level rope_theta, else 10000. The type is "default" when
     there is no scaling, None when there is scaling of no stated type. llama3 scaling defaults its
     pretraining length to max_position_embeddings, as transformers does."""
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
     untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
     rope_type = rope.get("rope_type", rope.get("type", untyped))
-    if rope_type == "llama3":
-        rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings") or 4096)
+    if rope.get("rope_theta") is None:
+        rope["rope_theta"] = cfg.get("rope_theta") or 10000.0
+    if rope_type == "llama3" and "original_max_position_embeddings" not in rope and cfg.get("max_position_embeddings"):
+        rope["original_max_position_embeddings"] = cfg["max_position_embeddings"]
     return rope, rope_type
+
+
+def dropped_rope_field(cfg: dict) -> str | None:
+    """The first `key=value` of config.json's `rope_parameters` that transformers drops while saying
+    something else, when `rope_scaling` is there too (rope_parameters takes rope_scaling whole), or
+    None. rope_type "default" says nothing: it is only the absence of scaling."""
+    if not (cfg.get("rope_scaling") and cfg.get("rope_parameters")):
+        return None
+    rope, rope_type = rope_parameters(cfg)
+    for key, value in cfg["rope_parameters"].items():
+        used = rope_type if key in ("rope_type", "type") else rope.get(key)
+        if value != used and not (key in ("rope_type", "type") and value == "default"):
+            return f"{key}={value!r}"
+    return None
+
+
+LLAMA3_PRETRAINED = ("the context length the model was pretrained with, before its context was extended; copy it "
+                     "from the base model (Llama 3.1 / 3.2: 8192, in their rope_scaling); transformers takes "
+                     "max_position_embeddings when the key is absent and config.json has it")
 
 
 def check_config(cfg: dict) -> None:
     """Refuse, naming the field and its value, what model.Config.from_hf would misread: another
-    model_type, RoPE scaling other than llama3 / linear (or with a parameter missing), another
-    activation, partial rotary embeddings, quantized weights. Raises ValueError."""
+    model_type, RoPE scaling other than llama3 / linear (or with a parameter missing), rope_parameters
+    and rope_scaling that disagree, another activation, partial rotary embeddings, quantized weights.
+    Raises ValueError."""
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
         raise ValueError(f"unsupported model_type {mt!r}: this reference supports {', '.join(SUPPORTED)}")
     rope, rope_type = rope_parameters(cfg)
+    dropped = dropped_rope_field(cfg)
+    if dropped:
+        raise ValueError(f"rope_parameters={cfg['rope_parameters']} and rope_scaling={cfg['rope_scaling']} disagree: "
+                         f"transformers takes rope_scaling whole and drops rope_parameters' {dropped}; fix: keep "
+                         f"only the one the model was trained with")
     if rope_type not in ("default", "llama3", "linear"):
         raise ValueError(f"unsupported RoPE scaling {rope_type!r} in {rope}: supported are default, llama3, "
                          f"linear, named by rope_type")
     for key in {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                 "original_max_position_embeddings"]}.get(rope_type, []):
         if type(rope.get(key)) not in (int, float) or not rope[key] > 0:
-            raise ValueError(f"{rope_type} RoPE scaling needs a positive number {key}, got {rope.get(key)!r}")
+            where = f": {LLAMA3_PRETRAINED}" if key == "original_max_position_embeddings" else ""
+            raise ValueError(f"{rope_type} RoPE scaling needs a positive number {key}, got {rope.get(key)!r}{where}")
     if rope_type == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
         raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor; got {rope}")
     partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
@@ -482,3 +514,33 @@ def weight_files(folder: Path) -> list[str]:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} is missing (named by {index.name}): download the checkpoint again")
     return files
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes load_weights casts to the model's
+
+
+def safetensors_dtypes(path: Path) -> dict[str, str]:
+    """{tensor name: dtype} of a safetensors file, from its header alone (8 bytes little-endian:
+    the header's length; then the header, JSON {name: {"dtype", "shape", "data_offsets"}}), so
+    every file's dtypes are known before any tensor is read."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= path.stat().st_size - 8:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+        return {name: info["dtype"] for name, info in header.items() if name != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, not {name: {"dtype": ...}}
+        raise ValueError(f"{path} is damaged or incomplete (unreadable header: {e}); download it again") from None
+
+
+def check_weight_dtypes(folder: Path, files: list[str]) -> None:
+    """Refuse a tensor that is not stored as a float (int8, int32, FP8, bool, ...), from the headers of
+    all `files` before any tensor is read: cast to float, quantized values would load and give
+    meaningless logits."""
+    for file in files:
+        for name, dtype in safetensors_dtypes(folder / file).items():
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{folder / file}: tensor {name!r} is stored as {dtype}, expected a float dtype "
+                                 f"({', '.join(FLOAT_DTYPES)}): quantized checkpoints (GPTQ, AWQ, FP8 and the like) "
+                                 f"are not supported; download the unquantized original")

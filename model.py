@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 import memory
 from cache import KVCache, Prefill, check_int
-from checkpoint import read_config, read_json, read_tokenizer, resolve_checkpoint, rope_parameters, weight_files
+from checkpoint import (check_weight_dtypes, read_config, read_json, read_tokenizer, resolve_checkpoint, rope_parameters,
+                        weight_files)
 
 
 # ----------------------------------------------------------------------------- config
@@ -57,7 +58,6 @@ class Config:
         check_config, what would be misread)."""
         mt, heads = cfg["model_type"], cfg["num_attention_heads"]
         rope, rope_type = rope_parameters(cfg)
-        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
         window = cfg.get("sliding_window")
         if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None  # Qwen configs carry a window they do not use
@@ -67,7 +67,7 @@ class Config:
             n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta), rope_scaling=rope if rope_type != "default" else None,
+            rope_theta=float(rope["rope_theta"]), rope_scaling=rope if rope_type != "default" else None,
             max_position=cfg.get("max_position_embeddings") or 4096, tie_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
             mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
@@ -477,12 +477,29 @@ def set_parameter(model: Model, name: str, t: Tensor):  # name: ours, e.g. layer
     setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
 
 
+def check_finite(w: Tensor, stored: Tensor, where: str) -> None:
+    """Refuse a weight holding NaN or inf: the model would run with every logit non-finite. w is the
+    weight as loaded (cast to the model's dtype), so a value too large for that dtype is caught too;
+    `stored`, the tensor as read from the file, is only looked at to say which of the two it is.
+    Checked on w's min and max, which a NaN or inf anywhere reaches (NaN propagates): on a CPU this
+    adds a fifth of what torch.isfinite(w).all() adds to a load (bench.py --load)."""
+    if bool(torch.isfinite(torch.stack(torch.aminmax(w))).all()):
+        return
+    if bool(torch.isfinite(stored).all()):
+        raise ValueError(f"{where}: values up to {stored.abs().max().item():.3g} overflow {w.dtype} into inf; "
+                         f"load with dtype=torch.bfloat16 or torch.float32")
+    raise ValueError(f"{where} holds NaN or inf values: the weights are damaged (or saved after training "
+                     f"diverged); download the checkpoint again")
+
+
 def load_weights(model: Model, folder: Path, device_of, dtype):
     """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
     into the meta-initialised model, each onto its device (device_of(name)), so no second copy of
-    the weights is ever held."""
+    the weights is ever held. Non-float tensors are refused from the headers before any is read,
+    NaN / inf as each is read (check_finite)."""
     from safetensors import safe_open
     files = weight_files(folder)  # checked: inside the folder, present
+    check_weight_dtypes(folder, files)
     expected = dict(model.named_parameters())
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -502,7 +519,9 @@ def load_weights(model: Model, folder: Path, device_of, dtype):
                 t = f.get_tensor(hf_name)
                 if t.shape != expected[name].shape:
                     raise ValueError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
-                set_parameter(model, name, t.to(device=device_of(name), dtype=dtype))
+                w = t.to(device=device_of(name), dtype=dtype)
+                check_finite(w, t, f"{folder / file}: tensor {hf_name!r}")
+                set_parameter(model, name, w)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:

@@ -58,3 +58,22 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, one_line_error, case):
     argv, words = _bench_errors(tmp_path)[case]
     one_line_error(bench.main, argv, words, cuda=case == "cuda without cuda")
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_damaged_weights_are_a_one_line_error(tmp_path, one_line_error, capsys):
+    """A checkpoint refused while its weights are read (here NaN) reaches the user as one line."""
+    from test_model import _weight, make_checkpoint
+    _, folder = make_checkpoint(tmp_path, "llama-gqa")
+    _weight(folder, value=float("nan"))
+    capsys.readouterr()  # the progress bar of saving it
+    one_line_error(bench.main, ["--load", "--model", str(folder), "--out", str(tmp_path / "b.json")],
+                   "'model.layers.1.mlp.up_proj.weight' holds NaN or inf")
+
+
+def test_load_check_cost_is_measured(tmp_path, capsys):
+    from test_model import make_checkpoint
+    _, folder = make_checkpoint(tmp_path, "llama-gqa")
+    res = bench.main(["--load", "--model", str(folder), "--repeats", "2", "--out", str(tmp_path / "b.json")])
+    assert res["with_ms"] > 0 and res["without_ms"] > 0 and "finiteness check" in capsys.readouterr().out
+    import model
+    assert model.check_finite.__name__ == "check_finite"  # put back after the runs without it

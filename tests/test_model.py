@@ -165,6 +165,12 @@ REFUSED_CONFIGS = {  # config.json fields this reference would get wrong: (extra
                                         "high_freq_factor, got None"),
     "llama3 high <= low": (dict(rope_scaling=dict(LLAMA3, high_freq_factor=1.0)), "high_freq_factor > low_freq_factor"),
     "quantized": (dict(quantization_config=dict(quant_method="awq", bits=4)), "quantization_config="),
+    "llama3 original_max_position_embeddings null": (
+        dict(rope_scaling=dict(LLAMA3, original_max_position_embeddings=None)),
+        "original_max_position_embeddings, got None: the context length the model was pretrained with"),
+    "llama3 without original_max_position_embeddings or max_position_embeddings": (
+        dict(rope_scaling=dict(LLAMA3), max_position_embeddings=None),
+        "original_max_position_embeddings, got None: the context length the model was pretrained with"),
 }
 
 
@@ -190,6 +196,43 @@ def test_llama3_scaling_defaults_its_pretraining_length_as_transformers_does():
     torch.testing.assert_close(rope_frequencies(ours), ref.float(), rtol=1e-6, atol=0)
 
 
+# config.json with both fields: transformers 5.2 takes a non-empty rope_scaling whole and drops rope_parameters
+# (PreTrainedConfig.convert_rope_params_to_dict); what the dropped field says otherwise is refused, naming both
+DROPPED_ROPE = {  # (rope_parameters, rope_scaling, the key=value transformers drops)
+    "llama3 beside linear": (dict(LLAMA3, original_max_position_embeddings=64), dict(type="linear", factor=4.0),
+                             "rope_type='llama3'"),
+    "rope_theta beside linear": (dict(rope_type="default", rope_theta=5e5), dict(type="linear", factor=4.0),
+                                 "rope_theta=500000.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPPED_ROPE))
+def test_rope_parameters_that_transformers_drops_are_refused(case):
+    params, scaling, dropped = DROPPED_ROPE[case]
+    key, value = dropped.split("=")
+    ref = transformers.LlamaConfig(**BASE, rope_parameters=dict(params), rope_scaling=dict(scaling)).rope_parameters
+    assert repr(ref.get(key)) != value and ref["factor"] == scaling["factor"]  # transformers: rope_scaling, whole
+    with pytest.raises(ValueError) as err:
+        check_config(dict(BASE, model_type="llama", rope_parameters=params, rope_scaling=scaling))
+    msg = str(err.value)
+    assert f"drops rope_parameters' {dropped}" in msg and f"rope_scaling={scaling}" in msg, msg
+
+
+def test_rope_scaling_beside_default_rope_parameters_is_read_as_transformers_does(tmp_path):
+    """The issue's case: rope_parameters says default, rope_scaling says linear x4; transformers
+    scales (and takes the top-level rope_theta, as rope_scaling has none)."""
+    _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=14)
+    _config(folder, rope_parameters=dict(rope_type="default"), rope_scaling=dict(type="linear", factor=4.0),
+            rope_theta=2000.0)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["rope_theta"] == 2000.0
+    model, _ = load_model(str(folder))
+    ids = torch.randint(0, BASE["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
 def _damage_index(folder, weight_map):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
@@ -206,6 +249,21 @@ def _bigger_tokenizer(folder):
     from tokenizers import Tokenizer, models
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(BASE["vocab_size"] + 100)}, unk_token="w0"))
     (folder / "tokenizer.json").write_text(tk.to_str())
+
+
+def _weight(folder, name="model.layers.1.mlp.up_proj.weight", dtype=None, value=None):
+    """Rewrite one tensor of model.safetensors: stored as `dtype` (random ints for an integer
+    dtype), or with one random element set to `value` (nan, inf)."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(folder / "model.safetensors")
+    t = sd[name]
+    if value is not None:
+        t.view(-1)[torch.randint(0, t.numel(), ())] = value
+    elif dtype.is_floating_point:
+        sd[name] = t.to(dtype)
+    else:
+        sd[name] = torch.randint(-100, 100, t.shape, dtype=dtype)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def _config(folder, **changes):
@@ -236,6 +294,14 @@ BAD_FOLDERS = {  # damage to a saved checkpoint: (damage, words of the error, wh
     "tokenizer.json damaged": (lambda f: (f / "tokenizer.json").write_text("{\"model\": 3}"), "not a readable tokenizer"),
     "tokenizer larger than vocab_size": (_bigger_tokenizer, "400 tokens but config.json's vocab_size is 300"),
     "generation_config.json not JSON": (lambda f: (f / "generation_config.json").write_text("{"), "not valid JSON"),
+    "int8 weight": (lambda f: _weight(f, dtype=torch.int8),
+                    "tensor 'model.layers.1.mlp.up_proj.weight' is stored as I8, expected a float dtype"),
+    "int32 weight": (lambda f: _weight(f, dtype=torch.int32), "is stored as I32"),
+    "fp8 weight": (lambda f: _weight(f, dtype=torch.float8_e4m3fn), "is stored as F8_E4M3"),
+    "NaN in a weight": (lambda f: _weight(f, value=float("nan")),
+                        "tensor 'model.layers.1.mlp.up_proj.weight' holds NaN or inf"),
+    "inf in a weight": (lambda f: _weight(f, "model.norm.weight", value=-float("inf")),
+                        "tensor 'model.norm.weight' holds NaN or inf"),
 }
 
 
@@ -307,6 +373,37 @@ def test_unavailable_device_or_bad_dtype_fails_before_loading(device, dtype, wor
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match=words):
         load_model("./this/folder/is/never/read", device=device, dtype=dtype)
+
+
+def test_integer_weights_are_refused_before_any_tensor_is_read(saved_checkpoint, tmp_path, monkeypatch):
+    """The int8 tensor sits in the second of two shards: the headers of both are read first."""
+    import shutil
+    import safetensors
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_checkpoint, folder)
+    _weight(folder, "model.norm.weight", dtype=torch.int8)
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in sd.items() if k != "model.norm.weight"},
+              "model-00002-of-00002.safetensors": {"model.norm.weight": sd["model.norm.weight"]}}
+    for file, part in shards.items():
+        save_file(part, folder / file, metadata={"format": "pt"})
+    _damage_index(folder, {k: file for file, part in shards.items() for k in part})
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(ValueError, match="'model.norm.weight' is stored as I8.*GPTQ, AWQ, FP8"):
+        load_model(str(folder))
+
+
+def test_weights_too_large_for_the_dtype_are_refused(saved_checkpoint, tmp_path):
+    """1e6 is finite in float32 (the file) but inf in float16: named as an overflow, not as damage."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_checkpoint, folder)
+    _weight(folder, value=1e6)
+    load_model(str(folder), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"up_proj.weight': values up to 1e\+06 overflow torch.float16"):
+        load_model(str(folder), dtype=torch.float16)
 
 
 def test_missing_tensors_are_named(tmp_path):
