@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cache import KVCache, check_int
-from model import decode_greedy
+from model import answer_text as model_answer_text, decode_greedy
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,8 @@ class Decoding:
 
 
 def answer_text(tok, tokens: list[int], spec: Decoding) -> str:
-    """The answer's text: a final end-of-sequence token dropped, special tokens skipped, and the text
-    cut at the first stop string (what model.generate returns)."""
-    if tokens and tokens[-1] in tok.eos_ids:
-        tokens = tokens[:-1]
-    text = tok.decode(tokens)
-    for s in spec.stop_strings:
-        text = text.split(s)[0]
-    return text
+    """The answer's text, cut at spec's stop strings (model.answer_text, what model.generate returns)."""
+    return model_answer_text(tok, tokens, spec.stop_strings)
 
 
 def check_detok(specs: list[Decoding], detok) -> None:

@@ -638,15 +638,13 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
         prefill = model.prefill(torch.cat([context, question], 1), window=window, h2o=h2o)
     prefill_s = clock(device) - t0
     if agnostic:
-        yield from decode(model, prepare_cases(model, prefill, agnostic, question, prefill_s, seed),
-                          decoding, tok, c + t)
+        yield from decode(model, prepare_cases(model, prefill, agnostic, question, prefill_s, seed), decoding, tok)
     if agnostic and aware:
         t0 = clock(device)
         prefill = model.prefill(question, window=window, h2o=h2o, past=prefill)  # the context prefill is freed
         prefill_s += clock(device) - t0
     if aware:
-        yield from decode(model, prepare_cases(model, prefill, aware, None, prefill_s, seed),
-                          decoding, tok, c + t)
+        yield from decode(model, prepare_cases(model, prefill, aware, None, prefill_s, seed), decoding, tok)
 
 
 def prepare_cases(model, prefill, cases: list[Case], question, prefill_s: float,
@@ -677,7 +675,7 @@ def prepare_case(model, prefill, case: Case, question, prefill_s: float, seed: i
                          prefill_s, score_s + t1 - t0, t2 - t1, timing_shared=shared)
 
 
-def decode_one_at_a_time(model, prepared, decoding: Decoding, tok, n: int) -> Iterator[Result]:
+def decode_one_at_a_time(model, prepared, decoding: Decoding, tok) -> Iterator[Result]:
     """Decode each prepared (cache, Result) alone (decode.decode_case), as it comes."""
     for cache, result in prepared:
         t0 = clock(cache.k[0].device)
@@ -686,16 +684,15 @@ def decode_one_at_a_time(model, prepared, decoding: Decoding, tok, n: int) -> It
         yield result
 
 
-def decode_cases(model, prepared, decoding: Decoding, tok, n: int) -> Iterator[Result]:
+def decode_cases(model, prepared, decoding: Decoding, tok) -> Iterator[Result]:
     """Decode the prepared (cache, Result) pairs of one protocol as batches (decode.decode_in_groups):
-    a batch's padded buffers hold at most the unit's full cache (n prompt tokens and the new ones),
-    so a full cache decodes alone. A batch's time is split evenly over its cases (timing_shared).
+    a batch's padded buffers hold at most the unit's full cache (every cache of the unit is at the
+    prompt's n tokens, so that is decode_in_groups' default), so a full cache decodes alone. A batch's time is split evenly over its cases (timing_shared).
     Yields the Results in the order of the cases."""
     caches, results = map(list, zip(*prepared))
-    limit = caches[0].n_layers * caches[0].n_kv_heads * (n + decoding.max_new_tokens - 1)
     device = caches[0].k[0].device
     t0 = clock(device)
-    for group, tokens in decode_in_groups(model, caches, [decoding] * len(caches), tok.decode, limit):
+    for group, tokens in decode_in_groups(model, caches, [decoding] * len(caches), tok.decode):
         t1 = clock(device)
         for i, answer in zip(group, tokens):
             results[i].generated = answer_text(tok, answer, decoding)

@@ -366,7 +366,13 @@ def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache
         ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
         cache = KVCache.from_prefill(model.prefill(ids))
     stop = (lambda toks: any(s in tok.decode(toks) for s in stop_strings)) if stop_strings else None
-    tokens = decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids), stop=stop)
+    return answer_text(tok, decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids), stop=stop),
+                       stop_strings)
+
+
+def answer_text(tok, tokens: list[int], stop_strings: tuple[str, ...] = ()) -> str:
+    """The text of generated tokens: a final end-of-sequence token dropped, special tokens skipped, and
+    the text cut at the first of stop_strings."""
     if tokens and tokens[-1] in tok.eos_ids:
         tokens = tokens[:-1]
     text = tok.decode(tokens)
