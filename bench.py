@@ -18,7 +18,7 @@ laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budg
     python bench.py --load --repeats 5
 
 times warm loads of the model (median of --repeats) with and without the NaN / inf check of each
-weight (model.check_finite), and prints what the check costs in ms and %.
+weight (model.refuse_non_finite), and prints what the check costs in ms and %.
 
 Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
 slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
@@ -94,17 +94,14 @@ def bench_load(name) -> dict:
 
 
 def bench_finite_check(name, device, dtype, repeats: int) -> dict:
-    """Median warm load time of `name` with model.check_finite and with it replaced by a no-op,
-    the two alternating so that a busy machine slows both alike (the caller has loaded once)."""
-    import model as model_module
-    check, times = model_module.check_finite, {"with_ms": [], "without_ms": []}
-    try:
-        for _ in range(repeats):
-            for key, fn in (("with_ms", check), ("without_ms", lambda *args: None)):
-                model_module.check_finite = fn
-                times[key].append(1000 * timed(lambda: load_checkpoint(name, device, dtype), device)[0])
-    finally:
-        model_module.check_finite = check
+    """Median warm load time of `name` with and without the NaN / inf check of each weight
+    (load_model's check_finite), the two alternating so that a busy machine slows both alike
+    (the caller has loaded once)."""
+    times = {"with_ms": [], "without_ms": []}
+    for _ in range(repeats):
+        for key, check in (("with_ms", True), ("without_ms", False)):
+            load = lambda: load_checkpoint(name, device, dtype, check_finite=check)
+            times[key].append(1000 * timed(load, device)[0])
     res = {k: statistics.median(v) for k, v in times.items()}
     res["cost_ms"] = res["with_ms"] - res["without_ms"]
     res["cost_pct"] = 100 * res["cost_ms"] / res["without_ms"]

@@ -282,13 +282,14 @@ def model_label(name_or_path: str | None) -> str:
 
 
 def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: list[str] | None = None,
-                    length: int | None = None):
+                    length: int | None = None, check_finite: bool = True):
     """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` planned
-    for prompts of `length` tokens; a checkpoint that cannot be loaded, whatever the library
+    for prompts of `length` tokens (check_finite: model.load_model's); a checkpoint that cannot be loaded, whatever the library
     raises, is a ValueError naming it."""
     from model import load_model
     try:
-        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, length=length)
+        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, length=length,
+                          check_finite=check_finite)
     except Exception as e:  # a broken or unreachable checkpoint
         what = "the default model" if name_or_path is None else f"--model {name_or_path}"
         raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None

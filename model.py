@@ -437,10 +437,11 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- loading
 
 def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               devices: list[str] | None = None, length: int | None = None):
+               devices: list[str] | None = None, length: int | None = None, check_finite: bool = True):
     """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`; or on
     devices=["cuda:0", "cuda:1", ...], ranges of layers balanced by memory for prompts of `length` tokens
-    (default: the model's context) by memory.plan_layers, which refuses a model that does not fit."""
+    (default: the model's context) by memory.plan_layers, which refuses a model that does not fit.
+    check_finite=False skips the NaN / inf check of each weight (only bench.py --load, to time it)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     if devices is not None and (device != "cpu" or not devices or isinstance(devices, str)):
@@ -456,7 +457,7 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: t
         cfg, length or cfg.max_position, dtype.itemsize, len(devices), capacities=memory.device_capacities(devices))
     with torch.device("meta"):  # no memory yet: each weight is created once, from the file
         model = Model(cfg)
-    load_weights(model, folder, device_map(devices or [device], ranges, cfg.n_layers), dtype)
+    load_weights(model, folder, device_map(devices or [device], ranges, cfg.n_layers), dtype, check_finite)
     return model.eval(), Tokenizer(folder, cfg)
 
 
@@ -483,7 +484,7 @@ def set_parameter(model: Model, name: str, t: Tensor):  # name: ours, e.g. layer
     setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
 
 
-def check_finite(w: Tensor, stored: Tensor, where: str) -> None:
+def refuse_non_finite(w: Tensor, stored: Tensor, where: str) -> None:
     """Refuse a weight holding NaN or inf: the model would run with every logit non-finite. w is the
     weight as loaded (cast to the model's dtype), so a value too large for that dtype is caught too;
     `stored`, the tensor as read from the file, is only looked at to say which of the two it is.
@@ -498,11 +499,11 @@ def check_finite(w: Tensor, stored: Tensor, where: str) -> None:
                      f"diverged); download the checkpoint again")
 
 
-def load_weights(model: Model, folder: Path, device_of, dtype):
+def load_weights(model: Model, folder: Path, device_of, dtype, check_finite: bool = True):
     """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
     into the meta-initialised model, each onto its device (device_of(name)), so no second copy of
     the weights is ever held. Non-float tensors are refused from the headers before any is read,
-    NaN / inf as each is read (check_finite)."""
+    NaN / inf as each is read (refuse_non_finite, unless check_finite=False)."""
     from safetensors import safe_open
     files = weight_files(folder)  # checked: inside the folder, present
     check_weight_dtypes(folder, files)
@@ -526,7 +527,8 @@ def load_weights(model: Model, folder: Path, device_of, dtype):
                 if t.shape != expected[name].shape:
                     raise ValueError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
                 w = t.to(device=device_of(name), dtype=dtype)
-                check_finite(w, t, f"{folder / file}: tensor {hf_name!r}")
+                if check_finite:
+                    refuse_non_finite(w, t, f"{folder / file}: tensor {hf_name!r}")
                 set_parameter(model, name, w)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
