@@ -1,6 +1,6 @@
 """What eviction buys and what it costs, measured side by side in one process.
 
-    python bench.py                       # default model, CPU: the figures quoted in the README
+    python bench.py                       # default model, CPU: the figures quoted in docs/gpu.md
     python bench.py --device cuda         # the same on a GPU, plus Triton vs PyTorch scoring
 
 1. load      the default model's load time: first conversion from the GGUF, then cached
@@ -133,7 +133,7 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
             cache = compress(prefill, method, budget) if budget else compress(prefill, "full")
             nbytes = cache.nbytes()
             t = clock(device)
-            decode_greedy(model, cache, new_tokens)  # no stop token: always new_tokens steps
+            decode_greedy(model, cache, prefill.n, prefill.logits, new_tokens)  # no stop token: always new_tokens steps
             return nbytes, clock(device) - t
         runs = [run() for _ in range(repeats)]
         t = statistics.median(r[1] for r in runs)

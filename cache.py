@@ -1,7 +1,9 @@
 """The KV cache that eviction really shrinks, and the selection machinery every method shares.
 
-Batch size is 1 throughout: after eviction each (layer, KV head) keeps a different set of
-prompt tokens, so two sequences would not share a shape. Evaluations run one prompt at a time.
+A KVCache holds one sequence: after eviction each (layer, KV head) keeps a different set of
+prompt tokens, so two sequences would not share a shape (decode.CacheBatch pads several into one
+batch for decoding). A cache is what is stored, nothing more: where decoding stands (the next
+position, the next token's logits) is the decoding's (model.decode_greedy, decode.Sequence).
 """
 from __future__ import annotations
 
@@ -81,21 +83,18 @@ class KVCache:
     eviction is exactly what was kept. When all heads of a layer hold the same number of entries the
     buffer is exactly a (H_kv, capacity, D) tensor, and attention reads it as one batch.
 
-    Kept entries keep their original positions: keys were cached after RoPE, and new
-    tokens get positions from `pos` on.
+    Kept entries keep their original positions: keys were cached after RoPE, and a new token
+    gets the position its caller gives it (Model.forward's pos).
     """
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], pos: int, reserve: int = 64):
-        """keys, values: per layer, a list over KV heads of (n_g, D) tensors to start from.
-        pos: position of the next token (the prompt length after a prefill); the model
-        advances it after each forward."""
+    def __init__(self, keys: list[Tensor], values: list[Tensor], prompt_len: int, reserve: int = 64):
+        """keys, values: per layer, a list over KV heads of (n_g, D) tensors to start from, kept
+        from a prompt of prompt_len tokens (the denominator of kept_fraction)."""
         self.n_layers, self.n_kv_heads = len(keys), len(keys[0])
         self.head_dim = keys[0][0].shape[-1]
-        self.reserve, self.pos = reserve, pos
+        self.reserve, self.prompt_len = reserve, prompt_len
         self.lengths = torch.tensor([[k.shape[0] for k in layer] for layer in keys], dtype=torch.long)
         self.prompt_lengths = self.lengths.clone()  # entries of the prompt kept (for kept_fraction)
-        self.prompt_len = pos
-        self.last_logits: Tensor | None = None  # (1, vocab), the prefill's next-token logits
         self.k, self.v, self.offsets, self.capacity = [], [], [], []
         for layer_k, layer_v in zip(keys, values):
             self._pack(layer_k, layer_v, extra=0)  # room for decoding is made on the first append
@@ -110,9 +109,7 @@ class KVCache:
             idx = [None] * k.shape[1] if kept is None else [i.to(k.device) for i in kept[l]]
             keys.append([k[0, g] if i is None else k[0, g, i] for g, i in enumerate(idx)])
             values.append([v[0, g] if i is None else v[0, g, i] for g, i in enumerate(idx)])
-        cache = cls(keys, values, pos=prefill.n)
-        cache.last_logits = prefill.logits
-        return cache
+        return cls(keys, values, prompt_len=prefill.n)
 
     def _pack(self, layer_k: list[Tensor], layer_v: list[Tensor], extra: int, layer: int | None = None):
         """(Re)build one layer's packed buffers from per-head (n_g, D) tensors, with `extra`

@@ -4,8 +4,9 @@ An eval's decoding is data, a `Decoding` (how many tokens, which ids and strings
 the first token may not be), so that one batch can honour each case's own rule:
 
     spec = Decoding(max_new_tokens=24, stop_ids=frozenset(tok.eos_ids), stop_strings=("\\n",))
-    tokens = decode_case(model, cache, spec, tok.decode)              # the readable path: model.decode_greedy
-    answers = decode_batch(model, caches, [spec] * len(caches), tok.decode)   # the same tokens, one forward per step
+    seq = Sequence.of(prefill, compress(prefill, "laprox", 0.05))  # a cache and where its sequence stands
+    tokens = decode_case(model, seq, spec, tok.decode)                # the readable path: model.decode_greedy
+    answers = decode_batch(model, seqs, [spec] * len(seqs), tok.decode)   # the same tokens, one forward per step
     text = answer_text(tok, tokens, spec)
 
 Batched decoding (why: a step of a small model costs about the same for one sequence or dozens,
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cache import KVCache, check_int
+from cache import KVCache, Prefill, check_int
 from model import answer_text as model_answer_text, decode_greedy
 
 
@@ -57,6 +58,36 @@ class Decoding:
         return bool(self.stop_strings) and any(s in detok(tokens) for s in self.stop_strings)
 
 
+@dataclass
+class Sequence:
+    """A sequence ready to decode: its cache (what is stored) and where decoding stands.
+
+    cache: the KV entries. pos: the position of the next token. logits: (1, vocab), the next token's
+    logits; None once answered (the last token is never fed back, so a sequence answers once)."""
+    cache: KVCache
+    pos: int
+    logits: Tensor | None
+
+    @classmethod
+    def of(cls, prefill: Prefill, cache: KVCache | None = None) -> "Sequence":
+        """The sequence right after `prefill`, its entries in `cache` (a compression of it; default all)."""
+        return cls(KVCache.from_prefill(prefill) if cache is None else cache, prefill.n, prefill.logits)
+
+    def extend(self, model, ids: Tensor) -> None:
+        """Prefill ids (1, t) onto the cache: they read only the entries it holds (the agnostic
+        protocol's question, after its context was compressed)."""
+        self.logits = model(ids, self.cache, self.pos)[:, -1]
+        self.pos += ids.shape[1]
+
+    def take_logits(self) -> Tensor:
+        """The next token's logits, once: a second answer from the same cache is refused."""
+        if self.logits is None:
+            raise ValueError("this sequence has been decoded from already (its last token was never fed back); "
+                             "build a new one from the prefill (compress, Sequence.of) for another answer")
+        logits, self.logits = self.logits, None
+        return logits
+
+
 def answer_text(tok, tokens: list[int], spec: Decoding) -> str:
     """The answer's text, cut at spec's stop strings (model.answer_text, what model.generate returns)."""
     return model_answer_text(tok, tokens, spec.stop_strings)
@@ -67,37 +98,37 @@ def check_detok(specs: list[Decoding], detok) -> None:
         raise ValueError("a Decoding with stop_strings needs detok (ids -> text, e.g. tok.decode) to test them")
 
 
-def decode_case(model, cache: KVCache, spec: Decoding, detok=None) -> list[int]:
-    """One cache, one token at a time (model.decode_greedy), by spec's rule: the reference that
-    decode_batch is tested against. Starts from cache.last_logits (the prefill's)."""
+def decode_case(model, seq: Sequence, spec: Decoding, detok=None) -> list[int]:
+    """One sequence, one token at a time (model.decode_greedy), by spec's rule: the reference that
+    decode_batch is tested against."""
     check_detok([spec], detok)
-    if cache.last_logits is None:
-        return decode_greedy(model, cache, spec.max_new_tokens)  # raises its "decoded from already" error
     stop = (lambda toks: spec.done(toks, detok)) if spec.stop_strings else None
-    return decode_greedy(model, cache, spec.max_new_tokens, stop_ids=spec.stop_ids,
-                         logits=spec.first_logits(cache.last_logits), stop=stop)
+    return decode_greedy(model, seq.cache, seq.pos, spec.first_logits(seq.take_logits()), spec.max_new_tokens,
+                         stop_ids=spec.stop_ids, stop=stop)
 
 
 # ----------------------------------------------------------------------------- a batch of ragged caches
 
 class CacheBatch:
-    """B ragged KVCaches as per-layer padded buffers that Model.forward decodes one token each.
+    """B ragged KVCaches as per-layer padded buffers that Model.forward decodes one token each
+    (Model.forward(tokens (B, 1), batch, batch.pos)).
 
     k[l], v[l]: (B, H_kv, S_l, D) on layer l's device; row (b, g) holds lengths[b, l, g] entries, then
     zeros. pos: (B, 1), each case's next position. room: new tokens each row can still take.
     update() has KVCache.update's interface, plus the key mask it returns with the buffers.
     """
 
-    def __init__(self, caches: list[KVCache], room: int):
-        """caches: KVCaches of one model (their entries are copied: the caller may free them).
-        room: new tokens to make space for (a case decodes at most max_new_tokens - 1 of them)."""
+    def __init__(self, caches: list[KVCache], pos: list[int], room: int):
+        """caches: KVCaches of one model (their entries are copied: the caller may free them); pos: the
+        next position of each. room: new tokens to make space for (a case decodes at most
+        max_new_tokens - 1 of them)."""
         check_int("room", room, 0)
         if not caches:
             raise ValueError("a CacheBatch needs at least one cache")
         first = caches[0]
         self.n_layers, self.n_kv_heads, self.head_dim = first.n_layers, first.n_kv_heads, first.head_dim
         self.room = room
-        self.pos = torch.tensor([[c.pos] for c in caches])
+        self.pos = torch.tensor(pos).view(len(caches), 1)
         self.lengths = torch.stack([c.lengths for c in caches])  # (B, L, H_kv)
         self.k, self.v = [], []
         for l in range(self.n_layers):
@@ -154,26 +185,23 @@ class CacheBatch:
 
 
 @torch.no_grad()
-def decode_batch(model, caches: list[KVCache], specs: list[Decoding], detok=None) -> list[list[int]]:
-    """Greedy tokens for every cache, one forward per step for all of them: the same tokens as
+def decode_batch(model, seqs: list[Sequence], specs: list[Decoding], detok=None) -> list[list[int]]:
+    """Greedy tokens for every sequence, one forward per step for all of them: the same tokens as
     decode_case on each (up to float rounding in near-ties), each case stopping by its own spec and
-    then leaving the batch. caches: each answers once (its last_logits, the prefill's, are used and
-    cleared; the last token is not fed back), as in decode_greedy. Returns the tokens per case."""
-    if len(caches) != len(specs):
-        raise ValueError(f"decode_batch needs one Decoding per cache, got {len(specs)} for {len(caches)}")
+    then leaving the batch. Each sequence answers once, as in decode_case. Returns the tokens per case."""
+    if len(seqs) != len(specs):
+        raise ValueError(f"decode_batch needs one Decoding per sequence, got {len(specs)} for {len(seqs)}")
     check_detok(specs, detok)
-    for c in caches:
-        if c.last_logits is None:
-            raise ValueError("a cache has been decoded from already (its last token was never fed back); "
-                             "build a new one from the prefill (compress / KVCache.from_prefill) for another answer")
-    if not caches:
+    if not seqs:
         return []
-    logits = torch.cat([s.first_logits(c.last_logits).to(caches[0].last_logits.device) for c, s in zip(caches, specs)])
-    for c in caches:
-        c.last_logits = None
-    batch = CacheBatch(caches, room=max(s.max_new_tokens for s in specs) - 1)
-    out: list[list[int]] = [[] for _ in caches]
-    alive = list(range(len(caches)))  # the case of each batch row
+    for seq in seqs:  # every sequence checked before any is used
+        if seq.logits is None:
+            seq.take_logits()  # raises its "decoded from already" error
+    first = [s.first_logits(seq.take_logits()) for seq, s in zip(seqs, specs)]
+    logits = torch.cat([x.to(first[0].device) for x in first])
+    batch = CacheBatch([s.cache for s in seqs], [s.pos for s in seqs], room=max(s.max_new_tokens for s in specs) - 1)
+    out: list[list[int]] = [[] for _ in seqs]
+    alive = list(range(len(seqs)))  # the case of each batch row
     while True:
         tokens = logits.argmax(-1)  # (B,)
         for i, token in zip(alive, tokens.tolist()):
@@ -184,7 +212,8 @@ def decode_batch(model, caches: list[KVCache], specs: list[Decoding], detok=None
         if len(still) < len(alive):
             batch.keep(still)
             alive, tokens = [alive[row] for row in still], tokens[still]
-        logits = model(tokens[:, None], batch)[:, -1]
+        logits = model(tokens[:, None], batch, batch.pos)[:, -1]
+        batch.pos += 1
 
 
 def padded_entries(caches: list[KVCache], room: int) -> int:
@@ -208,12 +237,12 @@ def batch_groups(caches: list[KVCache], room: int, limit: int) -> list[list[int]
     return groups
 
 
-def decode_in_groups(model, caches: list[KVCache], specs: list[Decoding], detok=None, limit: int | None = None):
-    """decode_batch over batch_groups of the caches: yields (the group's case indices, their tokens)
-    as each batch finishes. limit: entries a batch's buffers may hold; default, the largest case's
-    full cache (L x H_kv x (its position + room)), so that batching costs at most one more of it."""
+def decode_in_groups(model, seqs: list[Sequence], specs: list[Decoding], detok=None, limit: int | None = None):
+    """decode_batch over batch_groups of the sequences' caches: yields (the group's case indices, their
+    tokens) as each batch finishes. limit: entries a batch's buffers may hold; default, the largest
+    case's full cache (L x H_kv x (its position + room)), so that batching costs at most one more of it."""
     room = max(s.max_new_tokens for s in specs) - 1
     if limit is None:
-        limit = caches[0].n_layers * caches[0].n_kv_heads * (max(c.pos for c in caches) + room)
-    for group in batch_groups(caches, room, limit):
-        yield group, decode_batch(model, [caches[i] for i in group], [specs[i] for i in group], detok)
+        limit = seqs[0].cache.n_layers * seqs[0].cache.n_kv_heads * (max(s.pos for s in seqs) + room)
+    for group in batch_groups([s.cache for s in seqs], room, limit):
+        yield group, decode_batch(model, [seqs[i] for i in group], [specs[i] for i in group], detok)

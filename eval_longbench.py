@@ -415,11 +415,11 @@ def decoding(tok, task: str) -> Decoding:
     return Decoding(DATASET2MAXLEN[task], stop_ids=stop, first_banned=stop if task == "samsum" else frozenset())
 
 
-def decode_answer(model, tok, cache, task: str) -> str:
-    """The answer of one fresh cache (its last_logits (1, vocab) are the prefill's), decoded alone
+def decode_answer(model, tok, seq, task: str) -> str:
+    """The answer of one decode.Sequence (a cache and where its sequence stands), decoded alone
     (decode.decode_case) by `decoding`'s rule."""
     spec = decoding(tok, task)
-    return answer_text(tok, decode_case(model, cache, spec), spec)
+    return answer_text(tok, decode_case(model, seq, spec), spec)
 
 
 # ---- predictions file ----

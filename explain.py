@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from cache import KVCache, Prefill
-from decode import Decoding, answer_text, decode_in_groups
+from decode import Decoding, Sequence, answer_text, decode_in_groups
 from methods import parse_method, select
 
 
@@ -65,14 +65,14 @@ def restore(kept: list[list[torch.Tensor]], n: int, layer: int | None = None, he
     return out, added
 
 
-def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answers: Callable[[list[KVCache]], list[str]],
+def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answers: Callable[[list[Sequence]], list[str]],
             score: Callable[[str], float], span: range | None = None, top: int = 3,
             log: Callable[[Trial], None] = lambda t: None) -> list[Trial]:
     """Restore the evicted entries of one unit at a time and re-decode; returns one Trial per unit.
 
     prefill: the aware prefill of the case's whole prompt. kept: the method's kept sets on it
-    (methods.select). answers(caches) -> the generated text of each cache (greedy, from its
-    last_logits; the script decodes them as batches, decode.decode_in_groups); score(text) -> the
+    (methods.select). answers(seqs) -> the generated text of each decode.Sequence (greedy; the
+    script decodes them as batches, decode.decode_in_groups); score(text) -> the
     case's score. Units: "none", each layer, then each KV head of the layers whose restoration
     raises the score (if none does, of the `top` layers with the largest gain, ties to the
     shallower layer), then the token span if one is given: three rounds of decoding. log(trial)
@@ -82,7 +82,7 @@ def explain(prefill: Prefill, kept: list[list[torch.Tensor]], answers: Callable[
 
     def tried(units: list[tuple[str, list, int]]) -> list[Trial]:  # (unit, kept sets, entries added)
         caches = [KVCache.from_prefill(prefill, new_kept) for _, new_kept, _ in units]
-        texts = answers(caches)
+        texts = answers([Sequence.of(prefill, cache) for cache in caches])
         made = [Trial(unit, added, int(cache.prompt_lengths.sum()), float(score(text)), text)
                 for (unit, _, added), cache, text in zip(units, caches, texts)]
         for t in made:
@@ -171,9 +171,9 @@ def run(args) -> list[Trial]:
     model, tok = load_checkpoint(args.model, "cpu", "float32")
     ids, spec, score, reference = (ruler_case if args.task else niah_case)(tok, args)
 
-    def answers(caches):  # decoded as batches, each at most one full cache (decode.decode_in_groups)
-        texts = [""] * len(caches)
-        for group, tokens in decode_in_groups(model, caches, [spec] * len(caches), tok.decode):
+    def answers(seqs):  # decoded as batches, each at most one full cache (decode.decode_in_groups)
+        texts = [""] * len(seqs)
+        for group, tokens in decode_in_groups(model, seqs, [spec] * len(seqs), tok.decode):
             for i, t in zip(group, tokens):
                 texts[i] = answer_text(tok, t, spec)
         return texts
@@ -186,7 +186,7 @@ def run(args) -> list[Trial]:
     with torch.inference_mode():
         prefill = model.prefill(torch.tensor([ids]), window=args.window)
         kept = select(prefill, name, args.budget, **flags)
-        full = score(answers([KVCache.from_prefill(prefill)])[0])
+        full = score(answers([Sequence.of(prefill)])[0])
         print(f"{len(ids)}-token prompt; full cache scores {full:.2f}; {args.method} at {args.budget:g} (aware):")
         print(f"{'unit':<22} {'restored':>9} {'kept':>9} {'score':>6}  answer")
         return explain(prefill, kept, answers, score, span, log=lambda t: print(

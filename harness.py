@@ -70,9 +70,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+import memory
 import stats
 from cache import KVCache
-from decode import Decoding, answer_text, decode_case, decode_in_groups
+from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
 import distributed
 from distributed import Group, unit_cost
 from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
@@ -283,12 +284,18 @@ def model_label(name_or_path: str | None) -> str:
 
 def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: list[str] | None = None,
                     length: int | None = None, check_finite: bool = True):
-    """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` planned
-    for prompts of `length` tokens (check_finite: model.load_model's); a checkpoint that cannot be loaded, whatever the library
-    raises, is a ValueError naming it."""
-    from model import load_model
+    """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` as
+    memory.plan_layers balances them for prompts of `length` tokens (default: the model's context;
+    it refuses a model that does not fit). check_finite: model.load_model's. A checkpoint that cannot
+    be loaded, whatever the library raises, is a ValueError naming it."""
+    from model import load_config, load_model
     try:
-        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, length=length,
+        layers = None
+        if devices is not None:
+            cfg, itemsize = load_config(name_or_path), getattr(torch, dtype).itemsize
+            layers = memory.plan_layers(cfg, length or cfg.max_position, itemsize, len(devices),
+                                        capacities=memory.device_capacities(devices))
+        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, layers=layers,
                           check_finite=check_finite)
     except Exception as e:  # a broken or unreachable checkpoint
         what = "the default model" if name_or_path is None else f"--model {name_or_path}"
@@ -596,8 +603,7 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
 
     model: model.Model. context_ids (c,), question_ids (t,): the prompt's two parts (encode_split),
     both non-empty. cases: see make_cases (an eval drops the ones it has done). decoding: the eval's
-    decoding rule for this unit (decode.Decoding), from cache.last_logits, the next-token logits after
-    the whole prompt. tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text
+    decoding rule for this unit (decode.Decoding), from the next-token logits after the whole prompt. tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text
     (decode.answer_text). window: the observation window w of the prefills. seed: the "random"
     method's seed. batch: decode every case of a protocol as one batch (decode.decode_batch, in
     groups bounded by memory: decode_cases); False: one case at a time (decode.decode_case). Both give
@@ -649,8 +655,8 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
 
 
 def prepare_cases(model, prefill, cases: list[Case], question, prefill_s: float,
-                  seed: int) -> Iterator[tuple[KVCache, Result]]:
-    """(cache ready to decode, its Result so far) per case, lazily: decoding one at a time holds one
+                  seed: int) -> Iterator[tuple[Sequence, Result]]:
+    """(sequence ready to decode, its Result so far) per case, lazily: decoding one at a time holds one
     compressed cache at once, a batch holds them all. Scores are made once first (score_once)."""
     scored = score_once(prefill, cases, seed)
     return (prepare_case(model, prefill, case, question, prefill_s, seed, *scored.pop(i, (None, 0.0, False)))
@@ -658,8 +664,8 @@ def prepare_cases(model, prefill, cases: list[Case], question, prefill_s: float,
 
 
 def prepare_case(model, prefill, case: Case, question, prefill_s: float, seed: int, scored: Scored | None = None,
-                 score_s: float = 0.0, shared: bool = False) -> tuple[KVCache, Result]:
-    """Compress `prefill` for one case; (the cache to decode, its Result without the answer). question:
+                 score_s: float = 0.0, shared: bool = False) -> tuple[Sequence, Result]:
+    """Compress `prefill` for one case; (the sequence to decode, its Result without the answer). question:
     None (aware: the prefill holds the whole prompt) or (1, t) ids to prefill onto the compressed
     context first (agnostic). scored, score_s, shared: the case's scores made by score_once, its share
     of their time (counted in compress_s) and whether other cases shared them (None: scored here)."""
@@ -668,38 +674,39 @@ def prepare_case(model, prefill, case: Case, question, prefill_s: float, seed: i
     cache = compress_case(prefill, case, seed, scored)
     t1 = clock(device)
     kept, mb = cache.kept_fraction(), cache.nbytes() / 2 ** 20  # before the question or decoding appends
-    t2 = t1
+    seq, t2 = Sequence.of(prefill, cache), t1
     if question is not None:  # the question reads only what compression kept of the context
-        cache.last_logits = model(question, cache)[:, -1]
+        seq.extend(model, question)
         t2 = clock(device)
-    return cache, Result(case, None, kept, "prompt" if question is None else "context", mb,
+    return seq, Result(case, None, kept, "prompt" if question is None else "context", mb,
                          prefill_s, score_s + t1 - t0, t2 - t1, timing_shared=shared)
 
 
 def decode_one_at_a_time(model, prepared, decoding: Decoding, tok) -> Iterator[Result]:
-    """Decode each prepared (cache, Result) alone (decode.decode_case), as it comes."""
-    for cache, result in prepared:
-        t0 = clock(cache.k[0].device)
-        result.generated = answer_text(tok, decode_case(model, cache, decoding, tok.decode), decoding)
-        result.decode_s = clock(cache.k[0].device) - t0
+    """Decode each prepared (Sequence, Result) alone (decode.decode_case), as it comes."""
+    for seq, result in prepared:
+        device = seq.cache.k[0].device
+        t0 = clock(device)
+        result.generated = answer_text(tok, decode_case(model, seq, decoding, tok.decode), decoding)
+        result.decode_s = clock(device) - t0
         yield result
 
 
 def decode_cases(model, prepared, decoding: Decoding, tok) -> Iterator[Result]:
-    """Decode the prepared (cache, Result) pairs of one protocol as batches (decode.decode_in_groups):
+    """Decode the prepared (Sequence, Result) pairs of one protocol as batches (decode.decode_in_groups):
     a batch's padded buffers hold at most the unit's full cache (every cache of the unit is at the
     prompt's n tokens, so that is decode_in_groups' default), so a full cache decodes alone. A batch's time is split evenly over its cases (timing_shared).
     Yields the Results in the order of the cases."""
-    caches, results = map(list, zip(*prepared))
-    device = caches[0].k[0].device
+    seqs, results = map(list, zip(*prepared))
+    device = seqs[0].cache.k[0].device
     t0 = clock(device)
-    for group, tokens in decode_in_groups(model, caches, [decoding] * len(caches), tok.decode):
+    for group, tokens in decode_in_groups(model, seqs, [decoding] * len(seqs), tok.decode):
         t1 = clock(device)
         for i, answer in zip(group, tokens):
             results[i].generated = answer_text(tok, answer, decoding)
             results[i].decode_s = (t1 - t0) / len(group)
             results[i].timing_shared = results[i].timing_shared or len(group) > 1
-            caches[i] = None  # answered: its memory can go
+            seqs[i] = None  # answered: its memory can go
         t0 = t1
     yield from results
 

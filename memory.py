@@ -25,7 +25,7 @@ laprox.laprox_scorer, cache.select), batch size 1:
 It assumes attention itself runs as a fused kernel (no n x n matrix). Everything is per layer
 first (layer_memory), so that contiguous layer ranges can be placed on several GPUs and balanced
 (model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)): plan_layers chooses the
-ranges (model.load_model(devices=...) places them), e.g. Llama-3.1-70B on two or three GPUs:
+ranges (model.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
 
     python memory.py --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
 
@@ -177,17 +177,6 @@ def _device_parts(shape, per: dict, itemsize: int, layers: range, embed: bool, h
 
 # ----------------------------------------------------------------------------- several devices
 
-def check_ranges(ranges: list[range], n_layers: int, n_devices: int) -> None:
-    """ranges: one range of layers per device, contiguous and in order, covering 0 .. n_layers - 1
-    (a range may be empty). ValueError otherwise."""
-    ok = (len(ranges) == n_devices >= 1 and all(isinstance(r, range) and r.step == 1 and r.start <= r.stop
-                                                for r in ranges)
-          and ranges[0].start == 0 and ranges[-1].stop == n_layers and all(a.stop == b.start for a, b in zip(ranges, ranges[1:])))
-    if not ok:
-        raise ValueError(f"layer ranges {ranges} must be {n_devices} contiguous ranges, in order, covering the "
-                         f"{n_layers} layers (e.g. from memory.plan_layers)")
-
-
 def split_layers(n_layers: int, n_devices: int, device_bytes, capacities: list[float] | None = None) -> list[range]:
     """Contiguous ranges of layers, one per device (in order), that minimise the largest fraction of
     its capacity any device uses: device_bytes(d, range) / capacities[d] (equal capacities by default).
@@ -233,7 +222,7 @@ def plan_layers(shape, n: int, itemsize: int, n_devices: int, *, capacities: lis
     capacities: bytes per device (device_capacities); the plan then balances the fraction used and
     a model that does not fit is a ValueError naming what each device would need. Without them the
     devices count as equal and nothing is checked (a CPU). Deterministic: the same arguments give
-    the same plan on every rank. Returns a list of n_devices ranges (check_ranges).
+    the same plan on every rank. Returns a list of n_devices ranges (model.check_ranges).
     """
     _check(n, itemsize, window)
     per = layer_memory(shape, n, itemsize, window=window, path=path)

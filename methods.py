@@ -13,7 +13,7 @@ The first three lines do not depend on the budget: `score` computes them once (a
 every budget and selection flag selects from it (cases with equal `score_key` share it).
 The scorers live in laprox.py (ours) and baselines.py (prior work); the rules, the budget and
 the cache in cache.py. METHODS is a plain dict: a new method is one scorer and one line here
-(README, "Add your own eviction method").
+(docs/add-a-method.md).
 
 Where the defaults come from: pooling (average, kernel 7, for SnapKV, PyramidKV, AdaKV,
 CriticalKV and LaProx) and w = 32 follow the LaProx paper's Appendix A, so that our tables

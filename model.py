@@ -16,12 +16,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import memory
 from cache import KVCache, Prefill, check_int
 from checkpoint import (check_weight_dtypes, read_config, read_json, read_tokenizer, resolve_checkpoint, rope_parameters,
                         weight_files)
@@ -161,18 +161,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x: (B, T, d) -> (B, T, d). With a cache (B = 1; or B sequences of a decode.CacheBatch) the new
-        keys are appended to it and attention reads every entry it holds, per head when eviction left
-        heads uneven (a CacheBatch reads each layer as one padded batch with a key mask)."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x, positions, inv_freq)
-        if cache is None:
-            y = attention(q, k, v)
-        else:
-            parts = cache.update(layer, k, v)  # one (keys, values[, key_mask]) per group of heads
-            y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
+    def attend(self, q: Tensor, parts: list[tuple]) -> Tensor:
+        """q: (B, H, T, D) over parts, the keys and values it reads: one (keys, values[, key_mask]) per
+        group of KV heads, in head order (see Block.forward) -> the attention output (B, T, d), after o_proj."""
+        B, _, T, _ = q.shape
+        y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -187,11 +180,34 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Seen(NamedTuple):
+    """What a block computed on the way, for Model.prefill to keep: q (B, H, T, D) after RoPE; parts,
+    the (keys, values[, key_mask]) attention read (see Block.forward); y (B, T, d), the attention
+    output after o_proj; h (B, T, d), the residual stream after adding it (what the MLP norm reads)."""
+    q: Tensor
+    parts: list
+    y: Tensor
+    h: Tensor
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
+
+    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, keys=None) -> tuple[Tensor, Seen]:
+        """x: (B, T, d) -> (B, T, d), and what was Seen on the way. positions: (T,) or (B, T).
+        keys(k, v) -> what attention reads, given the T new keys and values (B, H_kv, T, D): a list of
+        (keys, values[, key_mask]) per group of KV heads. A KVCache's update(layer, ...) appends them
+        and returns every entry it holds (per head when eviction left heads uneven; a
+        decode.CacheBatch, one padded batch with a key mask); a prefill with a past puts its keys
+        first. None: the T tokens alone, a whole sequence."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions, inv_freq)
+        parts = [(k, v)] if keys is None else keys(k, v)
+        y = self.attn.attend(q, parts)
+        h = x + y
+        return h + self.mlp(self.mlp_norm(h)), Seen(q, parts, y, h)
 
 
 class Model(nn.Module):
@@ -212,7 +228,7 @@ class Model(nn.Module):
         return self._inv_freq[device]
 
     def place(self, devices: list, ranges: list[range]) -> "Model":
-        """Put layers ranges[i] on devices[i] (contiguous, in order: memory.plan_layers), the embeddings on
+        """Put layers ranges[i] on devices[i] (contiguous, in order: check_ranges), the embeddings on
         devices[0], the final norm and lm_head on devices[-1]. Activations then move only where two ranges
         meet; a layer's KV cache and Prefill tensors stay on its device (load_model(devices=...))."""
         device_of = device_map(devices, ranges, self.config.n_layers)
@@ -246,22 +262,24 @@ class Model(nn.Module):
             raise ValueError(f"context of {n} tokens exceeds the sliding window ({c.sliding_window}) of this "
                              "checkpoint, which this reference does not implement; use a shorter prompt")
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, pos: int | Tensor | None = None) -> Tensor:
         """input_ids: (B, T) -> logits (B, T, vocab) float32. Without a cache the T tokens are a
-        whole sequence (positions 0..T-1); with one (B = 1) they continue it from cache.pos; with a
-        decode.CacheBatch (T = 1) each row continues its own sequence from its own pos, (B, 1)."""
+        whole sequence (positions 0..T-1). With one (B = 1) they continue its sequence from position
+        `pos` (the caller's: a cache stores entries, not where decoding stands) and are appended to it;
+        with a decode.CacheBatch (T = 1) each row continues its own sequence from its own pos, (B, 1)."""
         self.check_ids(input_ids)
+        if (cache is None) != (pos is None):
+            raise ValueError("pass a cache together with pos, the position of the first new token (the prompt's "
+                             "length after a prefill), or neither for a whole sequence")
+        pos = 0 if pos is None else pos
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.pos  # an int, or a (B, 1) tensor
-        self.check_length(int(torch.as_tensor(start).max()) + T)
+        self.check_length(int(torch.as_tensor(pos).max()) + T)
         x = self.embed(input_ids.to(self.embed.weight.device))
-        positions = torch.as_tensor(start, device=x.device) + torch.arange(T, device=x.device)  # (T,) | (B, T)
+        positions = torch.as_tensor(pos, device=x.device) + torch.arange(T, device=x.device)  # (T,) | (B, T)
         for i, blk in enumerate(self.layers):
             x = x.to(blk.attn_norm.weight.device)  # moves only where two ranges of layers meet (place)
-            x = x + blk.attn(blk.attn_norm(x), positions.to(x.device), self.inv_freq(x.device), cache, i)
-            x = x + blk.mlp(blk.mlp_norm(x))
-        if cache is not None:
-            cache.pos += T
+            keys = None if cache is None else (lambda k, v, i=i: cache.update(i, k, v))
+            x, _ = blk(x, positions.to(x.device), self.inv_freq(x.device), keys)
         return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
 
     @torch.no_grad()
@@ -293,18 +311,16 @@ class Model(nn.Module):
         positions = torch.arange(c, n, device=x.device)
         for l, blk in enumerate(self.layers):
             x = x.to(blk.attn_norm.weight.device)  # as in forward; the past of layer l is on its device
-            q, k, v = blk.attn.qkv(blk.attn_norm(x), positions.to(x.device), self.inv_freq(x.device))
-            if past is not None:  # the new tokens read the past keys too; the window may start in the past
-                k, v = torch.cat([past.keys[l], k], 2), torch.cat([past.values[l], v], 2)
-            y = blk.attn.o_proj(attention(q, k, v).transpose(1, 2).reshape(1, t, -1))  # (1, t, d)
-            x = x + y
+            with_past = None if past is None else (  # the new tokens read the past keys too
+                lambda k, v, l=l: [(torch.cat([past.keys[l], k], 2), torch.cat([past.values[l], v], 2))])
+            x, (q, [(k, v)], y, h) = blk(x, positions.to(x.device), self.inv_freq(x.device), with_past)
             keys.append(k); values.append(v); o_proj.append(blk.attn.o_proj.weight)
+            # the window may start in the past
             queries.append((q if past is None else torch.cat([past.queries[l], q[:, :, -w:]], 2))[:, :, -w:].clone())
-            out.append(y[0, -w:].float().pow(2).sum(-1)); resid.append(x[0, -w:].float().pow(2).sum(-1))
+            out.append(y[0, -w:].float().pow(2).sum(-1)); resid.append(h[0, -w:].float().pow(2).sum(-1))
             if h2o:  # column sums of the past (its means times their query counts) and of the new queries
                 prior = 0 if past is None else F.pad(past.h2o[l] * torch.arange(c, 0, -1, device=q.device), (0, t))
                 cols.append((attention_column_sums(q, k, h2o_chunk) + prior) / torch.arange(n, 0, -1, device=q.device))
-            x = x + blk.mlp(blk.mlp_norm(x))
         logits = self.lm_head(self.norm(x[:, -1:].to(self.norm.weight.device))).float()[:, 0]
         resid, out = (torch.stack([r.cpu() for r in rows]) for rows in (resid, out))  # (L, min(w, t)) squared norms
         if past is not None:
@@ -332,42 +348,43 @@ def attention_column_sums(q: Tensor, k: Tensor, chunk: int) -> Tensor:
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def decode_greedy(model: Model, cache: KVCache, max_new_tokens: int, stop_ids=(), logits: Tensor | None = None,
+def decode_greedy(model: Model, cache: KVCache, pos: int, logits: Tensor, max_new_tokens: int, stop_ids=(),
                   stop=None) -> list[int]:
-    """Greedy tokens continuing the sequence in `cache` (appended to it as they are made).
-    logits: (1, vocab) for the first token; defaults to cache.last_logits (the prefill's).
-    Stops after a token in stop_ids, or when stop(tokens so far) is true. The last token is
-    not fed back, so a cache answers once: compress the prefill again for another answer."""
+    """Greedy tokens continuing a sequence whose entries are in `cache` (the new ones appended to it).
+    pos: the position of the next token (the prompt's length n after a prefill); logits: (1, vocab),
+    the next token's (the prefill's). Stops after a token in stop_ids, or when stop(tokens so far) is
+    true. The last token is not fed back, so the cache then holds one entry fewer than the tokens:
+    compress the prefill again for another answer (decode.Sequence keeps track of this)."""
     check_int("max_new_tokens", max_new_tokens, 1)
-    logits = cache.last_logits if logits is None else logits
-    if logits is None:
-        raise ValueError("this cache has been decoded from already (its last token was never fed back); "
-                         "build a new one from the prefill (compress / KVCache.from_prefill) for another answer")
-    cache.last_logits = None
     out = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         token = int(logits[0].argmax())
         out.append(token)
         if token in stop_ids or len(out) == max_new_tokens or (stop is not None and stop(out)):
             break
-        logits = model(torch.tensor([[token]], device=logits.device), cache)[:, -1]
+        logits = model(torch.tensor([[token]], device=logits.device), cache, pos + t)[:, -1]
     return out
 
 
 def generate(model: Model, tok: "Tokenizer", prompt: str | None = None, *, cache: KVCache | None = None,
-             max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
-    """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat)
-    or of an existing, possibly compressed, cache. Stops at the model's end-of-turn / eos tokens
-    or as soon as the text contains one of `stop_strings`; returns the new text without them."""
-    if (prompt is None) == (cache is None):
-        raise ValueError("pass exactly one of prompt= or cache=")
+             prefill: Prefill | None = None, max_new_tokens: int = 64, stop_strings: tuple[str, ...] = ()) -> str:
+    """Greedy continuation of `prompt` (raw text: apply tok.apply_chat_template first for a chat), or
+    from a cache made of `prefill` (compress(prefill, ...)): the prefill says where the sequence stands
+    (its n tokens, its next-token logits). Stops at the model's end-of-turn / eos tokens or as soon as
+    the text contains one of `stop_strings`; returns the new text without them."""
+    if (prompt is None) == (cache is None) or (cache is None) != (prefill is None):
+        raise ValueError("pass prompt=, or cache= with the prefill= it was made from")
     check_int("max_new_tokens", max_new_tokens, 1)  # before the prefill
     if cache is None:
         ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
-        cache = KVCache.from_prefill(model.prefill(ids))
+        prefill = model.prefill(ids)
+        cache = KVCache.from_prefill(prefill)
+    if cache.prompt_len != prefill.n or not bool((cache.lengths == cache.prompt_lengths).all()):
+        raise ValueError(f"this cache is not a fresh compression of the {prefill.n}-token prefill (it holds entries "
+                         "of another prompt, or decoding appended to it); compress the prefill again")
     stop = (lambda toks: any(s in tok.decode(toks) for s in stop_strings)) if stop_strings else None
-    return answer_text(tok, decode_greedy(model, cache, max_new_tokens, stop_ids=set(tok.eos_ids), stop=stop),
-                       stop_strings)
+    tokens = decode_greedy(model, cache, prefill.n, prefill.logits, max_new_tokens, stop_ids=set(tok.eos_ids), stop=stop)
+    return answer_text(tok, tokens, stop_strings)
 
 
 def answer_text(tok, tokens: list[int], stop_strings: tuple[str, ...] = ()) -> str:
@@ -437,10 +454,10 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- loading
 
 def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               devices: list[str] | None = None, length: int | None = None, check_finite: bool = True):
-    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`; or on
-    devices=["cuda:0", "cuda:1", ...], ranges of layers balanced by memory for prompts of `length` tokens
-    (default: the model's context) by memory.plan_layers, which refuses a model that does not fit.
+               devices: list[str] | None = None, layers: list[range] | None = None, check_finite: bool = True):
+    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`; or over
+    devices=["cuda:0", "cuda:1", ...], the range of layers layers[i] on devices[i] (default: equal
+    numbers of layers; the evals' --devices balance them by memory with memory.plan_layers).
     check_finite=False skips the NaN / inf check of each weight (only bench.py --load, to time it)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
@@ -453,12 +470,36 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: t
             raise ValueError(f"device {d!r} is not available here ({e}); use device cpu") from None
     folder = resolve_checkpoint(name_or_path)
     cfg = Config.from_hf(read_config(folder))  # read_config's errors name the file
-    ranges = [range(cfg.n_layers)] if devices is None else memory.plan_layers(
-        cfg, length or cfg.max_position, dtype.itemsize, len(devices), capacities=memory.device_capacities(devices))
+    if devices is None:
+        layers = [range(cfg.n_layers)]
+    elif layers is None:
+        layers = even_ranges(cfg.n_layers, len(devices))
     with torch.device("meta"):  # no memory yet: each weight is created once, from the file
         model = Model(cfg)
-    load_weights(model, folder, device_map(devices or [device], ranges, cfg.n_layers), dtype, check_finite)
+    load_weights(model, folder, device_map(devices or [device], layers, cfg.n_layers), dtype, check_finite)
     return model.eval(), Tokenizer(folder, cfg)
+
+
+def load_config(name_or_path: str | None = None) -> Config:
+    """The Config of a checkpoint (what load_model builds), without reading its weights."""
+    return Config.from_hf(read_config(resolve_checkpoint(name_or_path)))
+
+
+def even_ranges(n_layers: int, n_devices: int) -> list[range]:
+    """n_layers split into n_devices contiguous ranges whose sizes differ by at most one."""
+    cuts = [round(i * n_layers / n_devices) for i in range(n_devices + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def check_ranges(ranges: list[range], n_layers: int, n_devices: int) -> None:
+    """ranges: one range of layers per device, contiguous and in order, covering 0 .. n_layers - 1
+    (a range may be empty). ValueError otherwise."""
+    ok = (len(ranges) == n_devices >= 1 and all(isinstance(r, range) and r.step == 1 and r.start <= r.stop
+                                                for r in ranges)
+          and ranges[0].start == 0 and ranges[-1].stop == n_layers and all(a.stop == b.start for a, b in zip(ranges, ranges[1:])))
+    if not ok:
+        raise ValueError(f"layer ranges {ranges} must be {n_devices} contiguous ranges, in order, covering the "
+                         f"{n_layers} layers (e.g. from memory.plan_layers)")
 
 
 def hf_to_ours(name: str) -> str:
@@ -473,7 +514,7 @@ def hf_to_ours(name: str) -> str:
 def device_map(devices: list, ranges: list[range], n_layers: int):
     """Where each weight goes when layers ranges[i] are on devices[i]: a function of our tensor name
     (layers.3.attn.q_proj.weight) -> torch.device; embeddings on the first device, the rest on the last."""
-    memory.check_ranges(ranges, n_layers, len(devices))
+    check_ranges(ranges, n_layers, len(devices))
     layer = {l: torch.device(d) for d, r in zip(devices, ranges) for l in r}
     return lambda name: layer[int(name.split(".")[1])] if name.startswith("layers.") else \
         torch.device(devices[0] if name.startswith("embed.") else devices[-1])

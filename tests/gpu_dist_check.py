@@ -90,8 +90,8 @@ def run_model(model: Model, ids: torch.Tensor) -> dict:
     out["continued"] = model.prefill(ids[:, -100:], window=16, h2o=True, past=context)
     out["prefill"] = prefill
     out["kept"] = {m: kept_lists(select(prefill, m, 0.05)) for m in METHODS}
-    out["tokens"] = decode_greedy(model, compress(prefill, "laprox", 0.05), 16)
-    out["tokens_full"] = decode_greedy(model, KVCache.from_prefill(prefill), 16)
+    out["tokens"] = decode_greedy(model, compress(prefill, "laprox", 0.05), prefill.n, prefill.logits, 16)
+    out["tokens_full"] = decode_greedy(model, KVCache.from_prefill(prefill), prefill.n, prefill.logits, 16)
     return out
 
 
@@ -175,7 +175,7 @@ def niah_toy(out: Path, device: str) -> None:
                     for method in ("full", "laprox", "snapkv"):
                         cache = compress(prefill, method, 0.05)
                         put(dict(length=n, depth=depth, method=method, kept=cache.kept_fraction(),
-                                 tokens=decode_greedy(model, cache, 8), rank=None))
+                                 tokens=decode_greedy(model, cache, prefill.n, prefill.logits, 8), rank=None))
 
 
 def check_torchrun(out: Path, device: str) -> bool:

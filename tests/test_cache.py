@@ -64,7 +64,7 @@ def test_decode_over_evicted_cache_equals_masked_full_attention(tmp_path, family
     new_kv = [[] for _ in model.layers]
     token = int(prefill.logits.argmax())
     for step in range(70):  # past the 64-row reserve, so the repacking path runs too
-        ours = model(torch.tensor([[token]]), cache)[:, -1]
+        ours = model(torch.tensor([[token]]), cache, n + step)[:, -1]
         ref = masked_reference_step(model, torch.tensor([[token]]), n + step, prompt_kv, kept, new_kv)
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
         token = int(torch.randint(0, BASE["vocab_size"], (1,), generator=gen))  # fresh inputs each step
@@ -112,10 +112,10 @@ def test_default_model_memory_at_5_percent_and_full_is_bit_identical():
             print(f"4k tokens, {method} at 0.05: {small.nbytes() / 2**20:.1f} MiB of {full.nbytes() / 2**20:.1f} MiB "
                   f"= {100 * ratio:.2f}% (+ {small.lengths.numel() * 8} bytes of per-head lengths)")
             assert ratio <= 0.07 and abs(small.kept_fraction() - 0.05) < 1e-3
-        reference = decode_greedy(model, KVCache.from_prefill(prefill), 12)
+        reference = decode_greedy(model, KVCache.from_prefill(prefill), prefill.n, prefill.logits, 12)
         for cache in (compress(prefill, "laprox", 1.0), compress(prefill, "snapkv", 1.0), full):
             assert cache.kept_fraction() == 1.0
-            assert decode_greedy(model, cache, 12) == reference
+            assert decode_greedy(model, cache, prefill.n, prefill.logits, 12) == reference
         # and the same tokens as a plain forward over the prompt + what was generated
         logits = model(torch.cat([ids, torch.tensor([reference[:-1]])], 1))[0, ids.shape[1] - 1:]
         assert logits.argmax(-1).tolist() == reference

@@ -6,7 +6,7 @@ import torch
 
 import harness as Hn
 from cache import KVCache
-from decode import CacheBatch, Decoding, batch_groups, decode_batch, decode_case, padded_entries
+from decode import CacheBatch, Decoding, Sequence, batch_groups, decode_batch, decode_case, padded_entries
 from methods import compress
 from model import load_model
 from test_model import BASE, make_checkpoint
@@ -32,41 +32,43 @@ RAGGED = [(300, "laprox", 0.1, "aware"), (40, "full", 1.0, "aware"), (220, "snap
           (120, "laprox", 0.5, "agnostic"), (64, "streamingllm", 0.5, "aware"), (260, "full", 1.0, "agnostic")]
 
 
-def ragged_caches(model, seed=0) -> list[KVCache]:
-    """Fresh compressed caches of the RAGGED cases (each call builds them anew: a cache answers once)."""
-    caches = []
+def ragged_seqs(model, seed=0) -> list[Sequence]:
+    """Fresh compressed sequences of the RAGGED cases (each call builds them anew: one answers once)."""
+    seqs = []
     with torch.no_grad():
         for i, (n, method, budget, protocol) in enumerate(RAGGED):
             ids = random_ids(n, seed + i)
-            if protocol == "aware":
-                caches.append(compress(model.prefill(ids, window=8), method, budget))
-            else:
-                cache = compress(model.prefill(ids[:, :-7], window=8), method, budget)
-                cache.last_logits = model(ids[:, -7:], cache)[:, -1]
-                caches.append(cache)
-    return caches
+            prefill = model.prefill(ids if protocol == "aware" else ids[:, :-7], window=8)
+            seq = Sequence.of(prefill, compress(prefill, method, budget))
+            if protocol == "agnostic":
+                seq.extend(model, ids[:, -7:])
+            seqs.append(seq)
+    return seqs
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen3-qknorm"])
 def test_batch_gives_the_tokens_of_one_at_a_time(tiny, family):
     model = tiny[family]
     spec = Decoding(10)
-    alone = [decode_case(model, c, spec) for c in ragged_caches(model)]
-    caches = ragged_caches(model)
+    alone = [decode_case(model, s, spec) for s in ragged_seqs(model)]
+    seqs = ragged_seqs(model)
+    caches = [s.cache for s in seqs]
     assert len({int(c.lengths.sum()) for c in caches}) == len(caches)  # truly ragged
     assert any(len(set(c.lengths[l].tolist())) > 1 for c in caches for l in range(c.n_layers))  # uneven heads
-    assert decode_batch(model, caches, [spec] * len(caches)) == alone
-    assert all(c.last_logits is None for c in caches)  # each answered once
+    assert decode_batch(model, seqs, [spec] * len(seqs)) == alone
+    assert all(s.logits is None for s in seqs)  # each answered once
     with pytest.raises(ValueError, match="decoded from already"):
-        decode_batch(model, caches[:1], [spec])
+        decode_batch(model, seqs[:1], [spec])
+    with pytest.raises(ValueError, match="decoded from already"):
+        decode_case(model, seqs[0], spec)
 
 
-def teacher_forced_logits(model, cache, tokens) -> list[torch.Tensor]:
+def teacher_forced_logits(model, seq, tokens) -> list[torch.Tensor]:
     """The single path's (1, vocab) logits at each step when fed `tokens` (the first: the prefill's)."""
-    out = [cache.last_logits]
+    out = [seq.logits]
     with torch.no_grad():
-        for t in tokens[:-1]:
-            out.append(model(torch.tensor([[t]]), cache)[:, -1])
+        for i, t in enumerate(tokens[:-1]):
+            out.append(model(torch.tensor([[t]]), seq.cache, seq.pos + i)[:, -1])
     return out
 
 
@@ -77,11 +79,11 @@ def test_teacher_forced_batch_logits_match_at_every_step_and_padding_is_never_re
     let them dominate the softmax or the output."""
     model = tiny[family]
     steps = 8
-    caches = ragged_caches(model, seed=7)
-    tokens = [decode_case(model, c, Decoding(steps)) for c in ragged_caches(model, seed=7)]
-    want = [teacher_forced_logits(model, c, t) for c, t in zip(ragged_caches(model, seed=7), tokens)]
-    first = torch.cat([c.last_logits for c in caches])
-    batch = CacheBatch(caches, room=steps)
+    seqs = ragged_seqs(model, seed=7)
+    tokens = [decode_case(model, s, Decoding(steps)) for s in ragged_seqs(model, seed=7)]
+    want = [teacher_forced_logits(model, s, t) for s, t in zip(ragged_seqs(model, seed=7), tokens)]
+    first = torch.cat([s.logits for s in seqs])
+    batch = CacheBatch([s.cache for s in seqs], [s.pos for s in seqs], room=steps)
     g = torch.Generator().manual_seed(3)
     for l in range(batch.n_layers):
         pad = ~batch.key_mask(l)[:, :, 0]  # (B, H_kv, S)
@@ -92,9 +94,10 @@ def test_teacher_forced_batch_logits_match_at_every_step_and_padding_is_never_re
     with torch.no_grad():
         for step in range(steps - 1):
             fed = torch.tensor([[t[step]] for t in tokens])
-            got.append(model(fed, batch)[:, -1])
+            got.append(model(fed, batch, batch.pos)[:, -1])
+            batch.pos += 1
     for step, logits in enumerate(got):
-        for b in range(len(caches)):
+        for b in range(len(seqs)):
             ref = want[b][step][0]
             assert (logits[b] - ref).abs().max() <= 1e-5 * ref.abs().max(), (step, RAGGED[b])
 
@@ -104,34 +107,33 @@ def test_each_case_stops_by_its_own_rule_and_leaves_the_batch(tiny):
     at a stop string; the rest keep decoding. Tokens equal decode_case's by the same specs."""
     model = tiny["llama-gqa"]
     detok = lambda ids: " ".join(f"t{i}" for i in ids)
-    probe = [decode_case(model, c, Decoding(12)) for c in ragged_caches(model, seed=3)]
+    probe = [decode_case(model, s, Decoding(12)) for s in ragged_seqs(model, seed=3)]
     specs = [Decoding(12, stop_ids=frozenset({probe[0][0]})),          # stops at step 1
              Decoding(12),                                             # runs to the end
              Decoding(5),                                              # its own, shorter limit
              Decoding(12, stop_strings=(f"t{probe[3][2]}",)),           # a stop string by step 3
              Decoding(12, stop_ids=frozenset({probe[4][4]})),
              Decoding(12, first_banned=frozenset({probe[5][0]}))]     # samsum's rule: a new first token
-    alone = [decode_case(model, c, s, detok) for c, s in zip(ragged_caches(model, seed=3), specs)]
-    got = decode_batch(model, ragged_caches(model, seed=3), specs, detok)
+    alone = [decode_case(model, q, s, detok) for q, s in zip(ragged_seqs(model, seed=3), specs)]
+    got = decode_batch(model, ragged_seqs(model, seed=3), specs, detok)
     assert got == alone
     assert len(got[0]) == 1 and len(got[1]) == 12 and len(got[2]) == 5 and len(got[3]) <= 3
     assert got[5][0] != probe[5][0]
     with pytest.raises(ValueError, match="needs detok"):
-        decode_batch(model, ragged_caches(model, seed=3)[:1], [specs[3]])
+        decode_batch(model, ragged_seqs(model, seed=3)[:1], [specs[3]])
 
 
 def test_leaving_cases_shrink_the_buffers_and_positions_stay_each_cases_own(tiny):
     model = tiny["llama-gqa"]
-    caches = ragged_caches(model, seed=5)
-    batch = CacheBatch(caches, room=4)
+    seqs = ragged_seqs(model, seed=5)
+    caches, pos = [s.cache for s in seqs], [s.pos for s in seqs]
+    batch = CacheBatch(caches, [p + 1 for p in pos], room=4)
     assert batch.entries() == padded_entries(caches, 4)
-    assert batch.pos[:, 0].tolist() == [c.pos for c in caches]
     with torch.no_grad():
-        model(torch.full((len(caches), 1), 5), batch)
-    assert batch.pos[:, 0].tolist() == [c.pos + 1 for c in caches]
+        model(torch.full((len(caches), 1), 5), batch, batch.pos)
     before = batch.entries()
     batch.keep([1, 4])  # the two short aware prompts
-    assert batch.entries() < before / 3 and batch.pos[:, 0].tolist() == [caches[1].pos + 1, caches[4].pos + 1]
+    assert batch.entries() < before / 3 and batch.pos[:, 0].tolist() == [pos[1] + 1, pos[4] + 1]
     for l in range(batch.n_layers):
         assert torch.equal(batch.lengths[:, l], torch.stack([caches[1].lengths[l], caches[4].lengths[l]]) + 1)
     with pytest.raises(ValueError, match="one token per step"):
@@ -139,9 +141,10 @@ def test_leaving_cases_shrink_the_buffers_and_positions_stay_each_cases_own(tiny
 
 
 def test_batch_groups_respect_the_memory_limit(tiny):
-    caches = ragged_caches(tiny["llama-gqa"], seed=9)
+    seqs = ragged_seqs(tiny["llama-gqa"], seed=9)
+    caches = [s.cache for s in seqs]
     room = 6
-    full = max(c.n_layers * c.n_kv_heads * (c.pos + room) for c in caches)
+    full = max(c.n_layers * c.n_kv_heads * (s.pos + room) for c, s in zip(caches, seqs))
     groups = batch_groups(caches, room, full)
     assert sorted(i for g in groups for i in g) == list(range(len(caches)))
     for g in groups:

@@ -35,8 +35,8 @@ def test_explain_finds_the_planted_head(tmp_path):
     ids = torch.randint(3, BASE["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         prefill = model.prefill(ids, window=8)
-        reference = str(decode_greedy(model, KVCache.from_prefill(prefill), 8))  # one at a time
-        answers = lambda caches: [str(t) for t in decode_batch(model, caches, [Decoding(8)] * len(caches))]
+        reference = str(decode_greedy(model, KVCache.from_prefill(prefill), prefill.n, prefill.logits, 8))  # alone
+        answers = lambda seqs: [str(t) for t in decode_batch(model, seqs, [Decoding(8)] * len(seqs))]
         kept = select(prefill, "snapkv", 0.1)
         trials = explain.explain(prefill, kept, answers, lambda text: float(text == reference))
     rows = {t.unit: t for t in trials}

@@ -15,7 +15,7 @@ import eval_niah as E
 import harness as Hn
 from cache import KVCache
 from methods import compress, select
-from decode import Decoding, answer_text, decode_case
+from decode import Decoding, Sequence, answer_text, decode_case
 from model import load_model
 from test_model import BASE, make_checkpoint
 
@@ -144,7 +144,7 @@ def test_question_onto_a_compressed_cache_matches_float64_loop(tiny, uneven, t):
     kept = [[torch.randperm(c, generator=gen)[:s].sort().values for s in layer] for layer in sizes]
     cache = KVCache.from_prefill(model.prefill(ids[:, :c], window=8), kept)
     with torch.no_grad():
-        got = model(ids[:, c:], cache)[0]
+        got = model(ids[:, c:], cache, c)[0]
 
     def readable(l, g):
         causal = torch.ones(c + t, c + t, dtype=torch.bool).tril()
@@ -156,7 +156,7 @@ def test_question_onto_a_compressed_cache_matches_float64_loop(tiny, uneven, t):
 
     want = reference_forward(model, ids, readable)[0][c:]
     assert rel_diff(got, want) <= 1e-5
-    assert cache.pos == c + t and cache.lengths.tolist() == [[s + t for s in layer] for layer in sizes]
+    assert cache.lengths.tolist() == [[s + t for s in layer] for layer in sizes]
 
 
 class Spy:
@@ -173,8 +173,8 @@ class Spy:
         self.calls.append((ids.shape[1], kw.get("past") is not None, kw["h2o"]))
         return self.model.prefill(ids, **kw)
 
-    def __call__(self, ids, cache):
-        logits = self.model(ids, cache)
+    def __call__(self, ids, cache, pos):
+        logits = self.model(ids, cache, pos)
         if ids.shape[0] == 1 and ids.shape[1] > 1:  # a question, not a decoding step
             self.question_logits.append(logits[:, -1].clone())
         return logits
@@ -191,9 +191,9 @@ class IdsTok:
 SIX = Decoding(6, stop_ids=frozenset(IdsTok.eos_ids))  # 6 greedy tokens, or up to the eos
 
 
-def six_tokens(model, cache) -> str:
-    """What run_unit generates with SIX, decoded alone."""
-    return answer_text(IdsTok(), decode_case(model, cache, SIX), SIX)
+def six_tokens(model, prefill) -> str:
+    """What run_unit generates with SIX from the whole cache of `prefill`, decoded alone."""
+    return answer_text(IdsTok(), decode_case(model, Sequence.of(prefill), SIX), SIX)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen3-qknorm"])
@@ -208,7 +208,7 @@ def test_agnostic_full_gives_the_one_shot_logits(tiny, family, batch):
     assert [r.case.protocol for r in results] == ["agnostic", "aware"]
     (logits,) = model.question_logits
     assert (logits - one_shot.logits).abs().max() <= 1e-4
-    assert results[0].generated == results[1].generated == six_tokens(model.model, KVCache.from_prefill(one_shot))
+    assert results[0].generated == results[1].generated == six_tokens(model.model, one_shot)
     assert results[0].kept_fraction == results[1].kept_fraction == 1.0
     assert (results[0].kept_of, results[1].kept_of) == ("context", "prompt")
 
@@ -458,7 +458,7 @@ def test_aware_through_the_continuation_matches_todays_path(default):
         for c in cases:
             if c.protocol == "aware":
                 cache = compress(prefill, c.name, c.budget, **c.flags)
-                want = generate(model, tok, cache=cache, max_new_tokens=8, stop_strings=("\n",))
+                want = generate(model, tok, cache=cache, prefill=prefill, max_new_tokens=8, stop_strings=("\n",))
                 assert got[c.method, c.budget, "aware"].generated == want, c.method
                 assert got[c.method, c.budget, "aware"].kept_fraction == cache.kept_fraction()
     agnostic_full = spy.question_logits[[c.method for c in cases if c.protocol == "agnostic"].index("full")]

@@ -13,6 +13,7 @@ import pytest
 import methods
 
 import eval_longbench as lb
+from decode import Sequence
 
 
 # ---- a tiny fixture folder in the official format ----
@@ -530,7 +531,7 @@ def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
                 assert (x["prompt_tokens"], x["context_tokens"]) == (len(ids), len(context))
                 if x["protocol"] == "aware":
                     cache = compress(prefill, x["method"], 1.0 if x["budget"] is None else x["budget"])
-                    assert x["pred"] == lb.decode_answer(model, tok, cache, task), (task, x["method"])
+                    assert x["pred"] == lb.decode_answer(model, tok, Sequence.of(prefill, cache), task), (task, x["method"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["protocols"] == ["aware", "agnostic"] and set(saved["stats"]["protocols"]) == {"aware", "agnostic"}
     md = (out / "results.md").read_text()
@@ -571,21 +572,15 @@ class ScriptedModel:
             self.logits.append(x)
         self.fed = []
 
-    def __call__(self, input_ids, cache):
+    def __call__(self, input_ids, cache, pos):
         self.fed.append(int(input_ids[0, 0]))
         return self.logits[len(self.fed)][:, None]  # (1, 1, vocab)
-
-
-class ScriptedCache:
-    def __init__(self, logits):
-        self.last_logits = logits
 
 
 def decode_scripted(task, orders):
     model = ScriptedModel(orders)
     first = model.logits[0].clone()
-    cache = ScriptedCache(model.logits[0])
-    pred = lb.decode_answer(model, WordTokenizer(), cache, task)
+    pred = lb.decode_answer(model, WordTokenizer(), Sequence(cache=None, pos=0, logits=model.logits[0]), task)
     assert torch_equal(model.logits[0], first)  # the prefill's logits are not masked in place
     return pred, model.fed
 
@@ -661,7 +656,6 @@ def test_samsum_decoding_matches_transformers_generate_with_the_official_argumen
     independent reference) against ours on the same prompt and full cache."""
     import torch
     transformers = pytest.importorskip("transformers")
-    from cache import KVCache
     from checkpoint import default_checkpoint_dir
     from model import load_model
     model, tok = load_model()
@@ -670,7 +664,7 @@ def test_samsum_decoding_matches_transformers_generate_with_the_official_argumen
     nl = lb.newline_id(tok)
     # this sample exercises the rule: unconstrained, the first new token is the newline
     assert int(prefill.logits[0].argmax()) == nl
-    ours = lb.decode_answer(model, tok, KVCache.from_prefill(prefill), "samsum")
+    ours = lb.decode_answer(model, tok, Sequence.of(prefill), "samsum")
 
     folder = str(default_checkpoint_dir())
     ref_tok = transformers.AutoTokenizer.from_pretrained(folder)

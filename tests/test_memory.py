@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import memory  # noqa: E402
-from model import Config, Model  # noqa: E402
+from model import Config, Model, check_ranges  # noqa: E402
 
 
 def hf_config(s: memory.Shape, model_type="llama") -> dict:
@@ -134,7 +134,7 @@ def test_split_is_the_best_contiguous_split(seed):
     caps = (torch.rand(n_devices, generator=g) * 3 + 1).tolist() if seed % 2 else None
     need = lambda d, r: sum(sizes[l] for l in r) + first * (d == 0) + last * (d == n_devices - 1)  # noqa: E731
     ranges = memory.split_layers(n_layers, n_devices, need, caps)
-    memory.check_ranges(ranges, n_layers, n_devices)            # contiguous, in order, covering
+    check_ranges(ranges, n_layers, n_devices)            # contiguous, in order, covering
     c = caps or [1.0] * n_devices
     best = min(largest_fraction(rs, need, c) for rs in brute_force_splits(n_layers, n_devices))
     assert largest_fraction(ranges, need, c) == pytest.approx(best, rel=1e-12)
@@ -156,7 +156,7 @@ def test_plan_of_real_configs_is_balanced_by_memory(name, n, n_devices):
     embeddings on the first device, lm_head on the last, the gathered scores on layer 0's)."""
     s = memory.KNOWN[name]
     ranges = memory.plan_layers(s, n, 2, n_devices)
-    memory.check_ranges(ranges, s.n_layers, n_devices)
+    check_ranges(ranges, s.n_layers, n_devices)
     total = lambda d, r: memory.model_memory(s, n, 2, layers=r, embed=d == 0, head=d == n_devices - 1)["total"]  # noqa
     got = max(total(d, r) for d, r in enumerate(ranges))
     if n_devices <= 3:
@@ -191,7 +191,7 @@ def test_the_gathering_device_holds_every_layers_scores():
                                     [range(0, 4, 2), range(4, 4)], [range(0, 3), range(3, 5)]])
 def test_bad_layer_ranges_are_refused(ranges):
     with pytest.raises(ValueError, match="contiguous ranges"):
-        memory.check_ranges(ranges, 4, 2)
+        check_ranges(ranges, 4, 2)
 
 
 def test_cpu_devices_have_no_capacity_and_the_command_prints_the_split():

@@ -75,8 +75,8 @@ def test_logits_and_greedy_match_transformers(tmp_path, family):
     with torch.no_grad():
         want = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
-    cache = KVCache.from_prefill(model.prefill(prompt))
-    assert decode_greedy(model, cache, 20) == want
+    prefill = model.prefill(prompt)
+    assert decode_greedy(model, KVCache.from_prefill(prefill), 12, prefill.logits, 20) == want
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen3-qknorm"])
@@ -86,9 +86,10 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, family):
     ids = torch.randint(0, BASE["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache.from_prefill(model.prefill(ids[:, :20], window=8))
-        steps = [cache.last_logits] + [model(ids[:, t:t + 1], cache)[:, -1] for t in range(20, 29)]
-        chunk = model(ids[:, 29:30], cache)  # and one more through the same path
+        prefill = model.prefill(ids[:, :20], window=8)
+        cache = KVCache.from_prefill(prefill)
+        steps = [prefill.logits] + [model(ids[:, t:t + 1], cache, t)[:, -1] for t in range(20, 29)]
+        chunk = model(ids[:, 29:30], cache, 29)  # and one more through the same path
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 19:29], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunk, full[:, 29:30], atol=1e-5, rtol=1e-5)
 
@@ -100,9 +101,9 @@ def test_multi_token_extend_is_causal(tmp_path):
     with torch.no_grad():
         full = model(ids)
         cache = KVCache.from_prefill(model.prefill(ids[:, :15]))
-        ext = model(ids[:, 15:], cache)
+        ext = model(ids[:, 15:], cache, 15)
     torch.testing.assert_close(ext, full[:, 15:], atol=1e-5, rtol=1e-5)
-    assert cache.pos == 25 and cache.lengths.eq(25).all()
+    assert cache.lengths.eq(25).all()
 
 
 def test_prefill_captures(tmp_path):
@@ -334,6 +335,8 @@ BAD_INPUTS = {  # (call on (model, tok), words of the error)
     "prefill of zero tokens": (lambda m, t: m.prefill(torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
     "generate on an empty prompt": (lambda m, t: generate(m, t, ""), "empty prompt"),
     "forward of zero tokens": (lambda m, t: m(torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
+    "a cache without pos": (lambda m, t: m(torch.tensor([[3]]), KVCache.from_prefill(m.prefill(torch.tensor([[3, 4]])))),
+                            "together with pos"),
     "float token ids": (lambda m, t: m.prefill(torch.rand(1, 8) * 100), "integer token ids"),
     "token id = vocab_size": (lambda m, t: m.prefill(torch.tensor([[3, 300, 5]])), "token id 300 is outside"),
     "negative token id": (lambda m, t: m(torch.tensor([[3, -1]])), "token id -1 is outside"),
@@ -342,8 +345,10 @@ BAD_INPUTS = {  # (call on (model, tok), words of the error)
     "h2o_chunk 0": (lambda m, t: m.prefill(torch.tensor([[3, 4, 5]]), h2o=True, h2o_chunk=0), "h2o_chunk"),
     "max_new_tokens -1": (lambda m, t: generate(m, t, "t1 t2", max_new_tokens=-1), "max_new_tokens"),
     "max_new_tokens 2.5": (lambda m, t: generate(m, t, "t1 t2", max_new_tokens=2.5), "max_new_tokens"),
-    "decode 0 tokens": (lambda m, t: decode_greedy(m, KVCache.from_prefill(m.prefill(torch.tensor([[3, 4]]))), 0),
-                        "max_new_tokens"),
+    "decode 0 tokens": (lambda m, t: decode_greedy(m, KVCache.from_prefill(m.prefill(torch.tensor([[3, 4]]))), 2,
+                                                   torch.rand(1, 300), 0), "max_new_tokens"),
+    "generate with a cache but no prefill": (
+        lambda m, t: generate(m, t, cache=KVCache.from_prefill(m.prefill(torch.tensor([[3, 4]])))), "prefill="),
 }
 
 
@@ -356,11 +361,11 @@ def test_bad_inputs_are_refused_clearly(tiny, case):
 
 def test_generate_checks_before_the_prefill(tiny):
     model, tok = tiny
-    cache = KVCache.from_prefill(model.prefill(torch.tensor([[3, 4, 5]])))
+    prefill = model.prefill(torch.tensor([[3, 4, 5]]))
+    cache = KVCache.from_prefill(prefill)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(model, tok, cache=cache, max_new_tokens=-1)
-    assert cache.last_logits is not None  # refused before anything was decoded: the cache still answers
-    assert generate(model, tok, cache=cache, max_new_tokens=2) is not None
+        generate(model, tok, cache=cache, prefill=prefill, max_new_tokens=-1)
+    assert generate(model, tok, cache=cache, prefill=prefill, max_new_tokens=2) is not None  # the cache still answers
 
 
 @pytest.mark.parametrize("device, dtype, words", [
@@ -447,10 +452,13 @@ def test_low_precision_loading(tmp_path, dtype):
 def test_a_cache_answers_once_and_local_paths_are_not_hub_ids(tmp_path):
     _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=12)
     model, _ = load_model(str(folder))
-    cache = KVCache.from_prefill(model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
-    decode_greedy(model, cache, 3)
+    from decode import Decoding, Sequence, decode_case
+    seq = Sequence.of(model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
+    decode_case(model, seq, Decoding(3))
     with pytest.raises(ValueError, match="decoded from already"):
-        decode_greedy(model, cache, 3)
+        decode_case(model, seq, Decoding(3))
+    with pytest.raises(ValueError, match="not a fresh compression"):  # generate's guard: decoding appended to it
+        generate(model, None, cache=seq.cache, prefill=model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         load_model("./no_such/checkpoint")
 
@@ -508,14 +516,15 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
             assert_close(getattr(got, name), getattr(want, name), name)
     for method in METHODS:
         assert kept_lists(select(b, method, 12)) == kept_lists(select(a, method, 12)), method
-    assert decode_greedy(two, compress(b, "laprox", 12), 8) == decode_greedy(one, compress(a, "laprox", 12), 8)
+    assert decode_greedy(two, compress(b, "laprox", 12), b.n, b.logits, 8) == \
+        decode_greedy(one, compress(a, "laprox", 12), a.n, a.logits, 8)
 
 
 def test_load_model_on_devices_places_each_weight(tmp_path):
     from model import device_map
     _, folder = make_checkpoint(tmp_path, "qwen2-bias", seed=16)  # tied embeddings
     one, _ = load_model(str(folder))
-    two, _ = load_model(str(folder), devices=["cpu", "cpu"], length=64)
+    two, _ = load_model(str(folder), devices=["cpu", "cpu"])  # equal numbers of layers
     ids = torch.randint(3, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(17))
     with torch.no_grad():
         assert_close(two(ids), one(ids))

@@ -322,7 +322,7 @@ def test_end_to_end_tiny_run_both_protocols_resumes(default_model, tmp_path, cap
                 assert r["budget"] == 0.2 and r["kept_fraction"] == pytest.approx(0.2, abs=0.01)
             if r["protocol"] == "aware":
                 cache = compress(prefill, r["method"], r["budget"])
-                assert R.postprocess(generate(model, tok, cache=cache, max_new_tokens=30)) == r["prediction"]
+                assert R.postprocess(generate(model, tok, cache=cache, prefill=prefill, max_new_tokens=30)) == r["prediction"]
     for name in ("summary.md", "summary.json", "scores_1000.png"):
         assert (out / name).exists()
     printed = capsys.readouterr().out
