@@ -92,11 +92,19 @@ def kept_per_head(compression_ratio: float, n: int, window: int = 32, sinks: int
     k = compute_n_kept(n, compression_ratio)
     forced = n_forced(n, window, sinks)
     if k < forced:
-        most = math.floor((1 - forced / n) * 1e4) / 1e4  # rounded down: it does fit
         raise ValueError(f"compression_ratio={compression_ratio} keeps int({n} * {1 - compression_ratio:g}) = {k} "
                          f"entries per head, fewer than the {forced} ({window} window + {sinks} sink tokens) that "
-                         f"every head keeps; use a compression_ratio of at most {most:.4f} or a smaller window_size")
+                         f"every head keeps; use a compression_ratio of at most {largest_ratio(n, forced):.4f} "
+                         f"or a smaller window_size")
     return k
+
+
+def largest_ratio(n: int, kept: int) -> float:
+    """The largest compression_ratio, to 4 decimals, whose compute_n_kept(n, r) is at least `kept` (<= n)."""
+    r = math.floor((1 - kept / n) * 1e4 + 0.5) / 1e4      # the nearest; compute_n_kept's float truncation decides
+    while r > 0 and compute_n_kept(n, r) < kept:
+        r = round(r - 1e-4, 4)
+    return max(r, 0.0)
 
 
 # ----------------------------------------------------------------------------- what the hooks read
