@@ -7,8 +7,8 @@ context before the question is added, which is our `agnostic` protocol (harness.
 the pipeline's own context ids. The masked entries must be the complement of our kept set, but for
 entries whose score lies within the measured score difference of the two paths of the cut (at most
 0.1% of the entries), and the greedy answers must be identical. Not skipped: kvpress is a test
-requirement (requirements-test.txt). About 40 s on one shared core, most of it the two imports and
-the pipeline's decoding.
+requirement (requirements-test.txt). About 40 s on one idle core, most of it the two imports, the
+prefills and the decoding.
 """
 import ast
 import math
