@@ -10,9 +10,6 @@ entries whose score lies within the measured score difference of the two paths o
 requirement (requirements-test.txt). About 40 s on one idle core, most of it the two imports, the
 prefills and the decoding.
 """
-import ast
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,22 +82,6 @@ def test_masked_key_indices_are_the_complement_of_the_kept_set():
     kept = [torch.tensor([0, 2, 3]), torch.tensor([1]), torch.tensor([0, 1, 2, 3])]
     batch, heads, seqs = masked_key_indices(kept, 4, torch.device("cpu"))
     assert batch.tolist() == [0, 0, 0, 0] and heads.tolist() == [0, 1, 1, 1] and seqs.tolist() == [1, 0, 2, 3]
-
-
-def test_only_the_press_imports_kvpress_or_transformers():
-    """The core never imports kvpress or transformers (also not inside a function); kvpress_laprox.py does."""
-    def imported(path: Path) -> set[str]:
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names.add(node.module.split(".")[0])
-        return names
-    root = Path(__file__).resolve().parent.parent
-    for path in root.glob("*.py"):
-        wanted = {"kvpress", "transformers"} if path.stem == "kvpress_laprox" else set()
-        assert imported(path) & {"kvpress", "transformers"} == wanted, path.name
 
 
 # ----------------------------------------------------------------------------- a tiny random model
