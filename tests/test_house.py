@@ -18,15 +18,20 @@ MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))} | {"explain"}  # explain.py: a script over the evals
 
 
-def project_imports(path: Path) -> set[str]:
-    """Top-level project modules that `path` imports anywhere (also inside functions)."""
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of everything `path` imports anywhere (also inside functions)."""
     deps = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             deps |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             deps.add(node.module.split(".")[0])
-    return {d for d in deps if d in MODULES and d != path.stem}
+    return deps
+
+
+def project_imports(path: Path) -> set[str]:
+    """Top-level project modules that `path` imports anywhere (also inside functions)."""
+    return {d for d in imported_packages(path) if d in MODULES and d != path.stem}
 
 
 GRAPH = {m: project_imports(p) for m, p in MODULES.items()}
@@ -82,6 +87,13 @@ def test_the_core_never_imports_the_lab():
     """What a student reads first stands alone: no memory planner, torchrun, harness or statistics."""
     for m in CORE:
         assert GRAPH[m] <= CORE, f"core module {m} imports the lab module(s) {sorted(GRAPH[m] - CORE)}"
+
+
+def test_only_the_kvpress_press_imports_kvpress_or_transformers():
+    """The core never imports kvpress or transformers (the tests' references); kvpress_laprox.py, the press, does."""
+    for m, path in MODULES.items():
+        wanted = {"kvpress", "transformers"} if m == "kvpress_laprox" else set()
+        assert imported_packages(path) & {"kvpress", "transformers"} == wanted, m
 
 
 # ----------------------------------------------------------------------------- the add-a-method guide
