@@ -271,10 +271,10 @@ def decoding(tok, max_new_tokens: int) -> Decoding:
     return Decoding(max_new_tokens, stop_ids=frozenset(tok.eos_ids), stop_strings=("\n",))
 
 
-def answer(model, tok, cache, max_new_tokens: int) -> str:
-    """NIAH's answer from one cache, decoded alone (decode.decode_case)."""
+def answer(model, tok, seq, max_new_tokens: int) -> str:
+    """NIAH's answer from one decode.Sequence (a cache and where it stands), decoded alone (decode.decode_case)."""
     spec = decoding(tok, max_new_tokens)
-    return answer_text(tok, decode_case(model, cache, spec, tok.decode), spec)
+    return answer_text(tok, decode_case(model, seq, spec, tok.decode), spec)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import eval_niah as E
+from decode import Sequence
 
 
 class WordTok:
@@ -270,7 +271,7 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, s
             for r in [r for r in aware if r["depth"] == depth]:
                 name, flags = parse_method(r["method"])
                 cache = compress(prefill, name, r["budget"], **flags)
-                assert r["generated"] == E.answer(model, tok, cache, 4), r["method"]
+                assert r["generated"] == E.answer(model, tok, Sequence.of(prefill, cache), 4), r["method"]
                 assert r["kept_fraction"] == cache.kept_fraction()
 
 
