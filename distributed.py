@@ -1,29 +1,24 @@
 """One evaluation over many processes, launched by torchrun: each rank runs a share of the work
 units and appends its rows to its own file in --out (results.rank{r}.jsonl); once every rank has
-finished, rank 0 merges the files into results.jsonl and writes the summaries (harness.py does
-this: lock_output, finished, share_units, evaluate).
+finished, rank 0 merges the files into results.jsonl and writes the summaries (harness.py:
+lock_output, finished, share_units, evaluate). Without torchrun nothing changes: one process,
+`together` calls its function, `share` gives every unit, rows go straight into results.jsonl.
 
     torchrun --nproc-per-node 8 eval_niah.py --device cuda ...            # one node, 8 GPUs
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         eval_niah.py --out /shared/niah ...                               # --out: seen by both nodes
 
-Without torchrun (no RANK / WORLD_SIZE in the environment) nothing changes: one process, no
-process group, `together` just calls its function, `share` gives every unit, and the rows go
-straight into results.jsonl.
+Files, not messages: no two processes write one file, a rank that stops keeps every row it
+finished, and a rerun with any number of ranks (or none) merges them before it reads the results.
+The process group (gloo: CPU tensors, from CPU or GPU ranks alike) carries one exit code per rank,
+in `together`: at once the barrier and the error exit. The price is a shared filesystem: over
+several nodes --out must be on one that every node mounts (NFS, Lustre, ..., as torchrun clusters
+have); a rank that does not see it says so in one line before any model loads
+(harness.check_shared). Earlier versions sent the rows to rank 0 over the process group and
+needed no shared filesystem: that guarantee is dropped.
 
-Files, not messages: no two processes write one file, and a rank that stops keeps every row it
-finished, which a rerun with any number of ranks (or none) merges before it reads the results.
-The process group (gloo: CPU tensors, from CPU or GPU ranks alike) carries only one exit code per
-rank, in `together`: at once the barrier and the error exit. The price is a shared filesystem:
-a run over several nodes needs --out on one that every node mounts (NFS, Lustre, ..., as torchrun
-clusters have), and a rank that does not see --out says so in one line before any model loads
-(harness.check_shared). Earlier versions sent the rows to rank 0 over the process group and needed no
-shared filesystem: that guarantee is dropped.
-
-Errors are printed once (`together`): the lowest failing rank raises its exception, every other
-rank exits silently with its exit code. A rank that fails while evaluating says so when the
-others have finished their shares, whose rows are kept. torchrun's agent stops every rank when one
-dies (a crash, kill -9); a Ctrl-C reaches every rank by itself.
+Errors are printed once (`together`); a rank that fails while evaluating says so when the others
+have finished their shares, whose rows are kept. torchrun's agent stops every rank when one dies.
 """
 from __future__ import annotations
 
@@ -152,13 +147,13 @@ class Group:
         """fn() on every rank (a collective: every rank must call it, in the same order; it returns
         when every rank's fn has). If any rank raised, the lowest such rank re-raises its exception,
         the others raise SystemExit with its exit code (exit_code) without a word: the error is
-        printed once, every rank exits alike."""
+        printed once, every rank exits alike. A Ctrl-C is not gathered: it reaches every rank."""
         if not self.active:
             return fn()
         value, error, code = None, None, -1
         try:
             value = fn()
-        except (Exception, SystemExit) as e:  # a KeyboardInterrupt reaches every rank by itself
+        except (Exception, SystemExit) as e:
             error, code = e, exit_code(e)
         codes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
         dist.all_gather(codes, torch.tensor([code]))

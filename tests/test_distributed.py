@@ -159,23 +159,29 @@ def test_two_ranks_write_the_single_process_rows(single, tmp_path):
 
 def test_resume_with_another_number_of_ranks_reads_every_ranks_file(single, tmp_path):
     """An earlier run left results.jsonl (units 0, 3) and, interrupted, two ranks' files: rank 0's
-    with units 4 and 7, rank 1's with unit 9 and the first row of unit 10, then a torn line (killed
-    mid-write). 3 ranks resume: they compute only what is missing (unit 10's second row, not its
-    first), and results.jsonl ends with exactly the single process's rows, the rank files merged."""
+    with units 4 and 7, rank 1's with unit 9 and the first row of unit 10; each file ends in a torn
+    line (killed mid-write). 3 ranks resume: they compute only what is missing (unit 10's second
+    row, not its first), and results.jsonl ends with exactly the single process's rows (and the
+    torn line it had), the rank files merged; rank 0 alone warns, once per torn line."""
     out = tmp_path / "resumed"
     out.mkdir()
-    write_lines(out / "results.jsonl", [row for (u, _), row in single.items() if u in (0, 3)])
-    write_lines(rank_file(out / "results.jsonl", 0), [row for (u, _), row in single.items() if u in (4, 7)])
-    write_lines(rank_file(out / "results.jsonl", 1), [single[9, "a"], single[9, "b"], single[10, "a"]])
-    with open(rank_file(out / "results.jsonl", 1), "a") as f:
-        f.write('{"unit": 11, "ca')
-    results = launch(3, "--units", "12", "--out", str(out))
-    assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
-    done_now = [computed(stdout) for _, stdout, _ in results]
+    results = out / "results.jsonl"
+    write_lines(results, [row for (u, _), row in single.items() if u in (0, 3)])
+    write_lines(rank_file(results, 0), [row for (u, _), row in single.items() if u in (4, 7)])
+    write_lines(rank_file(results, 1), [single[9, "a"], single[9, "b"], single[10, "a"]])
+    for path in (results, rank_file(results, 1)):
+        with open(path, "a") as f:
+            f.write('{"unit": 11, "ca')
+    ranks = launch(3, "--units", "12", "--out", str(out))
+    assert all(rc == 0 for rc, _, _ in ranks), [err for _, _, err in ranks]
+    done_now = [computed(stdout) for _, stdout, _ in ranks]
     assert sorted(u for units in done_now for u in units) == [1, 2, 5, 6, 8, 10, 11]
-    assert rows_of(out) == single
-    assert "skipped 1 unreadable line(s)" in results[0][2] and results[1][2] == results[2][2] == ""
-    assert not list(out.glob("*.rank*.jsonl"))
+    lines = results.read_text().splitlines()
+    assert lines[4] == '{"unit": 11, "ca'
+    assert [json.loads(line) for line in lines[:4]] == [single[u, c] for u in (0, 3) for c in "ab"]
+    results.write_text("\n".join(lines[:4] + lines[5:]) + "\n")
+    assert rows_of(out) == single and not list(out.glob("*.rank*.jsonl"))
+    assert ranks[0][2].count("skipped 1 unreadable line(s)") == 2 and ranks[1][2] == ranks[2][2] == ""
 
 
 def test_an_argument_error_on_rank_1_is_printed_once_by_rank_1(tmp_path):

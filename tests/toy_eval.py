@@ -61,9 +61,9 @@ def run(args) -> None:
             todo = [u for u in range(args.units) if any((u, case) not in done for case in CASES)]
             mine = [todo[i] for i in group.share([distributed.unit_cost(unit_length(u), 1000.0) for u in todo])]
             print(f"rank {group.rank} computes {json.dumps(mine)}", flush=True)
-            write_rows(results, rows(mine, done, args.fail_at_unit), group)
+            new = write_rows(results, rows(mine, done, args.fail_at_unit), group)  # rank 0: every rank's
             if group.is_main:
-                (out / "summary.json").write_text(json.dumps({"rows": len(read_rows(results))}))
+                (out / "summary.json").write_text(json.dumps({"rows": len(done) + len(new)}))
 
 
 def main(argv=None):
