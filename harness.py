@@ -48,25 +48,29 @@ Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, e
     running    load_checkpoint, evaluate (each unit's cases through run_unit, rows written as
                they finish, skipped budgets said once), stats_report (stats.py on the score rows)
     torchrun   run_main(..., torchrun=True) gives run() its distributed.Group: placement (this
-               rank's --device / --devices), lock_output (rank 0's), finished (the resume set
-               from rank 0), share_units (balanced by prompt length), evaluate(group=...) (rows
-               to rank 0); without torchrun, a group of one process and nothing changes
+               rank's --device / --devices), lock_output (rank 0's lock; every rank must see
+               --out: check_shared), finished (every rank reads the results), share_units
+               (balanced by prompt length), evaluate(group=...) (each rank its own rows file,
+               merged by rank 0: write_rows); without torchrun, a group of one process and
+               nothing changes
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
 import hashlib
+import io
 import json
 import os
+import re
 import shlex
 import sys
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -360,10 +364,44 @@ class OutputLock:
         self.file.close()  # releases the lock
 
 
-def lock_output(folder: Path, group: Group = SINGLE):
-    """For a `with` block: rank 0 creates the output folder (output_folder) and holds its OutputLock;
-    the other ranks never touch it (no shared filesystem is assumed). An error is rank 0's, said once."""
-    return group.hold(lambda: OutputLock(output_folder(folder)))
+@contextmanager
+def lock_output(folder: Path, group: Group = SINGLE) -> Iterator[None]:
+    """For a `with` block, before any model loads: rank 0 creates the output folder (output_folder),
+    holds its OutputLock and merges the rows files that the ranks of an interrupted torchrun left
+    there (merge_rank_files: a resume reads every row, whatever the number of ranks then and now);
+    under torchrun every rank then checks that it sees the folder (check_shared). An error is said once."""
+    with ExitStack() as stack:
+        def claim():
+            if group.is_main:
+                out = output_folder(folder)
+                stack.enter_context(OutputLock(out))
+                merge_rank_files(out)
+        group.together(claim)
+        check_shared(group, Path(folder).expanduser())
+        yield
+
+
+def check_shared(group: Group, folder: Path) -> None:
+    """Refuse, in one line, an output folder that some rank does not see (--out on one node's own
+    disk): under torchrun every rank writes its rows there and rank 0 merges them. Rank 0 writes a
+    token there, then every rank looks for it; rank 0 removes it at once. The token is named after
+    this run (torchrun's run id and rendezvous address, which every rank knows), so that no other
+    run's token, nor a "no such file" that a network filesystem cached, can answer for it."""
+    if group.world == 1:
+        return
+    run = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    token = folder / (".rank0-was-here-" + re.sub(r"[^\w.-]", "_", run))
+
+    def look() -> None:
+        if not token.exists():
+            raise ValueError(f"rank {group.rank} does not see --out {folder}, which rank 0 made: every rank writes "
+                             f"its rows there, so pass an --out on a filesystem that every node mounts")
+    try:
+        group.together(lambda: token.touch() if group.is_main else None)
+        group.together(look)
+    finally:
+        if group.is_main:
+            token.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the results file
@@ -426,6 +464,52 @@ class RowWriter:
         self.file.close()
 
 
+def append_rows(path: Path, rows: Iterable[dict]) -> list[dict]:
+    """Append each row to `path` as it comes (RowWriter: a row is on disk once it is made, so an
+    interrupted run keeps it); returns the rows."""
+    made = []
+    with RowWriter(path) as writer:
+        for row in rows:
+            writer.write(row)
+            made.append(row)
+    return made
+
+
+RANK_FILE = re.compile(r"(.+)\.rank(\d+)\.jsonl")  # results.rank3.jsonl: rank 3's rows of results.jsonl
+
+
+def rank_file(results: Path, rank: int) -> Path:
+    """The file where one rank of a torchrun writes its rows of `results` (a .jsonl file)."""
+    return results.with_name(f"{results.stem}.rank{rank}.jsonl")
+
+
+def merge_rank_files(folder: Path) -> dict[Path, list[dict]]:
+    """Append every rank file in `folder` (rank_file: this run's, or those that an interrupted run
+    left, of any number of ranks) to its results file, in rank order, and delete it; returns
+    {results file: the rows appended}. Rank 0 alone calls it, while no rank writes. (Killed between
+    an append and its delete, it appends those rows again next time: equal rows, latest keeps one.)"""
+    found = sorted((m[1], int(m[2]), path) for path in folder.glob("*.rank*.jsonl")
+                   if (m := RANK_FILE.fullmatch(path.name)))
+    merged: dict[Path, list[dict]] = {}
+    for stem, _, path in found:
+        results = folder / f"{stem}.jsonl"
+        merged.setdefault(results, []).extend(append_rows(results, read_rows(path)))
+        path.unlink()
+    return merged
+
+
+def write_rows(results: Path, rows: Iterable[dict], group: Group = SINGLE) -> list[dict]:
+    """Write the rows as they come and return them. One process: appended to `results`. Under
+    torchrun, each rank appends its own to its own file (rank_file), so that no two processes write
+    one file; once every rank has finished (group.together: an error on any rank is said once, and
+    the rank files stay for the rerun to merge), rank 0 merges them into `results` and returns every
+    rank's rows, the others their own. Every rank calls it, also with no rows."""
+    if group.world == 1:
+        return append_rows(results, rows)
+    mine = group.together(lambda: append_rows(rank_file(results, group.rank), rows))
+    return merge_rank_files(results.parent).get(results, []) if group.is_main else mine
+
+
 def latest(rows: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
     """The last row of each key(row), in the order the keys first appear (a --no-resume rerun
     appends newer rows for the same cases: they win)."""
@@ -445,16 +529,18 @@ def same_definitions(rows: list[dict], methods: dict[str, tuple[str, dict]]) -> 
 
 def finished(read: Callable[[], list[dict]], key: Callable[[dict], tuple], resume: bool,
              group: Group = SINGLE, methods: dict[str, tuple[str, dict]] | None = None) -> tuple[list[dict], set[tuple]]:
-    """(rows, done): rank 0 reads the results file (read(): this configuration's rows; with
-    `methods`, only those of the methods' current definitions, see same_definitions), every rank
-    gets the keys of its finished cases (done, key(row) as tuples of JSON values; empty with
-    --no-resume), whatever the number of ranks that made them. rows: rank 0's ([] elsewhere)."""
-    rows = []
-
-    def done_keys():
-        rows.extend(read() if methods is None else same_definitions(read(), methods))
-        return [list(key(r)) for r in rows] if resume else []
-    return rows, {tuple(k) for k in group.from_main(done_keys)}
+    """(rows, done): the rows of the results file (read(): this configuration's rows; with `methods`,
+    only those of the methods' current definitions, see same_definitions) and the keys of its
+    finished cases (done, key(row) as tuples; empty with --no-resume), whatever the number of ranks
+    that made them (lock_output merged their files). Under torchrun every rank reads the file, which
+    no rank writes before evaluate ends, so that every rank skips the same cases; rank 0 alone warns
+    of unreadable lines (every rank finds the same)."""
+    def read_once():
+        with nullcontext() if group.is_main else redirect_stderr(io.StringIO()):
+            return read()
+    rows = group.together(read_once)
+    rows = rows if methods is None else same_definitions(rows, methods)
+    return rows, {tuple(key(r)) for r in rows} if resume else set()
 
 
 def fingerprint(cfg: dict) -> str:
@@ -742,19 +828,15 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
     Budgets that do not fit a unit (skipped_budgets) are skipped for every method alike and said
     once at the end, per (budget, protocol), with how many units they skipped.
 
-    group: under torchrun, units are this rank's share (share_units); rank 0 alone opens `results`
-    and writes every rank's rows as they arrive (group.rows), returning them all; the other ranks
-    send theirs and return their own. Every rank calls it, also with no units."""
+    group: under torchrun, units are this rank's share (share_units); each rank writes its rows to
+    its own file, which rank 0 merges into `results` once every rank has finished (write_rows),
+    returning every rank's rows; the other ranks return their own. Every rank calls it, also with
+    no units."""
     from tqdm import tqdm
-    made, skipped, why = [], Counter(), {}
-    with ExitStack() as stack:
-        writer = stack.enter_context(RowWriter(results)) if group.is_main else None
+    skipped, why = Counter(), {}
+    rank = f" (rank {group.rank})" if group.world > 1 else ""
 
-        def write(line: dict) -> None:  # rank 0: its own rows and the other ranks', one at a time
-            writer.write(line)
-            made.append(line)
-        put = stack.enter_context(group.rows(write if group.is_main else None))
-        rank = f" (rank {group.rank})" if group.world > 1 else ""
+    def rows() -> Iterator[dict]:
         for unit in tqdm(units, desc=desc + rank, unit="unit"):
             context, question, info = prompt(unit)
             counted = set()
@@ -766,10 +848,8 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
                     counted.add(key)
                     why.setdefault(key, result.skipped)
                     continue
-                line = row(unit, info, result)
-                put(line)
-                if not group.is_main:  # (rank 0's write keeps its rows)
-                    made.append(line)
+                yield row(unit, info, result)
+    made = write_rows(results, rows(), group)
     for (budget, protocol), count in skipped.items():
         print(f"note: budget {budget:g} ({protocol}) skipped for every method on {count} of {len(units)} unit(s)"
               f"{rank}, e.g. {why[budget, protocol]}")

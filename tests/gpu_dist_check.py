@@ -12,7 +12,7 @@ needs torch only: a random model, no checkpoint, no tokenizer).
    H200 in bfloat16: every Prefill tensor and kept set identical, the greedy tokens not).
 2. torchrun: a NIAH-like toy (the same random model on group.device("cuda"), units of 1k-4k random
    tokens, laprox / snapkv / full at 5%, 8 greedy tokens) run by a 1-process torchrun, rows to the
-   results file through distributed.Group.rows, must give the rows of a plain run of the same loop.
+   results file through harness.write_rows, must give the rows of a plain run of the same loop.
 
 Prints one line per check (PASS / FAIL with the measured differences) and writes them to
 DIR/gpu_dist_check.log; exit status 1 if any check fails. --device cpu runs it all on the CPU.
@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 import distributed  # noqa: E402
 import memory  # noqa: E402
+from harness import write_rows  # noqa: E402
 from cache import KVCache  # noqa: E402
 from methods import compress, select  # noqa: E402
 from model import Config, Model, decode_greedy  # noqa: E402
@@ -151,31 +152,31 @@ def niah_units() -> list[tuple[int, float]]:
 
 @torch.no_grad()
 def niah_toy(out: Path, device: str) -> None:
-    """The NIAH-like loop through distributed.py (what the evals will do), rows to out/results.jsonl."""
+    """The NIAH-like loop through distributed.py and harness.write_rows (what the evals do), rows to
+    out/results.jsonl (a fresh one)."""
     with distributed.start() as group:
         dev = group.together(lambda: group.device(device))
         if group.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            (out / "results.jsonl").unlink(missing_ok=True)
         model = random_model().place([dev], [range(6)])
         units = niah_units()
         mine = [units[i] for i in group.share([distributed.unit_cost(n) for n, _ in units])]
-        with open(out / "results.jsonl", "w") if group.is_main else open(os.devnull, "w") as f:
-            def write(row):
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-            with group.rows(write if group.is_main else None) as put:
-                for n, depth in mine:
-                    g = torch.Generator().manual_seed(n + int(10 * depth))
-                    ids = torch.randint(0, 2000, (1, n), generator=g)
-                    needle = torch.arange(100, 132)[None]
-                    at = int(depth * (n - 64))
-                    ids[:, at:at + 32] = needle
-                    ids[:, -32:] = needle  # the "question" repeats the needle
-                    prefill = model.prefill(ids.to(dev), window=32)
-                    for method in ("full", "laprox", "snapkv"):
-                        cache = compress(prefill, method, 0.05)
-                        put(dict(length=n, depth=depth, method=method, kept=cache.kept_fraction(),
-                                 tokens=decode_greedy(model, cache, prefill.n, prefill.logits, 8), rank=None))
+
+        def rows():
+            for n, depth in mine:
+                g = torch.Generator().manual_seed(n + int(10 * depth))
+                ids = torch.randint(0, 2000, (1, n), generator=g)
+                needle = torch.arange(100, 132)[None]
+                at = int(depth * (n - 64))
+                ids[:, at:at + 32] = needle
+                ids[:, -32:] = needle  # the "question" repeats the needle
+                prefill = model.prefill(ids.to(dev), window=32)
+                for method in ("full", "laprox", "snapkv"):
+                    cache = compress(prefill, method, 0.05)
+                    yield dict(length=n, depth=depth, method=method, kept=cache.kept_fraction(),
+                               tokens=decode_greedy(model, cache, prefill.n, prefill.logits, 8), rank=None)
+        write_rows(out / "results.jsonl", rows(), group)
 
 
 def check_torchrun(out: Path, device: str) -> bool:

@@ -1,6 +1,7 @@
-"""A toy eval run through distributed.py as the real ones are (tests/test_distributed.py starts it
-with torchrun's environment): work units are ints, each gives two rows that are a small
-deterministic function of it; no model. Prints which units this rank computed.
+"""A toy eval run through harness.py's torchrun path as the real ones are (lock_output, finished,
+share, write_rows; tests/test_distributed.py starts it with torchrun's environment): work units
+are ints, each gives two rows that are a small deterministic function of it; no model. Prints
+which units this rank computes.
 
     python tests/toy_eval.py --units 12 --out DIR [--bad-on-rank R] [--fail-at-unit U]
 """
@@ -10,13 +11,15 @@ import argparse
 import json
 import math
 import sys
-from contextlib import ExitStack
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
+from harness import finished, lock_output, read_rows, write_rows  # noqa: E402
+
+CASES = ("a", "b")
 
 
 def unit_length(u: int) -> int:
@@ -26,40 +29,11 @@ def unit_length(u: int) -> int:
 
 def unit_rows(u: int) -> list[dict]:
     return [dict(unit=u, case=case, length=unit_length(u), value=math.sin(u + 0.25 * c), text=f"unit {u} ✓")
-            for c, case in enumerate(("a", "b"))]
+            for c, case in enumerate(CASES)]
 
 
-def read_done(results: Path) -> list[int]:
-    """Units with both rows in the results file."""
-    if not results.is_file():
-        return []
-    count: dict[int, int] = {}
-    for line in results.read_text().splitlines():
-        count[json.loads(line)["unit"]] = count.get(json.loads(line)["unit"], 0) + 1
-    return sorted(u for u, c in count.items() if c == 2)
-
-
-def write_row(f, row: dict) -> None:
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-
-
-class ToyLock:
-    """The output folder's lock as the tests see it: refused when <out>/busy exists, and each holder
-    appends its rank to <out>/lock.log."""
-
-    def __init__(self, out: Path, rank: int):
-        self.out, self.rank = out, rank
-
-    def __enter__(self):
-        if (self.out / "busy").exists():
-            raise ValueError(f"--out {self.out} is in use by another run; wait for it or pass another --out")
-        with open(self.out / "lock.log", "a") as f:
-            f.write(f"{self.rank}\n")
-        return self
-
-    def __exit__(self, *exc):
-        return None
+def row_key(row: dict) -> tuple:
+    return row["unit"], row["case"]
 
 
 def check(args, rank: int) -> None:
@@ -69,28 +43,27 @@ def check(args, rank: int) -> None:
         raise ValueError(f"--bad-on-rank {rank}: this rank finds the arguments wrong; pass another value")
 
 
+def rows(units: list[int], done: set, fail_at: int | None) -> Iterator[dict]:
+    """The rows still to make of these units (a unit cut short by an interruption has one of two)."""
+    for u in units:
+        if u == fail_at:
+            raise ValueError(f"unit {u} failed (--fail-at-unit)")
+        yield from (row for row in unit_rows(u) if row_key(row) not in done)
+
+
 def run(args) -> None:
     with distributed.start(timeout=timedelta(seconds=60)) as group:
         group.together(lambda: check(args, group.rank))
         out = Path(args.out)
-        if group.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        with group.hold(lambda: ToyLock(out, group.rank)):
-            results = out / "results.jsonl"
-            done = set(group.from_main(lambda: read_done(results)))
-            todo = [u for u in range(args.units) if u not in done]
+        results = out / "results.jsonl"
+        with lock_output(out, group):
+            _, done = finished(lambda: read_rows(results), row_key, True, group)
+            todo = [u for u in range(args.units) if any((u, case) not in done for case in CASES)]
             mine = [todo[i] for i in group.share([distributed.unit_cost(unit_length(u), 1000.0) for u in todo])]
             print(f"rank {group.rank} computes {json.dumps(mine)}", flush=True)
-            with ExitStack() as stack:
-                f = stack.enter_context(open(results, "a", encoding="utf-8")) if group.is_main else None
-                put = stack.enter_context(group.rows(partial(write_row, f) if f else None))
-                for u in mine:
-                    if u == args.fail_at_unit:
-                        raise ValueError(f"unit {u} failed (--fail-at-unit)")
-                    for row in unit_rows(u):
-                        put(row)
+            new = write_rows(results, rows(mine, done, args.fail_at_unit), group)  # rank 0: every rank's
             if group.is_main:
-                (out / "summary.json").write_text(json.dumps({"units": len(read_done(results))}))
+                (out / "summary.json").write_text(json.dumps({"rows": len(done) + len(new)}))
 
 
 def main(argv=None):
