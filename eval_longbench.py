@@ -38,9 +38,8 @@ from pathlib import Path
 
 from decode import Decoding, answer_text, decode_case
 from distributed import Group
-from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, read_rows,
-                     run_main, share_units, stats_report)
+from harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+                     fingerprint, latest, make_cases, model_label, read_rows, run_eval, run_main, stats_report)
 
 # ---- the official tables (THUDM/LongBench, LongBench/config/*.json), English tasks ----
 
@@ -596,7 +595,7 @@ def length_estimate(sample: dict, max_length: int | None) -> int:
 def run(args, group: Group = SINGLE) -> list[dict]:
     """Check the arguments, run what is missing, write the predictions, tables and plot; returns the
     results table (aggregate). group: torchrun's ranks (distributed.py: each predicts its share of
-    the samples, rank 0 writes the predictions and the reports; the others return [])."""
+    the samples, rank 0 merges the predictions and writes the reports; the others return [])."""
     methods, budgets, protocols, tasks = group.together(lambda: check_args(args, group))
     if args.data_dir is None:  # each node's first rank downloads the data, its other ranks then find it
         group.together(lambda: fetch_data() if group.local_rank == 0 else None)
@@ -607,20 +606,45 @@ def run(args, group: Group = SINGLE) -> list[dict]:
     pred_path = out / "predictions.jsonl"
     config = run_config(args)
     cases = make_cases(methods, budgets, protocols)
-    with lock_output(out, group):
-        before, done = finished(lambda: read_predictions(pred_path, config), line_key, args.resume, group, methods)
-        units = [Unit((task, s["index"]), todo, s) for task, s in work
-                 if (todo := [c for c in cases if case_key(task, s, c) not in done])]
+
+    def units(done):
+        todo = [Unit((task, s["index"]), todo, s) for task, s in work
+                if (todo := [c for c in cases if case_key(task, s, c) not in done])]
         if group.is_main:
-            print(f"{len(work)} samples, {len(work) - len(units)} already done, {len(units)} to run")
-        new = predict(args, units, pred_path, config, group) if units else []
-        if not group.is_main:  # rank 0 has every rank's lines: it writes the reports
-            return []
+            print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to run")
+        return todo
+
+    def prepare(model, tok):
+        max_position = model.config.max_position
+        max_length = args.max_length or official_max_length(max_position)
+        chat = has_chat_template(tok)
+        if not chat and any(t not in NO_CHAT_TASKS for t in tasks) and group.is_main:
+            print("note: this checkpoint has no chat template: the chat tasks get the raw prompt, as the "
+                  "official pred.py does for models it has no template for")
+        group.together(lambda: check_context(tok, tasks, max_length, max_position, chat))
+
+        def prompt(unit):
+            (task, index), sample = unit.key, unit.data
+            context, question = encode_split(tok, *build_prompt(tok, sample, task, max_length, chat))
+            check_prompt_fits(context + question, task, index, max_position, max_length)
+            return context, question, (task, sample, len(context) + len(question), len(context))
+
+        def row(unit, info, result):
+            task, sample, n, c = info
+            line = {"task": task, "_id": sample.get("_id"), "index": sample["index"], **result.row(),
+                    "budget": None if result.case.name == "full" else result.case.budget, "pred": result.generated,
+                    "answers": sample["answers"], "all_classes": sample["all_classes"], "length": sample.get("length"),
+                    "prompt_tokens": n, "context_tokens": c, "max_length": max_length, "config": config}
+            del line["generated"]
+            return line
+        return prompt, lambda info: decoding(tok, info[0]), row
+
+    def report(lines):
         wanted = {case_key(task, s, c) for task, s in work for c in cases}
-        lines = [x for x in latest(before + new, line_key) if line_key(x) in wanted]
+        lines = [x for x in lines if line_key(x) in wanted]
         results = aggregate(lines)
         summary, stats_md = stats_report(stat_rows(lines), out / "scores_vs_budget.png",
-                                       f"LongBench {model_name}", scale=100, digits=2)
+                                         f"LongBench {model_name}", scale=100, digits=2)
         (out / "results.json").write_text(json.dumps(
             {"model": model_name, "tasks": tasks, "methods": list(methods), "budgets": budgets,
              "protocols": protocols, "limit": args.limit,
@@ -631,50 +655,19 @@ def run(args, group: Group = SINGLE) -> list[dict]:
             f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n"
             f"## Average over the tasks (the mean of the task means), scores x 100, with 95% bootstrap CIs over the "
             f"samples\n\n{stats_md}\n\n{table}")
-    print(table)
-    print(f"wrote {pred_path}, results.json, results.md and scores_vs_budget.png under {out}")
-    return results
+        print(table)
+        print(f"wrote {pred_path}, results.json, results.md and scores_vs_budget.png under {out}")
+        return results
+
+    longest = args.max_length and args.max_length + max(DATASET2MAXLEN[t] for t in tasks)  # (None: the model's)
+    ev = Eval(pred_path, lambda: read_predictions(pred_path, config), line_key, units,
+              lambda unit: length_estimate(unit.data, args.max_length), longest, prepare, report, desc="LongBench")
+    return run_eval(args, ev, methods, group)[1] or []
 
 
 def case_key(task: str, sample: dict, case) -> tuple:
     """run_key of a case on a sample; "full" has budget None in the predictions."""
     return run_key(task, sample["index"], case.method, None if case.name == "full" else case.budget, case.protocol)
-
-
-def predict(args, units: list[Unit], pred_path: Path, config: str, group: Group = SINGLE) -> list[dict]:
-    """Load the model, check that the prompts fit it, run every unit's cases (harness.evaluate:
-    one context prefill per sample) and append one prediction line per (sample, method, budget,
-    protocol) to pred_path as it finishes; returns the lines made (under torchrun, this rank's share
-    of the units, balanced by length_estimate; rank 0 writes and returns every rank's lines)."""
-    mine = share_units(units, lambda unit: length_estimate(unit.data, args.max_length), group)
-    tasks = list(dict.fromkeys(unit.key[0] for unit in units))
-    longest = args.max_length and args.max_length + max(DATASET2MAXLEN[t] for t in tasks)  # (None: the model's)
-    model, tok = load_eval_model(args, group, longest)
-    max_position = model.config.max_position
-    max_length = args.max_length or official_max_length(max_position)
-    chat = has_chat_template(tok)
-    if not chat and any(t not in NO_CHAT_TASKS for t in tasks) and group.is_main:
-        print("note: this checkpoint has no chat template: the chat tasks get the raw prompt, as the "
-              "official pred.py does for models it has no template for")
-    group.together(lambda: check_context(tok, tasks, max_length, max_position, chat))
-
-    def prompt(unit):
-        (task, index), sample = unit.key, unit.data
-        context, question = encode_split(tok, *build_prompt(tok, sample, task, max_length, chat))
-        check_prompt_fits(context + question, task, index, max_position, max_length)
-        return context, question, (task, sample, len(context) + len(question), len(context))
-
-    def row(unit, info, result):
-        task, sample, n, c = info
-        line = {"task": task, "_id": sample.get("_id"), "index": sample["index"], **result.row(),
-                "budget": None if result.case.name == "full" else result.case.budget, "pred": result.generated,
-                "answers": sample["answers"], "all_classes": sample["all_classes"], "length": sample.get("length"),
-                "prompt_tokens": n, "context_tokens": c, "max_length": max_length, "config": config}
-        del line["generated"]
-        return line
-
-    return evaluate(model, tok, mine, prompt, lambda info: decoding(tok, info[0]), row,
-                    pred_path, window=args.window, desc="LongBench", group=group, batch=args.batch)
 
 
 def main(argv=None) -> list[dict]:

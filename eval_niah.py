@@ -33,9 +33,9 @@ from pathlib import Path
 
 from decode import Decoding, answer_text, decode_case
 from distributed import Group
-from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
-                     read_rows, run_main, share_units, skipped_at_lengths, stats_report)
+from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+                     fingerprint, latest, make_cases, model_label, parse_list, read_rows, run_eval, run_main,
+                     skipped_at_lengths, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -405,7 +405,7 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
 def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse
     a loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
-    each runs its share of the cells, rank 0 writes the rows and the reports)."""
+    each runs its share of the cells, rank 0 merges the rows and writes the reports)."""
     lengths, depths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
     haystack = group.together(lambda: read_haystack(args.haystack))
     model_name = model_label(args.model)
@@ -417,51 +417,45 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     meta["config"] = config = fingerprint(meta)  # the protocol is in each row, not in the configuration
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
-    with lock_output(out, group):
-        before, done = finished(lambda: load_rows(results, config), row_key, args.resume, group, methods)
+
+    def units(done):  # the cells with cases still to run; budgets too small for a length never run
         skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
-        def pending(length, depth):  # the cases of a cell still to run; budgets too small for its length never run
-            return [c for c in cases if case_key(c.method, c.budget, length, depth, c.protocol) not in done
-                    and (c.name == "full" or (c.budget, c.protocol) not in skip[length])]
+        return [Unit((l, d), todo) for l in lengths for d in depths
+                if (todo := [c for c in cases if case_key(c.method, c.budget, l, d, c.protocol) not in done
+                             and (c.name == "full" or (c.budget, c.protocol) not in skip[l])])]
 
-        units = [Unit((l, d), todo) for l in lengths for d in depths if (todo := pending(l, d))]
-        new = []
-        if units:
-            mine = share_units(units, lambda unit: unit.key[0], group)  # the cell's prompt length
-            if model is None:
-                model, tok = load_eval_model(args, group, max(lengths) + args.max_new_tokens)
-            min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
-            group.together(lambda: check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length))
-            hay = haystack_ids(tok, haystack, max(lengths))
-            reference = answer_of(args.needle, args.answer_prefix)
+    def prepare(model, tok):
+        min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
+        group.together(lambda: check_lengths(lengths, model.config.max_position, args.max_new_tokens, min_length))
+        hay = haystack_ids(tok, haystack, max(lengths))
+        reference = answer_of(args.needle, args.answer_prefix)
 
-            def prompt(unit):
-                p = build_prompt(tok, hay, *unit.key, args.needle, args.question, args.answer_prefix)
-                return p["context_ids"], p["question_ids"], p
+        def prompt(unit):
+            p = build_prompt(tok, hay, *unit.key, args.needle, args.question, args.answer_prefix)
+            return p["context_ids"], p["question_ids"], p
 
-            def row(unit, p, result):
-                response = clean_response(result.generated)
-                return dict(model=model_name, **result.row(), length=unit.key[0], depth=unit.key[1],
-                            score=recall_score(reference, response), exact=exact_match(reference, response),
-                            rouge1=rouge1_f(args.needle, f"{args.answer_prefix} {response}"), answer=response,
-                            prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
-                            needle_token=p["needle_start"], window=args.window, config=config)
+        def row(unit, p, result):
+            response = clean_response(result.generated)
+            return dict(model=model_name, **result.row(), length=unit.key[0], depth=unit.key[1],
+                        score=recall_score(reference, response), exact=exact_match(reference, response),
+                        rouge1=rouge1_f(args.needle, f"{args.answer_prefix} {response}"), answer=response,
+                        prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
+                        needle_token=p["needle_start"], window=args.window, config=config)
+        return prompt, lambda p: decoding(tok, args.max_new_tokens), row
 
-            new = evaluate(model, tok, mine, prompt, lambda p: decoding(tok, args.max_new_tokens), row,
-                           results, window=args.window, seed=args.seed, desc="NIAH cells", group=group,
-                           batch=args.batch)
-        if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
-            return new
-        summary = write_reports(latest(before + new, row_key), out, lengths, depths, list(methods), budgets, meta,
-                                tuple(protocols))
-    print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out} "
-          f"(95% CIs and paired differences in summary.md)")
-    for p in protocols:
-        print(f"\nprotocol {p}:\n")
-        print(format_table(summary["protocols"][p]["score"], budgets))
-        print(f"\nexact (whole answer present), protocol {p}:\n")
-        print(format_table(summary["protocols"][p]["exact"], budgets))
-    return new
+    def report(rows):
+        summary = write_reports(rows, out, lengths, depths, list(methods), budgets, meta, tuple(protocols))
+        print(f"\nNIAH {model_name}: mean score (recall of the answer's words); results in {out} "
+              f"(95% CIs and paired differences in summary.md)")
+        for p in protocols:
+            print(f"\nprotocol {p}:\n")
+            print(format_table(summary["protocols"][p]["score"], budgets))
+            print(f"\nexact (whole answer present), protocol {p}:\n")
+            print(format_table(summary["protocols"][p]["exact"], budgets))
+
+    ev = Eval(results, lambda: load_rows(results, config), row_key, units, lambda unit: unit.key[0],
+                max(lengths) + args.max_new_tokens, prepare, report, desc="NIAH cells")
+    return run_eval(args, ev, methods, group, model, tok)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

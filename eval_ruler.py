@@ -109,9 +109,9 @@ import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
 from decode import Decoding
 from distributed import Group
-from harness import (SINGLE, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split, evaluate,
-                     fingerprint, finished, latest, load_eval_model, lock_output, make_cases, model_label, parse_list,
-                     read_rows, run_main, share_units, skipped_at_lengths, stats_report)
+from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+                     fingerprint, latest, make_cases, model_label, parse_list, read_rows, run_eval, run_main,
+                     skipped_at_lengths, stats_report)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -728,7 +728,7 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
 def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse a
     loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
-    each runs its share of the samples, rank 0 writes the rows and the reports)."""
+    each runs its share of the samples, rank 0 merges the rows and writes the reports)."""
     tasks, lengths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
     import wonderwords
     essays = group.together(read_haystack)
@@ -742,61 +742,55 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))
-    with lock_output(out, group):
-        before, done = finished(lambda: load_rows(results, configs), row_key, args.resume, group, methods)
+    longest_answer = max(max_new_tokens(t) for t in tasks)
+
+    def units(done):  # sample-major, so that a partial run covers every task; budgets too small never run
         skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
+        return [Unit((t, l, i), todo) for l in lengths for i in indices for t in tasks
+                if (todo := [c for c in cases if case_key(t, l, i, c.method, c.budget, c.protocol) not in done
+                             and (c.name == "full" or (c.budget, c.protocol) not in skip[l])])]
 
-        def pending(task, length, index):  # budgets too small for the length never run
-            return [c for c in cases if case_key(task, length, index, c.method, c.budget, c.protocol) not in done
-                    and (c.name == "full" or (c.budget, c.protocol) not in skip[length])]
+    def prepare(model, tok):
+        group.together(lambda: check_lengths(lengths, model.config.max_position, longest_answer))
+        chat = has_chat_template(tok)
+        if not chat and group.is_main:
+            print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
 
-        units = [Unit((t, l, i), todo) for l in lengths for i in indices for t in tasks  # sample-major: a partial
-                 if (todo := pending(t, l, i))]                                          # run covers every task
-        new = []
-        if units:
-            mine = share_units(units, lambda unit: unit.key[1], group)  # the requested prompt length
-            longest_answer = max(max_new_tokens(t) for t in tasks)
-            if model is None:
-                model, tok = load_eval_model(args, group, max(lengths) + longest_answer)
-            group.together(lambda: check_lengths(lengths, model.config.max_position, longest_answer))
-            chat = has_chat_template(tok)
-            if not chat and group.is_main:
-                print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
+        def prompt(unit):
+            s = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
+            return s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], s
 
-            def prompt(unit):
-                s = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
-                return s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], s
+        def decoding(s):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
+            return Decoding(s["max_new_tokens"], stop_ids=frozenset(tok.eos_ids))
 
-            def decoding(s):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
-                return Decoding(s["max_new_tokens"], stop_ids=frozenset(tok.eos_ids))
+        def row(unit, s, result):
+            generated = result.generated
+            return dict(model=model_name, task=s["task"], length=s["length"], index=s["index"], **result.row(),
+                        score=score(generated, s["answers"], s["metric"]), prediction=postprocess(generated),
+                        answers=s["answers"], new_tokens=len(tok.encode(generated, add_special_tokens=False)),
+                        prompt_tokens=len(s["ids"]), context_tokens=s["n_context"], window=args.window, chat=chat,
+                        config=configs[s["task"]])
+        return prompt, decoding, row
 
-            def row(unit, s, result):
-                generated = result.generated
-                return dict(model=model_name, task=s["task"], length=s["length"], index=s["index"], **result.row(),
-                            score=score(generated, s["answers"], s["metric"]), prediction=postprocess(generated),
-                            answers=s["answers"], new_tokens=len(tok.encode(generated, add_special_tokens=False)),
-                            prompt_tokens=len(s["ids"]), context_tokens=s["n_context"], window=args.window, chat=chat,
-                            config=configs[s["task"]])
-
-            new = evaluate(model, tok, mine, prompt, decoding, row, results, window=args.window, seed=args.seed,
-                           desc="RULER samples", group=group, batch=args.batch)
-        if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
-            return new
+    def report(rows):
         wanted = {case_key(t, l, i, c.method, c.budget, c.protocol)
                   for t in tasks for l in lengths for i in indices for c in cases}
-        rows = [r for r in latest(before + new, row_key) if row_key(r) in wanted]
+        rows = [r for r in rows if row_key(r) in wanted]
         kinds = frozenset(r.get("chat") for r in rows)
         meta["prompts"] = {frozenset({True}): "chat template", frozenset({False}): "raw text (no chat template)"}.get(
             kinds, "mixed")
         summary = write_reports(rows, out, tasks, lengths, list(methods), protocols, meta)
-    print(f"\nRULER {model_name}: pooled mean score (the mean of the task means) over {len(tasks)} task(s) x "
-          f"{args.samples} sample(s), 95% bootstrap CIs; results in {out}")
-    for l in lengths:
-        result = summary["lengths"][str(l)]["stats"]
-        for p, s in (result or {"protocols": {}})["protocols"].items():
-            print(f"\nlength {l}, protocol {p}:\n")
-            print("\n".join(stats.scores_markdown(s, "full", 1.0, 3)))
-    return new
+        print(f"\nRULER {model_name}: pooled mean score (the mean of the task means) over {len(tasks)} task(s) x "
+              f"{args.samples} sample(s), 95% bootstrap CIs; results in {out}")
+        for l in lengths:
+            result = summary["lengths"][str(l)]["stats"]
+            for p, st in (result or {"protocols": {}})["protocols"].items():
+                print(f"\nlength {l}, protocol {p}:\n")
+                print("\n".join(stats.scores_markdown(st, "full", 1.0, 3)))
+
+    ev = Eval(results, lambda: load_rows(results, configs), row_key, units, lambda unit: unit.key[1],
+                max(lengths) + longest_answer, prepare, report, desc="RULER samples")
+    return run_eval(args, ev, methods, group, model, tok)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

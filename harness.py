@@ -856,6 +856,49 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
     return made
 
 
+@dataclass
+class Eval:
+    """What an eval script defines; run_eval does the rest, the same way for every eval.
+
+    results: the results file (its folder is --out). read() -> this configuration's rows in it.
+    key(row) -> what identifies a row's case. units(done) -> the work Units whose cases are not all
+    in done (the keys of finished rows). length(unit) -> its prompt's tokens, known before the model
+    loads (to share the units among ranks). longest: tokens the model must hold, prompt + answer
+    (None: its context), for placing layers over --devices. prepare(model, tok) -> (prompt,
+    decoding, row), see evaluate, after the checks that need the model. report(rows) -> the
+    summaries, written from the latest row of every case in the results file (rank 0 only)."""
+    results: Path
+    read: Callable[[], list[dict]]
+    key: Callable[[dict], tuple]
+    units: Callable[[set[tuple]], list[Unit]]
+    length: Callable[[Unit], int]
+    longest: int | None
+    prepare: Callable[[Any, Any], tuple[Callable, Callable, Callable]]
+    report: Callable[[list[dict]], Any]
+    desc: str = "units"
+
+
+def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group = SINGLE, model=None,
+             tok=None) -> tuple[list[dict], Any]:
+    """One eval, end to end: lock --out, find what is done (resume), share the rest among the ranks,
+    load the model (unless given: tests), run every unit (evaluate) and, on rank 0, report.
+    args: the eval's options (add_eval_arguments: resume, window, batch; seed if it has one).
+    Returns (the rows made now, ev.report's result; None on the other ranks)."""
+    with lock_output(ev.results.parent, group):
+        before, done = finished(ev.read, ev.key, args.resume, group, methods)
+        units, new = ev.units(done), []
+        if units:
+            mine = share_units(units, ev.length, group)
+            if model is None:
+                model, tok = load_eval_model(args, group, ev.longest)
+            prompt, decoding, row = ev.prepare(model, tok)
+            new = evaluate(model, tok, mine, prompt, decoding, row, ev.results, window=args.window,
+                           seed=getattr(args, "seed", 0), desc=ev.desc, group=group, batch=args.batch)
+        if not group.is_main:  # rank 0 has every rank's rows: it writes the reports
+            return new, None
+        return new, ev.report(latest(before + new, ev.key))
+
+
 def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0,
                  digits: int = 3) -> tuple[dict | None, str]:
     """stats.summarize of score rows ({"unit", "stratum", "method", "budget", "protocol", "score"}:

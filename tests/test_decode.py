@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import harness as Hn
-from cache import KVCache
 from decode import CacheBatch, Decoding, Sequence, batch_groups, decode_batch, decode_case, padded_entries
 from methods import compress
 from model import load_model
