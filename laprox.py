@@ -80,13 +80,13 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
 
 (6) The projected values never need to be formed in d dimensions:
         u_{h,j} . u_{h',j} = v_j^T W_h^T W_{h'} v_j = v_j^T M_{hh'} v_j,
-        M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per layer).
+        M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per weight).
     M_{h'h} = M_{hh'}^T, so the value Gram is symmetric and only h <= h' is computed.
     Cost per key: G D^2 multiply-adds for group="sum" (the G diagonal forms v^T M_hh v),
     G(G+1)/2 D^2 for "exact", instead of G D d for the projections themselves. Both modes also
     pay for the window attention (G w D per key, its logits) and the attention Gram (G w per key
-    for "sum", G(G+1)/2 w for "exact"). M itself costs G(G+1)/2 D^2 d per KV head once per weight,
-    all pairs, so that both modes share it.
+    for "sum", G(G+1)/2 w for "exact"). M itself is formed once per weight, G^2 D^2 d per KV head
+    (every pair, so that both modes share it), and reused by every prompt.
 
 (7) Across layers (the paper's Algorithm 2). Within a layer every s_{g,j} is in units of
     the same Y, so heads compare directly; across layers they do not: output norms differ by
@@ -100,10 +100,10 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
     error counts the same, whatever its output's scale. Layers whose mass is spread thin lose
     entries to layers whose mass is concentrated on few entries.
     Ours, as flags: "residual" divides layer l by ||x_l + Y_l||_F over the window rows, the
-    stream that the same block's MLP RMSNorm reads (model.py's mlp_norm, which checkpoints call
-    post_attention_layernorm; cache.Prefill.resid_norm) (RMSNorm(x) = sqrt(d) x / ||x|| times a gain;
+    stream that the same block's MLP RMSNorm reads (model.py's mlp_norm, post_attention_layernorm
+    in the checkpoints; cache.Prefill.resid_norm). RMSNorm(x) = sqrt(d) x / ||x|| times a gain:
     its Jacobian scales each row by sqrt(d) / ||x_row||, so a perturbation matters in proportion
-    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification).
+    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification.
     "output" divides by ||Y_l||_F; "none" leaves the raw scores (the paper's raw layer-flatten).
 
 (8) Selection (cache.py): pooling, the budget and one top-k across the model. A known failure
@@ -213,6 +213,8 @@ def window_attention(queries, keys, dtype=torch.float32):
     reads KV head h // G. This is the one place the window attention is computed (baselines reuse it).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, keys)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the window attention is computed in float32 or float64, not {dtype}")
     q = queries.to(dtype).reshape(B, H_kv, G * w, D) / math.sqrt(D)  # the group's rows side by side
     logits = torch.matmul(q, keys.to(dtype).transpose(-1, -2))       # (B, H_kv, G*w, n)
     logits = logits.view(B, H_kv, G, w, n)
