@@ -300,6 +300,27 @@ def test_value_grams_go_with_a_dropped_weight(requires_grad):
     assert M() is None                                            # nothing stale is kept
 
 
+def test_value_grams_live_on_the_models_weights_across_prompts():
+    """A model's prefill hands the scorer its own o_proj weights: M is formed on the first prompt,
+    kept on each layer's weight and reused by the next prompt (under inference_mode, as the
+    harness scores)."""
+    from model import Config, Model
+    cfg = Config(model_type="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                 hidden_dim=64)
+    torch.manual_seed(0)
+    model = Model(cfg).eval()
+    weights = [layer.attn.o_proj.weight for layer in model.layers]
+    kept = []
+    for seed in (0, 1):
+        ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            prefill = model.prefill(ids, window=8)
+            laprox.laprox_scorer(prefill)
+        assert all(o is w for o, w in zip(prefill.o_proj, weights))      # the weights, not copies
+        kept.append([getattr(w, laprox._GRAMS_ATTR)[1] for w in weights])  # what the scorer left on them
+    assert all(a is b for a, b in zip(*kept))                              # formed once, reused
+
+
 def test_low_precision_inputs_are_scored_in_float32():
     q, k, v, o = make_layer(seed=9, H_kv=2, G=2, n=33, D=64)
     bf = [t.to(torch.bfloat16) for t in (q, k, v, o)]
