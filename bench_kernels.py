@@ -122,9 +122,70 @@ def time_cpu(fn, repeats):
 
 # ------------------------------------------------------------------------------ compile check
 
+def _kernel_signature(name: str, dtype: torch.dtype):
+    """(jit function, {arg: Triton type}) of one kernel for inputs of `dtype`, as a launch would
+    specialise it (pointers and strides 16-divisible)."""
+    import kernels
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    m_ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    fn = {"stats": kernels._softmax_stats, "quad": kernels._value_quadratic_forms,
+          "gram": kernels._attention_gram_scores}[name]
+    types = {"Q": ptr, "K": ptr, "V": ptr, "Mw": m_ptr, "Mpart": "*fp32", "Lpart": "*fp32",
+             "LSE": "*fp32", "QV": "*fp32", "Out": "*fp32", "scale": "fp32"}
+    return fn, {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "i32") for p in fn.params}
+
+
+def compile_offline(name: str, cfg, G: int, D: int, dtype: torch.dtype, group: str, capability: int) -> dict:
+    """Compile kernel `name` ("stats", "quad" or "gram") with config `cfg` for an NVIDIA GPU of
+    compute capability `capability` (80, 86, 89, 90) with Triton's own compiler, no GPU needed.
+    cfg: a kernels.Config; G, D, dtype, group as kernels.plan_launch takes them.
+
+    Returns {"shared": bytes of shared memory, "registers": per thread, "spill_stores": bytes,
+    "spill_loads": bytes, "threads": per block}; registers and spills come from ptxas -v on the PTX.
+    """
+    import re
+    import subprocess
+    import tempfile
+    import triton
+    import kernels
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    fn, sig = _kernel_signature(name, dtype)
+    g_pad, d_pad = kernels._next_pow2(G), max(16, kernels._next_pow2(D))
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"
+    const = {"D": D, "D_PAD": d_pad, "UPCAST": False}
+    if name == "quad":
+        const.update(BLOCK_N=cfg.block_n, BLOCK_E=cfg.block_e, PIECES=kernels.M_PIECES if dtype == torch.bfloat16 else 1,
+                     DIAGONAL=group == "sum", PRECISION="tf32" if dtype == torch.bfloat16 else "tf32x3")
+    else:
+        const.update(G_PAD=g_pad, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, PRECISION=precision)
+        if name == "gram":
+            const["GROUP_SUM"] = group == "sum"
+    divisible = [i for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or a.startswith(("sq_", "sk_", "sv_")) or a == "piece_stride"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    src = ASTSource(fn, sig, const, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    arch = sm_arch_from_capability(capability)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", ptx, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)) if regs else 0,
+            "spill_stores": int(spills.group(1)) if spills else 0, "spill_loads": int(spills.group(2)) if spills else 0,
+            "threads": 32 * cfg.num_warps}
+
+
 def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfloat16, group="exact", log=print):
     """For every (target, model shape, w): the plan plan_launch makes with that target's shared
-    memory limit, each kernel of it compiled offline (kernels.compile_offline; identical kernels are
+    memory limit, each kernel of it compiled offline (compile_offline; identical kernels are
     compiled once). Returns a list of rows {target, model, w, kernel, config, shared, registers,
     spill_stores, spill_loads, threads, launches}; launches: shared memory within the target's
     opt-in limit and registers x threads within 64K."""
@@ -145,7 +206,7 @@ def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfl
                     key = (cap, name, cfg, kernels._next_pow2(G), D)
                     if key not in compiled:
                         t0 = time.perf_counter()
-                        compiled[key] = kernels.compile_offline(name, cfg, G, D, dtype, group, cap)
+                        compiled[key] = compile_offline(name, cfg, G, D, dtype, group, cap)
                         log(f"  compiled {name} {cfg} for sm_{cap} (G={G}, D={D}) in {time.perf_counter() - t0:.1f} s")
                     r = compiled[key]
                     fits = r["shared"] <= limit and r["registers"] * r["threads"] <= 65536

@@ -1,8 +1,13 @@
 """LaProx: score each cached KV entry by how much the layer's output would move without it.
 
 Reference implementation of LaProx (Mai and Kim, "Reformulating KV Cache Eviction Problem for
-Long-Context LLM Inference", arXiv 2605.07234). The fused GPU kernel lives in kernels.py and
-must agree with the functions here.
+Long-Context LLM Inference", arXiv 2605.07234).
+
+Reading order: this docstring derives the score in numbered steps; reference_scores, right after
+it, computes them line by line (full G x G Grams, no caches). The optimisations follow, each
+labelled and tested against the reference: M computed once per weight (value_gram_pairs), the
+chunked pair GEMM (laprox_scores, the PyTorch path) and the Triton kernels (kernels.py, reached
+through laprox_scores_auto). Then the across-layer normalisation and the Prefill scorer.
 
 The paper's method, and the default of `methods.select(prefill, "laprox", budget)`:
   * Algorithm 1, per query head h and key j: p_{h,j} = ||A_h[:, j]||_2 * ||W_O^h v_j||_2, with A_h
@@ -75,10 +80,13 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
 
 (6) The projected values never need to be formed in d dimensions:
         u_{h,j} . u_{h',j} = v_j^T W_h^T W_{h'} v_j = v_j^T M_{hh'} v_j,
-        M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per layer).
+        M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per weight).
     M_{h'h} = M_{hh'}^T, so the value Gram is symmetric and only h <= h' is computed.
-    Cost per key: G D^2 for group="sum" (the G diagonal forms v^T M_hh v), G(G+1)/2 D^2 for
-    "exact", instead of G D d for the projections themselves.
+    Cost per key: G D^2 multiply-adds for group="sum" (the G diagonal forms v^T M_hh v),
+    G(G+1)/2 D^2 for "exact", instead of G D d for the projections themselves. Both modes also
+    pay for the window attention (G w D per key, its logits) and the attention Gram (G w per key
+    for "sum", G(G+1)/2 w for "exact"). M itself is formed once per weight, G^2 D^2 d per KV head
+    (every pair, so that both modes share it), and reused by every prompt.
 
 (7) Across layers (the paper's Algorithm 2). Within a layer every s_{g,j} is in units of
     the same Y, so heads compare directly; across layers they do not: output norms differ by
@@ -92,9 +100,10 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
     error counts the same, whatever its output's scale. Layers whose mass is spread thin lose
     entries to layers whose mass is concentrated on few entries.
     Ours, as flags: "residual" divides layer l by ||x_l + Y_l||_F over the window rows, the
-    stream that the same block's MLP RMSNorm reads (RMSNorm(x) = sqrt(d) x / ||x|| times a gain;
+    stream that the same block's MLP RMSNorm reads (model.py's mlp_norm, post_attention_layernorm
+    in the checkpoints; cache.Prefill.resid_norm). RMSNorm(x) = sqrt(d) x / ||x|| times a gain:
     its Jacobian scales each row by sqrt(d) / ||x_row||, so a perturbation matters in proportion
-    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification).
+    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification.
     "output" divides by ||Y_l||_F; "none" leaves the raw scores (the paper's raw layer-flatten).
 
 (8) Selection (cache.py): pooling, the budget and one top-k across the model. A known failure
@@ -122,12 +131,18 @@ last w prompt tokens; their queries stand in for the queries decoding will issue
                     + sum_t p_{h,t,j} p_{h',t,j} obar_{h,t}^T M_{hh'} obar_{h',t},
         R_{hh',j} = sum_t p_{h,t,j} p_{h',t,j} v_j^T M_{hh'} obar_{h',t}.
     (The middle term uses obar_h^T M_{hh'} v = v^T M_{h'h} obar_h.) group="sum" takes
-    sum_h sqrt(C_{hh,j}), each query head's own centred term, as in (5). Only D x D products
-    appear, as in (6).
+    sum_h sqrt(C_{hh,j}), each query head's own centred term, as in (5): it needs only the
+    diagonal pairs h = h'. Only D x D products appear, as in (6), and everything but v_j and
+    p_{.,.,j} is independent of the key:
+        R_{hh',j} + R_{h'h,j} = sum_t p_{h,t,j} p_{h',t,j} Z_{hh',t} . v_j,
+        Z_{hh',t} = M_{hh'} obar_{h',t} + M_{hh'}^T obar_{h,t}          (D, per head pair and row),
+    so the centred score is formed a chunk of keys at a time like the plain one, for w D more
+    multiply-adds per key and head pair.
 
 Shapes used throughout: queries (B, H, w, D), keys and values (B, H_kv, n, D),
 o_proj_weight (d, H*D); scores come out as (B, H_kv, n) float32. Everything is
-computed in float32 whatever the input dtype.
+computed in float32 whatever the input dtype, except that reference_scores keeps float64 inputs
+in float64 (the tests check it against loops in float64).
 """
 
 from __future__ import annotations
@@ -135,7 +150,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import weakref
 
 import torch
 
@@ -178,20 +192,31 @@ def _check_group(group):
         raise ValueError(f"group must be one of {GROUP_MODES}, got {group!r}")
 
 
-# ------------------------------------------------------------------ (1) window attention
+def _compute_dtype(*tensors):
+    """float64 when any input is float64 (the tests' reference), else float32: never 16 bits."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
-def window_attention(queries, keys):
+
+# ===================================================================== the reference scorer
+#
+# The derivation above, step by step, for reading and for checking the fast paths: the full
+# G x G Grams of every key, no pair layout, no chunks, no caches. It holds (B, H_kv, G, G, n)
+# tensors (and, with center, a (B, H_kv, G, w, n, D) one): meant for small inputs.
+
+def window_attention(queries, keys, dtype=torch.float32):
     """Softmax attention of the window queries over all keys, step (1).
 
     queries: (B, H, w, D) post-RoPE queries of the last w prompt tokens.
     keys:    (B, H_kv, n, D) post-RoPE keys of the whole prompt.
-    Returns  (B, H, w, n) float32. Window row i (absolute position n-w+i) sees keys
-    0 .. n-w+i; scale 1/sqrt(D); query head h reads KV head h // G.
-    This is the one place the window attention is computed (baselines reuse it).
+    Returns  (B, H, w, n) in `dtype` (float32; the reference passes float64 for float64 inputs).
+    Window row i (absolute position n-w+i) sees keys 0 .. n-w+i; scale 1/sqrt(D); query head h
+    reads KV head h // G. This is the one place the window attention is computed (baselines reuse it).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, keys)
-    q = queries.float().reshape(B, H_kv, G * w, D) / math.sqrt(D)    # the group's rows side by side
-    logits = torch.matmul(q, keys.float().transpose(-1, -2))         # (B, H_kv, G*w, n)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the window attention is computed in float32 or float64, not {dtype}")
+    q = queries.to(dtype).reshape(B, H_kv, G * w, D) / math.sqrt(D)  # the group's rows side by side
+    logits = torch.matmul(q, keys.to(dtype).transpose(-1, -2))       # (B, H_kv, G*w, n)
     logits = logits.view(B, H_kv, G, w, n)
     # causal inside the window: row i (position n-w+i) must not see the window keys after it;
     # only the last w columns can be in the future, so only they are masked
@@ -200,14 +225,12 @@ def window_attention(queries, keys):
     return torch.softmax(logits, dim=-1).reshape(B, H, w, n)
 
 
-# ------------------------------------------------------------ (6) value Gram matrices M
-
 def value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads):
     """M_{hh'} = W_h^T W_{h'} for every pair of query heads in a GQA group, step (6).
 
     o_proj_weight: (d, H*D) as nn.Linear stores it; head h writes through columns
-    h*D:(h+1)*D. Returns M: (H_kv, G, G, D, D) float32 with M[g, a, b] = M_{hh'} for
-    h = g*G + a, h' = g*G + b, so that u_{h,j} . u_{h',j} = v_j^T M[g, a, b] v_j.
+    h*D:(h+1)*D. Returns M: (H_kv, G, G, D, D), float32 (float64 for a float64 weight), with
+    M[g, a, b] = M_{hh'} for h = g*G + a, h' = g*G + b, so that u_{h,j} . u_{h',j} = v_j^T M[g, a, b] v_j.
     """
     d, HD = o_proj_weight.shape
     if HD != n_heads * head_dim:
@@ -216,9 +239,90 @@ def value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads):
     if n_heads % n_kv_heads != 0:
         raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
     G = n_heads // n_kv_heads
-    W = o_proj_weight.float().reshape(d, n_kv_heads, G, head_dim)      # W[:, g, a, :] = W_h
+    W = o_proj_weight.to(_compute_dtype(o_proj_weight)).reshape(d, n_kv_heads, G, head_dim)  # W[:, g, a] = W_h
     return torch.einsum("xgad,xgbe->gabde", W, W).contiguous()      # sum over the d model dims
 
+
+def head_outputs(attn, values):
+    """obar_{h,t} = sum_j p_{h,t,j} v_j, each query head's output before W_O, step (9).
+
+    attn: (B, H, w, n); values: (B, H_kv, n, D). Returns (B, H_kv, G, w, D) in attn's dtype.
+    """
+    B, H, w, n = attn.shape
+    H_kv = values.shape[1]
+    return torch.matmul(attn.view(B, H_kv, H // H_kv, w, n), values.to(attn.dtype).unsqueeze(2))
+
+
+def group_norm(C, group):
+    """Scores from the G x G terms of ||T_{g,j}||_F^2, steps (4)-(5).
+
+    C: (B, H_kv, G, G, n), C[b, g, a, c, j] = C_{hh',j} for h = g*G + a, h' = g*G + c.
+    group="exact": sqrt(sum_{h,h'} C_{hh'}) = ||T_{g,j}||_F; group="sum": sum_h sqrt(C_{hh}), the
+    paper's per-head norms summed. Returns (B, H_kv, n). Rounding can leave a tiny negative value
+    where the true one is 0: clamped before the square root.
+    """
+    if group == "exact":
+        return C.sum(dim=(2, 3)).clamp_min(0).sqrt()
+    return C.diagonal(dim1=2, dim2=3).clamp_min(0).sqrt().sum(-1)
+
+
+def reference_scores(queries, keys, values, o_proj_weight, *, group="sum", center=False):
+    """LaProx score of every KV entry of one layer, as the derivation reads: steps (1), (6), (5), (9), (4).
+
+    queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D);
+    o_proj_weight: (d, H*D). group in GROUP_MODES; center=True is step (9).
+    Returns (B, H_kv, n), higher = more important: float64 when an input is float64, else float32.
+    laprox_scores computes the same, faster and in less memory.
+    """
+    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
+    _check_group(group)
+    dtype = _compute_dtype(queries, keys, values, o_proj_weight)
+    A = window_attention(queries, keys, dtype).view(B, H_kv, G, w, n)    # (1) A[b, g, a, t, j] = p_{h,t,j}
+    V = values.to(dtype)                                                   # (B, H_kv, n, D)
+    M = value_gram_matrices(o_proj_weight.to(dtype), H, D, H_kv)           # (6) (H_kv, G, G, D, D)
+    if center:
+        # (9) C_{hh',j} = sum_t p_{h,t,j} p_{h',t,j} (v_j - obar_{h,t})^T M_{hh'} (v_j - obar_{h',t})
+        obar = head_outputs(A.view(B, H, w, n), V)                         # (B, H_kv, G, w, D)
+        PX = A.unsqueeze(-1) * (V[:, :, None, None] - obar.unsqueeze(-2))  # (B, H_kv, G, w, n, D)
+        C = torch.einsum("bgatjd,gacde,bgctje->bgacj", PX, M, PX)
+    else:
+        # (5) C_{hh',j} = (a_{h,j} . a_{h',j}) (u_{h,j} . u_{h',j}), the second factor by (6)
+        attention_gram = torch.einsum("bgatj,bgctj->bgacj", A, A)          # (B, H_kv, G, G, n)
+        value_gram = torch.einsum("bgjd,gacde,bgje->bgacj", V, M, V)       # (B, H_kv, G, G, n)
+        C = attention_gram * value_gram
+    return group_norm(C, group)                                            # (4)-(5)
+
+
+def eviction_error(queries, keys, values, o_proj_weight, keep):
+    """||Y - Y_S||_F of step (4): how far the layer's window output moves when only the entries
+    in `keep` stay (no renormalisation), i.e. the norm of the sum of the evicted terms T_{g,j}.
+
+    queries: (B, H, w, D); keys, values: (B, H_kv, n, D); o_proj_weight: (d, H*D);
+    keep: (B, H_kv, n) bool. Returns (B,) float32. Used to compare kept sets of different
+    methods by what LaProx minimises a bound of.
+    """
+    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
+    if keep.shape != (B, H_kv, n) or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a (B, H_kv, n) = {(B, H_kv, n)} bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+    A = window_attention(queries, keys)                                     # (B, H, w, n)
+    evicted = (~keep).float().repeat_interleave(G, dim=1).unsqueeze(2)      # (B, H, 1, n)
+    V = values.float().repeat_interleave(G, dim=1)                          # (B, H, n, D)
+    heads = torch.matmul(A * evicted, V)                                    # (B, H, w, D)
+    dY = heads.transpose(1, 2).reshape(B, w, H * D) @ o_proj_weight.float().T   # (B, w, d)
+    return dY.flatten(1).norm(dim=1)
+
+
+# ===================================================================== optimisations
+#
+# Each computes what reference_scores computes, within float32 rounding, and is tested against it
+# (tests/test_laprox.py, tests/test_kernels.py):
+#   1. M once per weight (value_gram_pairs), kept on the weight tensor.
+#   2. The pair layout and the chunked pair GEMM (laprox_scores): only the head pairs a <= b the
+#      mode needs (the G diagonal pairs for "sum"), the keys a chunk at a time, so that the window
+#      attention is the one layer-sized tensor held.
+#   3. The Triton kernels (kernels.py), which never hold the window attention (laprox_scores_auto).
+
+# --------------------------------------------------- optimisation 1: M once per weight
 
 def head_pairs(G):
     """The pairs (a, b), a <= b, of query heads in a GQA group of G, in the order of the pair
@@ -227,13 +331,14 @@ def head_pairs(G):
     return [(a, b) for a in range(G) for b in range(a, G)]
 
 
-# M depends on the weights only: it is computed once per o_proj weight and kept here, keyed by
-# the tensor's id, with a weak reference to the tensor (its entry goes when the tensor does,
-# e.g. when another model is loaded) and a fingerprint (storage address, version counter, shape,
-# strides, dtype, device) that any in-place change, reload or move of the weight alters. Writes
-# through `.data` bypass the version counter (as they bypass autograd): call
-# clear_value_gram_cache() after those.
-_GRAM_CACHE = {}   # id(weight) -> (weakref to weight, fingerprint, M pairs)
+# M depends on the weights only, so it is computed once per o_proj weight and reused by every
+# prompt. It is kept on the weight tensor itself (an attribute): it lives exactly as long as the
+# weights the model holds, with no registry beside the model, and neither model.py nor this file
+# has to import the other (model -> Prefill -> scorer stays one-way). A fingerprint (storage address,
+# version counter, shape, strides, dtype, device) changes when the weight is modified in place,
+# reloaded or moved, and M is then recomputed. Writes through `.data` bypass the version counter
+# (as they bypass autograd): call forget_value_grams(weight) after those.
+_GRAMS_ATTR = "laprox_value_grams"
 
 
 def _weight_fingerprint(weight):
@@ -244,51 +349,35 @@ def _weight_fingerprint(weight):
     return weight.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device
 
 
-def _forget_gram(key, ref):
-    if key in _GRAM_CACHE and _GRAM_CACHE[key][0] is ref:
-        del _GRAM_CACHE[key]
-
-
-def clear_value_gram_cache():
-    """Drop every cached M (they are recomputed on the next call)."""
-    _GRAM_CACHE.clear()
+def forget_value_grams(o_proj_weight):
+    """Drop the M kept on this weight (it is recomputed on the next call)."""
+    o_proj_weight.__dict__.pop(_GRAMS_ATTR, None)
 
 
 def value_gram_pairs(o_proj_weight, n_heads, head_dim, n_kv_heads):
     """M_{hh'} for the head pairs of head_pairs(G) only: (H_kv, P, D, D) float32, P = G(G+1)/2,
     M_pairs[g, p] = M[g, a, b] for (a, b) = head_pairs(G)[p] (see value_gram_matrices).
 
-    Computed once per weight tensor and then served from a cache that cannot go stale (above):
-    every prompt, and both the PyTorch and the Triton path, reuse it. Lives on the weight's device.
+    o_proj_weight: (d, H*D). Computed once per weight and kept on it (above): every prompt, and
+    both the PyTorch and the Triton path, reuse it. Lives on the weight's device.
     """
-    key, fingerprint = id(o_proj_weight), _weight_fingerprint(o_proj_weight)
-    hit = _GRAM_CACHE.get(key)
-    if fingerprint is not None and hit is not None and hit[0]() is o_proj_weight \
-            and hit[1] == (fingerprint, n_heads, head_dim, n_kv_heads):
-        return hit[2]
-    M = value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads)
-    a, b = zip(*head_pairs(n_heads // n_kv_heads))
-    M_pairs = M[:, list(a), list(b)].contiguous()
-    if fingerprint is not None:
-        ref = weakref.ref(o_proj_weight, lambda r, key=key: _forget_gram(key, r))
-        _GRAM_CACHE[key] = (ref, (fingerprint, n_heads, head_dim, n_kv_heads), M_pairs)
+    key = (_weight_fingerprint(o_proj_weight), n_heads, head_dim, n_kv_heads)
+    kept = getattr(o_proj_weight, _GRAMS_ATTR, None)
+    if key[0] is not None and kept is not None and kept[0] == key:
+        return kept[1]
+    with torch.no_grad():   # a constant of the weights: a graph kept with it would hold the weight
+        M = value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads)
+        a, b = zip(*head_pairs(n_heads // n_kv_heads))
+        M_pairs = M[:, list(a), list(b)].float().contiguous()
+    if key[0] is not None:
+        setattr(o_proj_weight, _GRAMS_ATTR, (key, M_pairs))
     return M_pairs
 
 
-def full_value_grams(M_pairs, G):
-    """The pair layout back to (H_kv, G, G, D, D): M[g, b, a] = M[g, a, b]^T."""
-    H_kv, _, D, _ = M_pairs.shape
-    M = M_pairs.new_empty(H_kv, G, G, D, D)
-    for p, (a, b) in enumerate(head_pairs(G)):
-        M[:, a, b] = M_pairs[:, p]
-        M[:, b, a] = M_pairs[:, p].transpose(-1, -2)
-    return M
-
-
-# ---------------------------------------------------------------- (5) the two G x G Grams
+# ---------------------------------- optimisation 2: the pair layout, a chunk of keys at a time
 
 def attention_column_gram(attn, n_kv_heads, pairs):
-    """Gram of attention columns within each GQA group, first factor of step (5).
+    """Gram of attention columns within each GQA group, first factor of step (5), for some pairs.
 
     attn: (B, H, w, n); pairs: list of head pairs (a, b) of a group (head_pairs).
     Returns (B, H_kv, len(pairs), n): [b, g, p, j] = a_{h,j} . a_{h',j}, h = g*G + a, h' = g*G + b.
@@ -316,45 +405,50 @@ def projected_value_gram(values, M_pairs):
     return vMv.view(H_kv, B, n, P).permute(1, 0, 3, 2)
 
 
-def centering_correction(attn, values, M):
-    """The renormalisation terms of step (9): C_{hh'} - (a.a')(v^T M v), shape (B, H_kv, G, G, n).
+def centering_factors(obar, M_pairs, pairs):
+    """The key-independent parts of step (9)'s correction, per head pair (a, b) = (h, h').
 
-    attn: (B, H, w, n); values: (B, H_kv, n, D); M: (H_kv, G, G, D, D).
-    Returns  -R_{hh'} - R_{h'h} + sum_t p_{h,t} p_{h',t} obar_{h,t}^T M_{hh'} obar_{h',t}.
+    obar: (B, H_kv, G, w, D) head outputs (head_outputs); M_pairs: (H_kv, P, D, D) for `pairs`.
+    Returns Z (B, H_kv, P, w, D), Z_{hh',t} = M_{hh'} obar_{h',t} + M_{hh'}^T obar_{h,t}, and
+    K (B, H_kv, P, w), K_{hh',t} = obar_{h,t}^T M_{hh'} obar_{h',t}.
     """
-    B, H, w, n = attn.shape
-    H_kv, G = M.shape[0], M.shape[1]
-    P = attn.reshape(B, H_kv, G, w, n)
+    Z, K = [], []
+    for p, (a, b) in enumerate(pairs):
+        M_ob = torch.einsum("gde,bgte->bgtd", M_pairs[:, p], obar[:, :, b])   # M_{hh'} obar_{h',t}
+        Mt_oa = torch.einsum("ged,bgte->bgtd", M_pairs[:, p], obar[:, :, a])  # M_{hh'}^T obar_{h,t}
+        Z.append(M_ob + Mt_oa)
+        K.append((obar[:, :, a] * M_ob).sum(-1))
+    return torch.stack(Z, dim=2), torch.stack(K, dim=2)
+
+
+def centering_correction(attn, values, Z, K, pairs):
+    """C_{hh',j} - (a_{h,j} . a_{h',j}) (v_j^T M_{hh'} v_j) of step (9), for a chunk of keys.
+
+    attn: (B, H, w, c) the chunk's attention columns; values: (B, H_kv, c, D); Z, K: from
+    centering_factors for `pairs`. Returns (B, H_kv, P, c):
+    sum_t p_{h,t,j} p_{h',t,j} (K_{hh',t} - Z_{hh',t} . v_j) = -R_{hh',j} - R_{h'h,j} + the obar term.
+    """
+    B, H, w, c = attn.shape
+    H_kv = values.shape[1]
+    P = attn.view(B, H_kv, H // H_kv, w, c)
     V = values.float()
-    obar = torch.einsum("bgatn,bgnd->bgatd", P, V)              # (B, H_kv, G, w, D) head outputs
-    R = V.new_zeros(B, H_kv, G, G, n)
-    K = V.new_zeros(B, H_kv, G, G, n)
-    for c in range(G):                                           # c plays h'
-        z = torch.einsum("gade,bgte->bgatd", M[:, :, c], obar[:, :, c])   # M_{hh'} obar_{h',t}
-        r = torch.einsum("bgatd,bgnd->bgatn", z, V)                      # v_j^T M_{hh'} obar_{h',t}
-        k = torch.einsum("bgatd,bgatd->bgat", obar, z)                    # obar_{h,t}^T M_{hh'} obar_{h',t}
-        PP = P * P[:, :, c:c + 1]                                         # p_{h,t,j} p_{h',t,j}
-        R[:, :, :, c] = (PP * r).sum(3)
-        K[:, :, :, c] = (PP * k.unsqueeze(-1)).sum(3)
-    return K - R - R.transpose(2, 3)
+    out = []
+    for p, (a, b) in enumerate(pairs):
+        zv = torch.matmul(Z[:, :, p], V.transpose(-1, -2))                   # (B, H_kv, w, c) Z_{hh',t} . v_j
+        out.append((P[:, :, a] * P[:, :, b] * (K[:, :, p, :, None] - zv)).sum(2))
+    return torch.stack(out, dim=2)
 
 
-# ------------------------------------------------------------------ (4)-(5) the score
+def pair_group_norm(C, pairs, group):
+    """group_norm for the pair layout: C (B, H_kv, len(pairs), n) -> scores (B, H_kv, n).
 
-def group_norm(C, pairs, group="exact"):
-    """Turn per-pair terms C (B, H_kv, len(pairs), n) into scores (B, H_kv, n), steps (4)-(5).
-
-    group="exact": sqrt(sum_{h,h'} C_{hh'}) = ||T_{g,j}||_F, each pair a < b counted twice
-    (C_{h'h} = C_{hh'}); `pairs` must then be all of head_pairs(G).
-    group="sum":   sum_h sqrt(C_{hh}) = sum_h ||a_h|| ||u_h||, an upper bound (diagonal pairs only).
-    Tiny negative values from rounding are clamped to 0 before the square root.
+    group="sum": `pairs` are the G diagonal pairs, sum_h sqrt(C_{hh}). group="exact": `pairs` are
+    all of head_pairs(G), and each pair a < b counts twice (C_{h'h} = C_{hh'}).
     """
-    _check_group(group)
-    if group == "exact":
-        twice = C.new_tensor([1.0 if a == b else 2.0 for a, b in pairs])
-        return torch.einsum("bgpn,p->bgn", C, twice).clamp_min(0).sqrt()
-    diagonal = [p for p, (a, b) in enumerate(pairs) if a == b]
-    return C[:, :, diagonal].clamp_min(0).sqrt().sum(2)
+    if group == "sum":
+        return C.clamp_min(0).sqrt().sum(2)
+    twice = C.new_tensor([1.0 if a == b else 2.0 for a, b in pairs])
+    return torch.einsum("bgpn,p->bgn", C, twice).clamp_min(0).sqrt()
 
 
 def _key_chunk(B, H_kv, w, n_pairs, D):
@@ -365,37 +459,42 @@ def _key_chunk(B, H_kv, w, n_pairs, D):
 
 
 def laprox_scores(queries, keys, values, o_proj_weight, *, group="sum", center=False, key_chunk=None):
-    """LaProx score s_{g,j} = ||T_{g,j}||_F of every KV entry of one layer (PyTorch path).
+    """reference_scores on the PyTorch path: the pair layout, a chunk of keys at a time.
 
     queries: (B, H, w, D) post-RoPE window queries; keys, values: (B, H_kv, n, D);
-    o_proj_weight: (d, H*D). group in {"exact", "sum"}; center=True is the research
-    variant of step (9). Returns (B, H_kv, n) float32 (higher = more important).
-    Without center, the window attention (B, H, w, n) is the one layer-sized tensor held: the Grams
-    are formed key_chunk keys at a time (default: _key_chunk). center=True forms them unchunked,
-    several (B, H_kv, G, G, n) and (B, H_kv, G, w, n) tensors at once. M comes from
-    value_gram_pairs (cached).
+    o_proj_weight: (d, H*D). group in GROUP_MODES; center=True is the research variant of step
+    (9); key_chunk: keys per step, an int >= 1 (default: _key_chunk). Returns (B, H_kv, n) float32
+    (higher = more important), whatever the input dtype.
+    Only the head pairs the mode needs are formed: the G diagonal ones for "sum" (G D^2 per key),
+    all G(G+1)/2 for "exact". The window attention (B, H, w, n) is the one layer-sized tensor held
+    (window_attention holds its logits beside it while the softmax runs); everything else is
+    per chunk, or (B, H_kv, P, w, D) for center. M comes from value_gram_pairs (kept on the weight).
     """
     B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
     _check_group(group)
-    A = window_attention(queries, keys)                         # (1)  (B, H, w, n)
-    M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)   # (6)  (H_kv, P, D, D)
+    if key_chunk is not None and (type(key_chunk) is not int or key_chunk < 1):
+        raise ValueError(f"key_chunk must be an int >= 1 or None, got {key_chunk!r}")
+    A = window_attention(queries, keys)                                # (1)  (B, H, w, n)
+    M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)    # (6)  (H_kv, G(G+1)/2, D, D)
     pairs = head_pairs(G)
-    if center:                                                  # (9), the research variant, unchunked
-        C = attention_column_gram(A, H_kv, pairs) * projected_value_gram(values, M)
-        correction = centering_correction(A, values, full_value_grams(M, G))
-        C = C + torch.stack([correction[:, :, a, b] for a, b in pairs], dim=2)
-        return group_norm(C, pairs, group)
-    if group == "sum":                                          # the diagonal pairs are all it needs
-        keep = [p for p, (a, b) in enumerate(pairs) if a == b]
-        pairs, M = [pairs[p] for p in keep], M[:, keep]
+    if group == "sum":                                                 # (5): the diagonal pairs are all it needs
+        diagonal = [p for p, (a, b) in enumerate(pairs) if a == b]
+        pairs, M = [pairs[p] for p in diagonal], M[:, diagonal]
+    if center:                                                         # (9): what every key shares
+        Z, K = centering_factors(head_outputs(A, values), M, pairs)
     step = key_chunk or _key_chunk(B, H_kv, w, len(pairs), D)
     scores = A.new_empty(B, H_kv, n)
     for j in range(0, n, step):
-        keys_j = slice(j, j + step)
-        C = attention_column_gram(A[..., keys_j], H_kv, pairs) * projected_value_gram(values[:, :, keys_j], M)  # (5)
-        scores[..., keys_j] = group_norm(C, pairs, group)      # (4)-(5)
+        chunk = slice(j, j + step)
+        A_c, V_c = A[..., chunk], values[:, :, chunk]
+        C = attention_column_gram(A_c, H_kv, pairs) * projected_value_gram(V_c, M)   # (5)
+        if center:
+            C = C + centering_correction(A_c, V_c, Z, K, pairs)                     # (9)
+        scores[..., chunk] = pair_group_norm(C, pairs, group)                       # (4)-(5)
     return scores
 
+
+# ------------------------------------------------- optimisation 3: the Triton kernels on a GPU
 
 log = logging.getLogger(__name__)
 _FALLBACKS_LOGGED = set()   # reasons already logged by laprox_scores_auto
@@ -411,6 +510,8 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", cen
     tiling of the kernels fits the device (kernels.KernelDoesNotFit), the PyTorch path runs
     instead, and one line says why (logged once per reason).
     """
+    if use_triton not in (None, True, False):
+        raise ValueError(f"use_triton must be None, True or False, got {use_triton!r}")
     if use_triton is None:
         use_triton = keys.is_cuda and not center
         if use_triton:
@@ -432,26 +533,7 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", cen
     return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
 
 
-# ---------------------------------------------------------- (4) what the bound bounds
-
-def eviction_error(queries, keys, values, o_proj_weight, keep):
-    """||Y - Y_S||_F of step (4): how far the layer's window output moves when only the entries
-    in `keep` stay (no renormalisation), i.e. the norm of the sum of the evicted terms T_{g,j}.
-
-    queries: (B, H, w, D); keys, values: (B, H_kv, n, D); o_proj_weight: (d, H*D);
-    keep: (B, H_kv, n) bool. Returns (B,) float32. Used to compare kept sets of different
-    methods by what LaProx minimises a bound of.
-    """
-    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
-    A = window_attention(queries, keys)                                     # (B, H, w, n)
-    evicted = (~keep).float().repeat_interleave(G, dim=1).unsqueeze(2)      # (B, H, 1, n)
-    V = values.float().repeat_interleave(G, dim=1)                          # (B, H, n, D)
-    heads = torch.matmul(A * evicted, V)                                    # (B, H, w, D)
-    dY = heads.transpose(1, 2).reshape(B, w, H * D) @ o_proj_weight.float().T   # (B, w, d)
-    return dY.flatten(1).norm(dim=1)
-
-
-# ------------------------------------------------------------- (7) across-layer scaling
+# ===================================================================== (7) across-layer scaling
 
 def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window=0):
     """Make scores of different layers comparable, step (7).
@@ -463,7 +545,7 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window
         n - window candidates (the tokens before the window; a layer with no candidates, or a zero
         sum, is left as it is: it has nothing to select); "residual" divides by resid_norm[l],
         "output" by out_norm[l]; "none" returns the scores unchanged.
-    window: w, needed by "mass". Returns a new list of float32 tensors.
+    window: w, needed by "mass", in [0, n]. Returns a new list of float32 tensors.
     """
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
@@ -473,6 +555,8 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window
     if mode == "mass":
         out = []
         for s in scores_per_layer:
+            if not 0 <= window <= s.shape[-1]:
+                raise ValueError(f"window {window} must be in [0, n={s.shape[-1]}]")
             mass = s[..., : s.shape[-1] - window].float().sum(dim=(-2, -1), keepdim=True)   # (B, 1, 1)
             out.append(s.float() / torch.where(mass > 0, mass, torch.ones_like(mass)))
         return out
@@ -485,7 +569,7 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window
     return [s.float() / norms[l].to(s.device) for l, s in enumerate(scores_per_layer)]
 
 
-# ------------------------------------------------------------------- the Prefill scorer
+# ===================================================================== the Prefill scorer
 
 def laprox_scorer(prefill, *, group="sum", center=False, use_triton=None):
     """LaProx scores s_{g,j} of step (4)-(5) for every layer of a Prefill (cache.Prefill), before
@@ -493,8 +577,9 @@ def laprox_scorer(prefill, *, group="sum", center=False, use_triton=None):
     paper's order: pool, then normalize_scores).
 
     prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)) and
-    o_proj (per layer (d, H*D)). Returns a list over layers of (1, H_kv, n) float32 scores
-    (higher = keep). Triton on CUDA, PyTorch otherwise (see laprox_scores_auto).
+    o_proj (per layer (d, H*D), the model's own weights: M is kept on them). Returns a list over
+    layers of (1, H_kv, n) float32 scores (higher = keep). Triton on CUDA, PyTorch otherwise (see
+    laprox_scores_auto).
     """
     _check_group(group)
     return [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)

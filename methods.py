@@ -3,14 +3,16 @@
 Every method is a scorer plus a selection rule over the same prefill, so that two methods
 differ only in what the method itself decides (see the README's table of methods):
 
-    scores = scorer(prefill, **score_flags)              # per layer (1, H_kv, n) float32, higher = keep
-    scores = pool_scores(scores, pool, mode=pooling)     # smoothing over tokens (cache.py), average by default
-    scores = normalize_scores(scores, ..., normalize)    # LaProx only: make layers comparable (laprox.py)
-    kept   = rule(scores, k, window, **select_flags)     # per layer, per KV head, sorted indices
-    cache  = KVCache.from_prefill(prefill, kept)         # what decoding reads
+    scores = scorer(prefill, **score_flags)                  # per layer (1, H_kv, n) float32, higher = keep
+    scores = pool_scores(scores, pool, window=w, mode=pooling)  # smoothing (cache.py), average by default
+    scores = normalize_scores(scores, ..., normalize)        # LaProx only: make layers comparable (laprox.py)
+    kept   = rule(scores, k, w, **select_flags)              # per layer, per KV head, sorted indices
+    cache  = KVCache.from_prefill(prefill, kept)             # what decoding reads
 
-The first three lines do not depend on the budget: `score` computes them once (a `Scored`), and
-every budget and selection flag selects from it (cases with equal `score_key` share it).
+w is the observation window (prefill.window). Pooling smooths only the candidates, the tokens
+before the window; the window, always kept, is neither pooled nor spread into them. The first
+three lines do not depend on the budget: `score` computes them once (a `Scored`), and every
+budget and selection flag selects from it (cases with equal `score_key` share it).
 The scorers live in laprox.py (ours) and baselines.py (prior work); the rules, the budget and
 the cache in cache.py. METHODS is a plain dict: a new method is one scorer and one line here
 (docs/add-a-method.md).

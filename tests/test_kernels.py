@@ -1,5 +1,5 @@
-"""The Triton kernels (kernels.py) and the PyTorch path (laprox.py) against float64 references,
-the value Gram cache, the launch planner and an offline compile for real GPUs.
+"""The Triton kernels (kernels.py, optimisation 3 of laprox.py) against laprox.reference_scores in
+float64, the dispatch to them, the launch planner and an offline compile for real GPUs.
 
 The kernels run in Triton's interpreter: TRITON_INTERPRET must be in the environment before
 triton is imported, hence the first lines. Shapes are tiny (the interpreter runs every program
@@ -9,12 +9,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import gc  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,7 +20,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import laprox  # noqa: E402
-from test_laprox import naive_scores  # noqa: E402  float64 loops over T_{g,j}, independent of laprox
+from test_laprox import make_layer, reference64  # noqa: E402  reference64: checked against float64 loops
 
 try:
     import triton  # noqa: E402,F401
@@ -36,16 +33,6 @@ from kernels import Config, Plan  # noqa: E402
 if not (kernels.INTERPRET or torch.cuda.is_available()):  # pragma: no cover
     pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU: "
                 "run this file in a fresh process", allow_module_level=True)
-
-
-def make_layer(seed, B=1, H_kv=2, G=1, w=32, n=67, D=64, d=40, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    H = H_kv * G
-    q = torch.randn(B, H, w, D, generator=gen) * 1.5
-    k = torch.randn(B, H_kv, n, D, generator=gen)
-    v = torch.randn(B, H_kv, n, D, generator=gen) + 0.2
-    o = torch.randn(d, H * D, generator=gen) / math.sqrt(H * D)
-    return q.to(dtype), k.to(dtype), v.to(dtype), o
 
 
 def assert_rel_close(got, ref, rtol=1e-4):
@@ -88,7 +75,7 @@ def test_kernels_match_float64_across_tile_boundaries(B, H_kv, G, w, n, D, dtype
     M = laprox.value_gram_pairs(o, H_kv * G, D, H_kv)
     got = kernels.laprox_scores_triton(q, k, v, M, group=group, plan=p, keys_per_chunk=kpc)
     assert got.shape == (B, H_kv, n)
-    assert_rel_close(got, naive_scores(q.double(), k.double(), v.double(), o, group=group))
+    assert_rel_close(got, reference64(q, k, v, o, group=group))
 
 
 def test_noncontiguous_keys_and_values_as_the_model_stores_them():
@@ -97,7 +84,7 @@ def test_noncontiguous_keys_and_values_as_the_model_stores_them():
     k_t, v_t = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
     assert not k_t.is_contiguous()
     M = laprox.value_gram_pairs(o, 4, 64, 2)
-    assert_rel_close(kernels.laprox_scores_triton(q, k_t, v_t, M, plan=plan()), laprox.laprox_scores(q, k, v, o))
+    assert_rel_close(kernels.laprox_scores_triton(q, k_t, v_t, M, plan=plan()), reference64(q, k, v, o))
 
 
 def test_split_bfloat16_pieces_sum_to_m():
@@ -111,7 +98,7 @@ def test_split_bfloat16_pieces_sum_to_m():
 def test_dispatch_and_scorer_use_the_kernel_when_asked():
     from types import SimpleNamespace
     q, k, v, o = make_layer(seed=6, H_kv=1, G=3, w=8, n=30, D=64)
-    ref = laprox.laprox_scores(q, k, v, o)
+    ref = reference64(q, k, v, o)
     assert_rel_close(laprox.laprox_scores_auto(q, k, v, o, use_triton=True), ref)
     prefill = SimpleNamespace(queries=[q], keys=[k], values=[v], o_proj=[o],
                               resid_norm=torch.tensor([2.0]), out_norm=torch.tensor([1.0]))
@@ -123,7 +110,7 @@ def test_falls_back_to_pytorch_with_one_logged_line_when_no_tiling_fits(caplog):
     with caplog.at_level(logging.WARNING, logger="laprox"):
         for _ in range(2):
             got = laprox.laprox_scores_auto(q, k, v, o, use_triton=True)
-    assert_rel_close(got, laprox.laprox_scores(q, k, v, o))
+    assert_rel_close(got, reference64(q, k, v, o))
     lines = [r.getMessage() for r in caplog.records if "Triton kernels do not fit" in r.getMessage()]
     assert len(lines) == 1 and f"G={kernels.MAX_GROUP * 2}" in lines[0]
 
@@ -141,47 +128,6 @@ def test_kernel_argument_checks():
         kernels.laprox_scores_triton(q, k[:, :, :4], v[:, :, :4], M)
     with pytest.raises(ValueError, match="H a multiple of H_kv"):
         kernels.laprox_scores_triton(q[:, :1].repeat(1, 3, 1, 1), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), M)
-
-
-# ------------------------------------------------------------------ the PyTorch path
-
-@pytest.mark.parametrize("group", ["exact", "sum"])
-def test_pytorch_path_in_key_chunks_matches_float64(group):
-    q, k, v, o = make_layer(seed=8, H_kv=2, G=3, w=8, n=41, D=64)
-    ref = naive_scores(q, k, v, o, group=group)
-    for chunk in (7, 41, None):       # chunks that do not divide n, one chunk, the default
-        assert_rel_close(laprox.laprox_scores(q, k, v, o, group=group, key_chunk=chunk), ref)
-
-
-# ------------------------------------------------------------------ M computed once per weight
-
-def test_value_grams_are_computed_once_and_follow_the_weight():
-    _, _, v, o = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
-    o = torch.nn.Parameter(o, requires_grad=False)            # as model.py holds o_proj.weight
-    M = laprox.value_gram_pairs(o, 6, 64, 2)
-    assert M.shape == (2, 6, 64, 64)
-    full = laprox.value_gram_matrices(o, 6, 64, 2)
-    for p, (a, b) in enumerate(laprox.head_pairs(3)):
-        torch.testing.assert_close(M[:, p], full[:, a, b])
-    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # reused, not recomputed
-    q, k, _, _ = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
-    laprox.laprox_scores(q, k, v, o, group="exact")
-    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # the scorer used the same one
-    with torch.no_grad():
-        o.mul_(1.5)                                               # in place: same tensor, same address
-    M2 = laprox.value_gram_pairs(o, 6, 64, 2)
-    assert M2 is not M
-    torch.testing.assert_close(M2, 2.25 * M)
-    assert_rel_close(laprox.laprox_scores(q, k, v, o, group="exact"), naive_scores(q, k, v, o.detach()))
-
-
-def test_value_gram_cache_lets_go_of_a_dropped_weight():
-    o = torch.randn(40, 4 * 64)
-    M = weakref.ref(laprox.value_gram_pairs(o, 4, 64, 2))
-    assert M() is not None
-    del o
-    gc.collect()
-    assert M() is None                                            # nothing stale is kept
 
 
 # ------------------------------------------------------------------ planning and compiling

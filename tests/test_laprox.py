@@ -1,9 +1,13 @@
-"""laprox.py against naive float64 references that materialise every T_{g,j} with loops.
+"""laprox.py: the reference scorer against naive float64 loops, the fast paths against the reference.
 
-The references never call laprox: attention is a per-row softmax loop, T_{g,j} is built
+The naive references never call laprox: attention is a per-row softmax loop, T_{g,j} is built
 from outer products, and its Frobenius norm is taken directly (laprox.py, steps (3)-(5)).
+laprox.reference_scores is checked against them in float64; each optimisation (M kept on the
+weight, the chunked pair GEMM; the Triton kernels in test_kernels.py) against the reference.
 """
+import gc
 import math
+import weakref
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,15 +23,20 @@ F64 = torch.float64
 
 # ------------------------------------------------------------------ random layers
 
-def make_layer(seed, B=1, H_kv=2, G=1, w=8, n=67, D=64, d=48, q_scale=1.5):
-    """Random float32 layer: queries (B, H, w, D), keys/values (B, H_kv, n, D), o_proj (d, H*D)."""
+def make_layer(seed, B=1, H_kv=2, G=1, w=8, n=67, D=64, d=48, q_scale=1.5, dtype=torch.float32):
+    """Random layer: queries (B, H, w, D), keys/values (B, H_kv, n, D) in `dtype`, o_proj (d, H*D) float32."""
     gen = torch.Generator().manual_seed(seed)
     H = H_kv * G
     q = torch.randn(B, H, w, D, generator=gen) * q_scale
     k = torch.randn(B, H_kv, n, D, generator=gen)
     v = torch.randn(B, H_kv, n, D, generator=gen) + 0.3       # non-zero mean: centring matters
     o = torch.randn(d, H * D, generator=gen) / math.sqrt(H * D)
-    return q, k, v, o
+    return q.to(dtype), k.to(dtype), v.to(dtype), o
+
+
+def reference64(q, k, v, o, **flags):
+    """laprox.reference_scores on float64 copies of the inputs: what every fast path is held to."""
+    return laprox.reference_scores(q.double(), k.double(), v.double(), o.double(), **flags)
 
 
 # ---------------------------------------------------------------- naive references
@@ -120,18 +129,57 @@ SHAPES = [  # (G, H_kv, D, n, w, B)
 ]
 
 
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("group", ["sum", "exact"])
 @pytest.mark.parametrize("G,H_kv,D,n,w,B", SHAPES)
-def test_exact_scores_match_naive_T_norms(G, H_kv, D, n, w, B):
+def test_reference_matches_naive_loops_in_float64(G, H_kv, D, n, w, B, group, center):
     q, k, v, o = make_layer(seed=G * 100 + D + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
-    got = laprox.laprox_scores(q, k, v, o, group="exact")
-    assert_scores_close(got, naive_scores(q, k, v, o))
+    got = reference64(q, k, v, o, group=group, center=center)
+    ref = naive_scores(q, k, v, o, group=group, center=center)
+    assert got.dtype == F64 and got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert ref.min() > 0                                       # no key scores 0: nothing compared is trivial
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("group", ["sum", "exact"])
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[6]])
+def test_pytorch_path_in_key_chunks_matches_the_reference(G, H_kv, D, n, w, B, group, center):
+    """The chunked pair GEMM (optimisation 2), float32: chunks that do not divide n, one chunk, the default."""
+    q, k, v, o = make_layer(seed=7 + G + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    ref = reference64(q, k, v, o, group=group, center=center)
+    for chunk in (7, n, None):
+        assert_scores_close(laprox.laprox_scores(q, k, v, o, group=group, center=center, key_chunk=chunk), ref)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_group_sum_forms_only_the_diagonal_pairs(monkeypatch, center):
+    """group="sum" forms the G diagonal pairs only (G D^2 per key for v^T M_hh v), "exact" all G(G+1)/2."""
+    q, k, v, o = make_layer(seed=13, H_kv=2, G=3, w=8, n=20, D=64)
+    formed = []   # (step, head pairs it was given), for every per-key step laprox_scores takes
+
+    def spy(name, pairs_of):
+        real = getattr(laprox, name)
+
+        def wrapper(*args):
+            formed.append((name, pairs_of(*args)))
+            return real(*args)
+        monkeypatch.setattr(laprox, name, wrapper)
+
+    spy("attention_column_gram", lambda attn, n_kv_heads, pairs: pairs)
+    spy("projected_value_gram", lambda values, M_pairs: M_pairs.shape[1])
+    spy("centering_correction", lambda attn, values, Z, K, pairs: pairs)
+    for group, pairs in (("sum", [(0, 0), (1, 1), (2, 2)]), ("exact", laprox.head_pairs(3))):
+        formed.clear()
+        laprox.laprox_scores(q, k, v, o, group=group, center=center)
+        want = [("attention_column_gram", pairs), ("projected_value_gram", len(pairs))]
+        assert formed == want + ([("centering_correction", pairs)] if center else [])
 
 
 @pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]])
-def test_group_sum_matches_naive_and_bounds_exact(G, H_kv, D, n, w, B):
+def test_group_sum_bounds_exact(G, H_kv, D, n, w, B):
     q, k, v, o = make_layer(seed=11 + G, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
     s_sum = laprox.laprox_scores(q, k, v, o, group="sum")
-    assert_scores_close(s_sum, naive_scores(q, k, v, o, group="sum"))
     s_exact = laprox.laprox_scores(q, k, v, o, group="exact")
     assert (s_sum >= s_exact * (1 - 1e-5)).all()
     if G == 1:
@@ -142,10 +190,9 @@ def test_group_sum_matches_naive_and_bounds_exact(G, H_kv, D, n, w, B):
 
 @pytest.mark.parametrize("group", ["exact", "sum"])
 @pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]])
-def test_center_matches_naive(G, H_kv, D, n, w, B, group):
+def test_center_changes_the_scores(G, H_kv, D, n, w, B, group):
     q, k, v, o = make_layer(seed=23 + G, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
     got = laprox.laprox_scores(q, k, v, o, group=group, center=True)
-    assert_scores_close(got, naive_scores(q, k, v, o, group=group, center=True))
     assert not torch.allclose(got, laprox.laprox_scores(q, k, v, o, group=group), rtol=1e-2)
 
 
@@ -215,6 +262,65 @@ def test_value_gram_matrices_give_projected_value_dots():
                 assert abs(got - want) <= 1e-4 * abs(want) + 1e-6
 
 
+# ------------------------------------------------- optimisation 1: M once per weight, kept on it
+
+def test_value_grams_are_computed_once_and_follow_the_weight():
+    _, _, v, o = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
+    o = torch.nn.Parameter(o, requires_grad=False)            # as model.py holds o_proj.weight
+    M = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert M.shape == (2, 6, 64, 64) and M.dtype == torch.float32
+    full = laprox.value_gram_matrices(o, 6, 64, 2)
+    for p, (a, b) in enumerate(laprox.head_pairs(3)):
+        torch.testing.assert_close(M[:, p], full[:, a, b])
+    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # reused, not recomputed
+    q, k, _, _ = make_layer(seed=9, H_kv=2, G=3, w=8, n=20, D=64)
+    laprox.laprox_scores(q, k, v, o, group="exact")
+    assert laprox.value_gram_pairs(o, 6, 64, 2) is M             # the scorer used the same one
+    with torch.no_grad():
+        o.mul_(1.5)                                               # in place: same tensor, same address
+    M2 = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert M2 is not M
+    torch.testing.assert_close(M2, 2.25 * M)
+    assert_scores_close(laprox.laprox_scores(q, k, v, o, group="exact"), reference64(q, k, v, o.detach(), group="exact"))
+    laprox.forget_value_grams(o)                                  # after a write through .data
+    assert laprox.value_gram_pairs(o, 6, 64, 2) is not M2
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_value_grams_go_with_a_dropped_weight(requires_grad):
+    """M lives on the weight, no registry beside it: dropping the weight drops M (also for a weight
+    that requires grad: M is a constant, no graph ties it back to the weight)."""
+    o = torch.nn.Parameter(torch.randn(40, 4 * 64), requires_grad=requires_grad)
+    M = laprox.value_gram_pairs(o, 4, 64, 2)
+    assert not M.requires_grad
+    M = weakref.ref(M)
+    assert M() is not None
+    del o
+    gc.collect()
+    assert M() is None                                            # nothing stale is kept
+
+
+def test_value_grams_live_on_the_models_weights_across_prompts():
+    """A model's prefill hands the scorer its own o_proj weights: M is formed on the first prompt,
+    kept on each layer's weight and reused by the next prompt (under inference_mode, as the
+    harness scores)."""
+    from model import Config, Model
+    cfg = Config(model_type="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                 hidden_dim=64)
+    torch.manual_seed(0)
+    model = Model(cfg).eval()
+    weights = [layer.attn.o_proj.weight for layer in model.layers]
+    kept = []
+    for seed in (0, 1):
+        ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            prefill = model.prefill(ids, window=8)
+            laprox.laprox_scorer(prefill)
+        assert all(o is w for o, w in zip(prefill.o_proj, weights))      # the weights, not copies
+        kept.append([getattr(w, laprox._GRAMS_ATTR)[1] for w in weights])  # what the scorer left on them
+    assert all(a is b for a, b in zip(*kept))                              # formed once, reused
+
+
 def test_low_precision_inputs_are_scored_in_float32():
     q, k, v, o = make_layer(seed=9, H_kv=2, G=2, n=33, D=64)
     bf = [t.to(torch.bfloat16) for t in (q, k, v, o)]
@@ -240,6 +346,17 @@ def test_argument_checks():
         laprox.laprox_scores(q, k[..., :32], v[..., :32], o)
     with pytest.raises(ValueError, match="pass use_triton=False"):
         laprox.laprox_scores_auto(q, k, v, o, center=True, use_triton=True)
+    with pytest.raises(ValueError, match="use_triton"):
+        laprox.laprox_scores_auto(q, k, v, o, use_triton="yes")
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="key_chunk"):
+            laprox.laprox_scores(q, k, v, o, key_chunk=bad)
+    with pytest.raises(ValueError, match="group"):
+        laprox.reference_scores(q, k, v, o, group="mean")
+    with pytest.raises(ValueError, match="multiple"):
+        laprox.reference_scores(q[:, :3], k, v, o[:, :3 * 64])
+    with pytest.raises(ValueError, match="keep must be"):
+        laprox.eviction_error(q, k, v, o, torch.ones(1, 2, 19, dtype=torch.bool))
 
 
 def test_normalize_scores_modes():
@@ -265,6 +382,8 @@ def test_normalize_scores_modes():
         laprox.normalize_scores(scores, resid[:2], out, "residual")
     with pytest.raises(ValueError, match="> 0"):
         laprox.normalize_scores(scores, resid, torch.tensor([1.0, 0.0, 1.0]), "output")
+    with pytest.raises(ValueError, match="window 11"):
+        laprox.normalize_scores(scores, resid, out, "mass", window=11)
 
 
 def test_laprox_scorer_on_a_prefill():
@@ -278,9 +397,9 @@ def test_laprox_scorer_on_a_prefill():
         assert len(got) == 3
         for (q, k, v, o), s in zip(layers, got):
             assert s.shape == (1, 2, 35) and s.dtype == torch.float32
-            assert_scores_close(s, naive_scores(q, k, v, o, group=group))
+            assert_scores_close(s, reference64(q, k, v, o, group=group))
     got = laprox.laprox_scorer(prefill, group="sum", center=True)
-    torch.testing.assert_close(got[1], laprox.laprox_scores(*layers[1], group="sum", center=True))
+    assert_scores_close(got[1], reference64(*layers[1], group="sum", center=True))
     with pytest.raises(ValueError, match="group"):
         laprox.laprox_scorer(prefill, group="max")
 
