@@ -79,11 +79,15 @@ class Sequence:
         self.logits = model(ids, self.cache, self.pos)[:, -1]
         self.pos += ids.shape[1]
 
-    def take_logits(self) -> Tensor:
-        """The next token's logits, once: a second answer from the same cache is refused."""
+    def check_unanswered(self) -> None:
+        """Refuse a second answer from the same cache (its last token was never fed back)."""
         if self.logits is None:
             raise ValueError("this sequence has been decoded from already (its last token was never fed back); "
                              "build a new one from the prefill (compress, Sequence.of) for another answer")
+
+    def take_logits(self) -> Tensor:
+        """The next token's logits, once (check_unanswered)."""
+        self.check_unanswered()
         logits, self.logits = self.logits, None
         return logits
 
@@ -195,8 +199,7 @@ def decode_batch(model, seqs: list[Sequence], specs: list[Decoding], detok=None)
     if not seqs:
         return []
     for seq in seqs:  # every sequence checked before any is used
-        if seq.logits is None:
-            seq.take_logits()  # raises its "decoded from already" error
+        seq.check_unanswered()
     first = [s.first_logits(seq.take_logits()) for seq, s in zip(seqs, specs)]
     logits = torch.cat([x.to(first[0].device) for x in first])
     batch = CacheBatch([s.cache for s in seqs], [s.pos for s in seqs], room=max(s.max_new_tokens for s in specs) - 1)

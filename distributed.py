@@ -6,7 +6,7 @@ lock_output, finished, share_units, evaluate). Without torchrun nothing changes:
 
     torchrun --nproc-per-node 8 eval_niah.py --device cuda ...            # one node, 8 GPUs
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        eval_niah.py --out /shared/niah ...                               # --out: seen by both nodes
+        eval_niah.py --out /mnt/nfs/niah ...                              # --out: seen by both nodes
 
 Files, not messages: no two processes write one file, a rank that stops keeps every row it
 finished, and a rerun with any number of ranks (or none) merges them before it reads the results.

@@ -294,12 +294,12 @@ def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: 
     be loaded, whatever the library raises, is a ValueError naming it."""
     from model import load_config, load_model
     try:
-        layers = None
+        torch_dtype, layers = getattr(torch, dtype), None
         if devices is not None:
-            cfg, itemsize = load_config(name_or_path), getattr(torch, dtype).itemsize
-            layers = memory.plan_layers(cfg, length or cfg.max_position, itemsize, len(devices),
+            cfg = load_config(name_or_path)
+            layers = memory.plan_layers(cfg, length or cfg.max_position, torch_dtype.itemsize, len(devices),
                                         capacities=memory.device_capacities(devices))
-        return load_model(name_or_path, device=device, dtype=getattr(torch, dtype), devices=devices, layers=layers,
+        return load_model(name_or_path, device=device, dtype=torch_dtype, devices=devices, layers=layers,
                           check_finite=check_finite)
     except Exception as e:  # a broken or unreachable checkpoint
         what = "the default model" if name_or_path is None else f"--model {name_or_path}"
@@ -689,9 +689,9 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
 
     model: model.Model. context_ids (c,), question_ids (t,): the prompt's two parts (encode_split),
     both non-empty. cases: see make_cases (an eval drops the ones it has done). decoding: the eval's
-    decoding rule for this unit (decode.Decoding), from the next-token logits after the whole prompt. tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text
-    (decode.answer_text). window: the observation window w of the prefills. seed: the "random"
-    method's seed. batch: decode every case of a protocol as one batch (decode.decode_batch, in
+    decoding rule for this unit (decode.Decoding), from the next-token logits after the whole prompt.
+    tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text (decode.answer_text).
+    window: the observation window w of the prefills. seed: the "random" method's seed. batch: decode every case of a protocol as one batch (decode.decode_batch, in
     groups bounded by memory: decode_cases); False: one case at a time (decode.decode_case). Both give
     the same rows but for the timings.
 
@@ -781,8 +781,8 @@ def decode_one_at_a_time(model, prepared, decoding: Decoding, tok) -> Iterator[R
 def decode_cases(model, prepared, decoding: Decoding, tok) -> Iterator[Result]:
     """Decode the prepared (Sequence, Result) pairs of one protocol as batches (decode.decode_in_groups):
     a batch's padded buffers hold at most the unit's full cache (every cache of the unit is at the
-    prompt's n tokens, so that is decode_in_groups' default), so a full cache decodes alone. A batch's time is split evenly over its cases (timing_shared).
-    Yields the Results in the order of the cases."""
+    prompt's n tokens, so that is decode_in_groups' default), so a full cache decodes alone. A batch's
+    time is split evenly over its cases (timing_shared). Yields the Results in the order of the cases."""
     seqs, results = map(list, zip(*prepared))
     device = seqs[0].cache.k[0].device
     t0 = clock(device)
