@@ -145,12 +145,14 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
     return out
 
 
-def bench_shared_prefill(model, tok, prompt: dict, budget, window, device) -> dict:
+def bench_shared_prefill(model, tok, prompt: dict, budget, window, device,
+                         new_tokens: int = NIAH_NEW_TOKENS) -> dict:
     """One NIAH cell, every default method, run exactly as eval_niah.py runs it by default
     (harness.run_unit, protocol aware: one prefill, then per method compress and decode the answer
-    with eval_niah.decoding): one shared prefill vs a prefill per method. prompt: a niah_prompt."""
+    with eval_niah.decoding, at most new_tokens tokens): one shared prefill vs a prefill per method.
+    prompt: a niah_prompt."""
     cases = make_cases(NIAH_METHODS, [budget], ["aware"])
-    spec = decoding(tok, NIAH_NEW_TOKENS)
+    spec = decoding(tok, new_tokens)
     unit = lambda cases: list(run_unit(model, prompt["context_ids"], prompt["question_ids"], cases, spec, tok,
                                        window=window))
     t_shared, _ = timed(lambda: unit(cases), device)
@@ -301,6 +303,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float, default=0.05, help="budget of the overhead and shared-prefill figures")
     ap.add_argument("--decode-budgets", default="0.05,0.2")
     ap.add_argument("--niah-length", type=int, default=4000, help="the middle length of eval_niah.py's grid")
+    ap.add_argument("--niah-new-tokens", type=int, default=NIAH_NEW_TOKENS,
+                    help="the NIAH answers' length limit in the shared-prefill figure (eval_niah.py's)")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernel-lengths", default="32768,131072")
@@ -321,7 +325,8 @@ def check_args(a) -> tuple[list[int], list[float], list[int]]:
     decode_budgets = parse_list(a.decode_budgets, float, "decode-budgets")
     kernel_lengths = parse_list(a.kernel_lengths, int, "kernel-lengths")
     counts = {"lengths": min(lengths), "kernel-lengths": min(kernel_lengths), "decode-length": a.decode_length,
-              "new-tokens": a.new_tokens, "niah-length": a.niah_length, "window": a.window, "repeats": a.repeats,
+              "new-tokens": a.new_tokens, "niah-length": a.niah_length,
+              "niah-new-tokens": a.niah_new_tokens, "window": a.window, "repeats": a.repeats,
               "length": a.length}
     for name, value in counts.items():
         if value < 1:
@@ -367,7 +372,7 @@ def run(a) -> dict:
                                  a.new_tokens, a.repeats, a.device)
     step(f"shared vs per-method prefill at {a.niah_length} tokens")
     res["shared"] = bench_shared_prefill(model, tok, niah_prompt(tok, hay, a.niah_length), a.budget, a.window,
-                                         a.device)
+                                         a.device, a.niah_new_tokens)
     if a.device.startswith("cuda"):
         step("Triton vs PyTorch scoring")
         res["kernel"] = bench_kernel(kernel_lengths, a.repeats)

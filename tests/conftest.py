@@ -27,3 +27,11 @@ def one_line_error(capsys):
         assert done.value.code == 2 and words in err and err.count("\n") == 1 and ": error: " in err, err
         return err
     return run
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tok) of the embedded default checkpoint, loaded once for the whole run: the tests
+    that use it only read it (M, cached on its o_proj weights, is computed once too)."""
+    from model import load_model
+    return load_model()

@@ -9,7 +9,7 @@ import bench
 
 def test_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--lengths", "300,400", "--decode-length", "300", "--niah-length", "300", "--new-tokens", "3",
+    bench.main(["--lengths", "300,400", "--decode-length", "300", "--niah-length", "300", "--niah-new-tokens", "3", "--new-tokens", "3",
                 "--budget", "0.2", "--decode-budgets", "0.2,0.5", "--window", "8", "--repeats", "1",
                 "--skip-load", "--out", str(out)])
     res = json.loads(out.read_text())
@@ -45,6 +45,7 @@ def _bench_errors(tmp_path):
         "out under a file": (["--out", str(afile / "bench.json")], "File exists"),
         "repeats 0": (out + ["--repeats", "0"], "--repeats must be >= 1"),
         "window 0": (out + ["--window", "0"], "--window must be >= 1"),
+        "niah new tokens 0": (out + ["--niah-new-tokens", "0"], "--niah-new-tokens must be >= 1"),
         "lengths junk": (out + ["--lengths", "5,x"], "comma list of int"),
         "budget above 1": (out + ["--budget", "2"], "(0, 1]"),
         "decode budget above 1": (out + ["--decode-budgets", "0.2,1.5"], "(0, 1]"),

@@ -117,17 +117,6 @@ def test_default_model_knows_paris(ckpt):
     assert tok.eos_ids == [2]
 
 
-def test_default_model_loads_from_user_cache(tmp_path, monkeypatch):
-    """load_model() converts once into $LAPROX_CACHE and reads the folder afterwards."""
-    import checkpoint
-    monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
-    folder = checkpoint.default_checkpoint_dir()
-    assert folder == tmp_path / "smollm2-135m-instruct" and (folder / "model.safetensors").exists()
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    model, _ = load_model("smollm2-135m")
-    assert model.config.n_layers == 30 and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-
-
 def test_missing_wheel_names_the_fix(monkeypatch):
     import importlib.util as iu
     monkeypatch.setattr(iu, "find_spec", lambda name: None)
@@ -257,9 +246,11 @@ def test_concurrent_builds_publish_one_whole_folder(tmp_path, how):
     assert {p.name for p in tmp_path.iterdir()} <= {"ckpt", ".ckpt.lock"}
 
 
-def test_concurrent_first_use_then_zeroed_weights(tmp_path):
+def test_concurrent_first_use_then_zeroed_weights(tmp_path, monkeypatch):
     """The real thing: two processes convert the default into an empty LAPROX_CACHE while a reader
-    polls; then the weights are overwritten with zeros (same size) and the next use rebuilds them."""
+    polls; load_model() then reads that folder without converting again; then the weights are
+    overwritten with zeros (same size) and the next use rebuilds them."""
+    import checkpoint
     env = {**os.environ, "LAPROX_CACHE": str(tmp_path)}
     out = tmp_path / "smollm2-135m-instruct"
     files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -267,6 +258,11 @@ def test_concurrent_first_use_then_zeroed_weights(tmp_path):
     race([cmd, cmd], out, files | {MANIFEST}, env)
     assert set(os.listdir(out)) == files | {MANIFEST, VERIFIED}
     assert {p.name for p in tmp_path.iterdir()} == {out.name, f".{out.name}.lock"}
+    monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
+    assert checkpoint.default_checkpoint_dir() == out
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    model, _ = load_model("smollm2-135m")
+    assert model.config.n_layers == 30 and (out / "model.safetensors").stat().st_mtime_ns == stamp
     _zeros_same_size(out)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr.count("\n") == 1 and "sha256" in done.stderr, done.stderr

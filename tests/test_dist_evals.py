@@ -1,8 +1,9 @@
 """The eval scripts under torchrun (distributed.py through harness.py), on the CPU with the default
-model: 2 gloo processes write exactly the rows (timings aside) and the summary of one process at
-the same thread count, for a small NIAH grid (launched by torchrun itself) and a small RULER run
-resumed from a 1-process partial run (2 processes with torchrun's environment); a user error is
-said once, by one rank; --devices is checked per rank, and cpu,cpu gives the plain rows."""
+model: 2 gloo processes, launched by torchrun itself, resume a small NIAH grid from a 1-process
+partial run with their layers split over two "devices" each, and write exactly the rows (timings
+aside) and the summary of one plain process at the same thread count; a user error is said once,
+by one rank; --devices is checked per rank. (RULER and LongBench run through the same
+harness.run_eval: their single-process resume is tested in their own files.)"""
 import contextlib
 import io
 import json
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 import eval_niah as E
-import eval_ruler as R
 from distributed import Group, assign, describe_shares, unit_cost
 from harness import OutputLock, placement
 from test_distributed import ROOT, launch
@@ -25,8 +25,6 @@ from test_distributed import ROOT, launch
 TIMINGS = ("prefill_s", "compress_s", "question_s", "decode_s")
 NIAH = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv", "--budget", "0.2",
         "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
-RULER = ["--tasks", "vt", "--lengths", "900", "--samples", "2", "--methods", "laprox", "--budget", "0.2",
-         "--protocol", "aware,agnostic"]
 
 
 def keyed(results: Path, key) -> dict:
@@ -60,42 +58,28 @@ def niah_single(tmp_path_factory) -> Path:
     return out
 
 
-def test_niah_under_torchrun_writes_the_single_process_rows_and_summary(niah_single, tmp_path):
+def test_niah_resumed_under_torchrun_on_split_layers_writes_the_single_process_rows(niah_single, tmp_path):
+    """A results file holding the reference's first row (as if that run had stopped there), resumed by
+    torchrun's 2 ranks with --devices cpu,cpu,cpu,cpu (each rank's layers over its two "devices",
+    memory.plan_layers' ranges): they compute the rest, a cell each, and the file ends with exactly
+    the reference's rows, the finished one untouched; rank 0 alone reports."""
     out = tmp_path / "two"
+    finished = (niah_single / "results.jsonl").read_text().splitlines()[:1]
+    out.mkdir()
+    (out / "results.jsonl").write_text(finished[0] + "\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               "eval_niah.py", *NIAH, "--out", str(out)]                       # as the README says
+               "eval_niah.py", *NIAH, "--devices", "cpu,cpu,cpu,cpu", "--out", str(out)]   # as the README says
     done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert keyed(out / "results.jsonl", E.row_key) == keyed(niah_single / "results.jsonl", E.row_key)
+    assert (out / "results.jsonl").read_text().splitlines()[:1] == finished
     assert summary(out) == summary(niah_single)
     costs = [unit_cost(600)] * 2                                               # two cells of 600 tokens
     assert "\n".join(describe_shares(assign(costs, 2), costs)) in done.stdout and done.stdout.count("rank 0:") == 1
     assert done.stdout.count("NIAH SmolLM2-135M-Instruct: mean score") == 1   # rank 0 alone reports
     for name in ("heatmap_full.png", "heatmap_laprox_0.2_agnostic.png", "scores_vs_budget.png", "summary.md"):
         assert (out / name).exists()
-
-
-def test_ruler_resumed_on_two_ranks_skips_what_one_process_finished(tmp_path):
-    """The reference in one process (vt, 2 samples, laprox in both protocols); a results file holding
-    its aware row of sample 0 (as if that run had stopped there), resumed by 2 ranks: they compute
-    the rest, a unit each (sample 0's agnostic case, both of sample 1's), and the file ends with
-    exactly the reference's rows, the finished one untouched."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_single(R.main, RULER + ["--out", str(one)])
-    lines = (one / "results.jsonl").read_text().splitlines()
-    finished = [line for line in lines if json.loads(line)["index"] == 0 and json.loads(line)["protocol"] == "aware"]
-    assert len(lines) == 4 and len(finished) == 1
-    two.mkdir()
-    (two / "results.jsonl").write_text("\n".join(finished) + "\n")
-    ranks = launch(2, *RULER, "--out", str(two), script=ROOT / "eval_ruler.py", timeout=300)
-    assert all(rc == 0 for rc, _, _ in ranks), [err[-2000:] for _, _, err in ranks]
-    assert keyed(two / "results.jsonl", R.row_key) == keyed(one / "results.jsonl", R.row_key)
-    assert (two / "results.jsonl").read_text().splitlines()[:len(finished)] == finished
-    costs = [unit_cost(900)] * 2                                               # (vt, 900, 0) and (vt, 900, 1)
-    assert "\n".join(describe_shares(assign(costs, 2), costs)) in ranks[0][1]
-    assert "unit(s)" not in ranks[1][1] and "RULER SmolLM2" not in ranks[1][1]   # rank 0 alone reports
-    assert summary(two) == summary(one)
 
 
 @pytest.mark.parametrize("argv, busy, words", [
@@ -135,13 +119,6 @@ def test_devices_are_checked_and_sliced_per_rank():
     ]:
         with pytest.raises(ValueError, match=re.escape(words)):
             placement(given, group)
-
-
-def test_devices_cpu_cpu_gives_the_plain_rows(niah_single, tmp_path):
-    """The layers over two "devices" (memory.plan_layers' two ranges): the rows of a plain cpu run."""
-    out = tmp_path / "split"
-    run_single(E.main, NIAH + ["--devices", "cpu,cpu", "--out", str(out)])
-    assert keyed(out / "results.jsonl", E.row_key) == keyed(niah_single / "results.jsonl", E.row_key)
 
 
 def test_longbench_balances_by_its_samples_length_field():

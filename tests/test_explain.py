@@ -56,3 +56,41 @@ def test_restore_puts_back_one_unit():
     assert new[1][0].tolist() == list(range(10)) and added == 8 and new[0][0] is kept[0][0]
     new, added = explain.restore(kept, 10, span=range(4, 6))
     assert [i.tolist() for i in new[0]] == [[0, 4, 5, 9], [4, 5, 9]] and added == 1 + 2 + 2 + 2
+
+
+def ruler_row(task, index, method, score, budget=0.05, protocol="aware"):
+    return dict(task=task, length=4000, index=index, method=method, budget=budget, protocol=protocol, score=score)
+
+
+def test_failing_cases_are_aware_cases_that_full_answers_and_the_method_misses():
+    rows = [ruler_row("vt", i, "full", 1.0) for i in range(5)] + [ruler_row("vt", 4, "full", 0.0)]
+    rows += [ruler_row("vt", i, "laprox", 0.0) for i in range(5)]                # 4: full fails too
+    rows += [ruler_row("vt", 9, "laprox", 0.0), ruler_row("cwe", 0, "full", 1.0), ruler_row("cwe", 0, "laprox", 0.5),
+             ruler_row("cwe", 1, "full", 1.0), ruler_row("cwe", 1, "laprox", 1.0),             # answered
+             ruler_row("cwe", 2, "full", 1.0), ruler_row("cwe", 2, "laprox", 0.0, budget=0.2),  # other budget
+             ruler_row("cwe", 3, "full", 1.0, protocol="agnostic"), ruler_row("cwe", 3, "laprox", 0.0, protocol="agnostic")]
+    rows = [r for r in rows if not (r["index"] == 4 and r["score"] == 1.0)]     # the latest full row of vt #4 is 0
+    got = explain.failing_cases(rows, "laprox", 0.05, per_task=3, cells=6)
+    assert got == [dict(task="cwe", length=4000, index=0)] + [dict(task="vt", length=4000, index=i) for i in range(3)]
+    niah = [dict(length=n, depth=d, method=m, budget=0.05, score=s) for n in (2000, 4000) for d in (0, 0.5, 1)
+            for m, s in (("full", 1.0), ("laprox", 0.2))]
+    assert explain.failing_cases(niah, "laprox", 0.05, 3, cells=3) == [
+        dict(length=2000, depth=0), dict(length=2000, depth=1), dict(length=4000, depth=0.5)]   # spread evenly
+
+
+def test_tabulate_counts_what_fixes_each_failure():
+    def case(name, fixing):
+        trials = [dict(unit="none", score=0.0)] + [dict(unit=u, score=1.0 if u in fixing else 0.0) for u in
+                                                    ("layer 3", "layer 5", "layer 3 head 1", "layer 3 head 2", "tokens 4:9")]
+        return dict(case=name, full=1.0, trials=trials)
+    md = explain.tabulate([case("a", {"layer 3", "layer 3 head 2", "tokens 4:9"}), case("b", {"layer 3", "layer 5"}),
+                           case("c", set())])
+    assert "one layer's restoration fixes 2 of 3; one KV head's 1 of 3" in md and "fix 1 of 3" in md
+    assert "more than one failure: layer 3 (2)." in md and "heads that fix more than one failure: none." in md
+    assert "| a | 0.00 | 3 | 3 head 2 | yes |" in md and "| c | 0.00 | - | - | no |" in md
+
+
+def test_failures_of_a_folder_without_results_is_one_line(tmp_path, one_line_error):
+    one_line_error(explain.main, ["--failures", str(tmp_path)], "no results.jsonl there")
+    (tmp_path / "results.jsonl").write_text("")
+    one_line_error(explain.main, ["--failures", str(tmp_path), "--cells", "0"], "--cells must be >= 1")

@@ -405,10 +405,10 @@ def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, cap
 # ----------------------------------------------------------------------------- the default model
 
 @pytest.fixture(scope="module")
-def default():
+def default(default_model):
     """(model, tok, context ids, question ids, one-shot prefill of the whole prompt with h2o, w = 16)
     of a short NIAH prompt on the default model."""
-    model, tok = load_model()
+    model, tok = default_model
     hay = E.haystack_ids(tok, E.read_haystack(), 400)
     prompt = E.build_prompt(tok, hay, 300, 0.5)
     text, context = prompt["text"], prompt["context"]

@@ -141,10 +141,9 @@ def test_readme_guide_method_compresses(guide_method):
     assert cache.kept_fraction() == pytest.approx(30 / 120)
 
 
-def test_readme_guide_method_runs_on_a_niah_cell(guide_method, tmp_path):
+def test_readme_guide_method_runs_on_a_niah_cell(guide_method, tmp_path, default_model):
     """The guide's one command, on one small cell, in-process, beside laprox and snapkv."""
-    from model import load_model
-    model, tok = load_model()
+    model, tok = default_model
     command = re.search(r"python eval_niah.py (--methods \S+ --budget \S+)", GUIDE.read_text()).group(1)
     argv = command.split() + ["--lengths", "700", "--depths", "0.5", "--max-new-tokens", "4", "--out", str(tmp_path)]
     assert argv[1].split(",")[0] == guide_method

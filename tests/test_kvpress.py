@@ -24,7 +24,6 @@ from decode import Decoding, answer_text, decode_case
 from eval_niah import insert_needle, read_haystack
 from kvpress_laprox import LaProxPress, kept_per_head, masked_key_indices
 from methods import parse_method, score, select
-from model import load_model
 from test_model import make_checkpoint
 
 RATIOS = (0.5, 0.8)            # kvpress's compression_ratio: half, then four fifths of the context removed
@@ -124,11 +123,11 @@ def test_refusals_at_the_prefill(tiny):
 # ----------------------------------------------------------------------------- the default model, both paths
 
 @pytest.fixture(scope="module")
-def both():
+def both(default_model):
     """Our model and transformers' from the same converted folder, kvpress's pipeline on the latter,
     the pipeline's own ids of the context and question, and our prefill and scores of that context."""
     hf_logging.disable_progress_bar()
-    ours, tok = load_model()
+    ours, tok = default_model
     folder = str(default_checkpoint_dir())
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     pipe = pipeline("kv-press-text-generation", model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), device="cpu")

@@ -416,13 +416,12 @@ def test_eviction_error_is_the_norm_of_the_evicted_terms(G, H_kv, D, n, w):
     assert got.item() <= laprox.laprox_scores(q, k, v, o, group="exact")[~keep].sum().item() * (1 + 1e-5)
 
 
-def test_laprox_beats_snapkv_on_the_bound_it_minimises_on_the_default_model():
+def test_laprox_beats_snapkv_on_the_bound_it_minimises_on_the_default_model(default_model):
     """On a real prompt, LaProx's kept set moves each layer's window output less than SnapKV's
     at the same per-layer budget (both unpooled) on most layers."""
     import bench
     from eval_niah import build_prompt, haystack_ids, read_haystack
-    from model import load_model
-    model, tok = load_model()
+    model, tok = default_model
     ids = build_prompt(tok, haystack_ids(tok, read_haystack(), 1600), 1500, 0.5)["ids"]
     with torch.no_grad():
         ours, snap = bench.compare_with_snapkv(model.prefill(torch.tensor([ids])), budget=0.05)

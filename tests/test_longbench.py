@@ -651,14 +651,13 @@ def test_max_length_line():
 
 # ---- with real checkpoints ----
 
-def test_samsum_decoding_matches_transformers_generate_with_the_official_arguments():
+def test_samsum_decoding_matches_transformers_generate_with_the_official_arguments(default_model):
     """pred.py's samsum call, literally, on transformers' model of the default checkpoint (the
     independent reference) against ours on the same prompt and full cache."""
     import torch
     transformers = pytest.importorskip("transformers")
     from checkpoint import default_checkpoint_dir
-    from model import load_model
-    model, tok = load_model()
+    model, tok = default_model
     ids = lb.build_prompt_ids(tok, SAMSUM, "samsum", max_length=7500)
     prefill = model.prefill(torch.tensor([ids]))
     nl = lb.newline_id(tok)

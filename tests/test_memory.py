@@ -47,12 +47,11 @@ def test_weights_are_the_parameters_of_a_built_model(model_type, tie):
     assert memory.layer_weight_bytes(s, 2) == per_layer
 
 
-def test_kv_queries_and_scores_match_a_real_prefill():
+def test_kv_queries_and_scores_match_a_real_prefill(default_model):
     """The default model's prefill: keys, values and window queries take exactly memory's bytes,
     and LaProx's scores are (H_kv, n) float32 per layer."""
-    from model import load_model
     import laprox
-    model, _ = load_model()
+    model, _ = default_model
     s = memory.KNOWN["smollm2-135m"]
     ids = torch.randint(0, s.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

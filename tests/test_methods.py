@@ -5,7 +5,6 @@ import math
 import re
 
 import pytest
-import torch
 
 import methods
 from cache import resolve_budget

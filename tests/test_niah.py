@@ -32,13 +32,6 @@ class WordTok:
         return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    """(model, tok) of the embedded default checkpoint."""
-    from model import load_model
-    return load_model()
-
-
 @pytest.fixture(params=["stub", "default"])
 def tok(request):
     """The stand-in tokenizer always; the real default one when model.py can load it."""

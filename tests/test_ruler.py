@@ -34,13 +34,6 @@ class RawTok(WordTok):
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    """(model, tok) of the embedded default checkpoint."""
-    from model import load_model
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def tok(default_model):
     return default_model[1]
 
