@@ -13,6 +13,13 @@ answer's tokens) in every layer and head at once. It prints one row per unit tri
 
     python explain.py --task niah_single_1 --index 0 --length 4000 --method laprox --budget 0.05
     python explain.py --niah 4000,0.5 --method laprox --budget 0.05 --span answer
+    python explain.py --failures docs/ruler --method laprox --budget 0.05 --per-task 3
+
+--failures DIR diagnoses the failures an eval's results hold: the aware cases where `full` scores
+1 and the method less (at most --per-task a RULER task, --cells NIAH cells spread over the
+failing ones), each with its answer span, appending every case's rows to DIR/explain.jsonl (a
+rerun skips the cases done) and tabulating in DIR/explain.md how many failures one layer, one
+head or the answer's tokens fix, and which layers and heads recur.
 
 Aware protocol only (the question in the prompt when the cache is compressed): restoring an
 entry of the compressed prompt is then one change to one cache. Each restoration has its own
@@ -21,7 +28,10 @@ cache; the caches of a round (the layers, then the heads) are decoded together a
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -120,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     case = p.add_mutually_exclusive_group(required=True)
     case.add_argument("--task", help="a RULER task (eval_ruler.py), with --index and --length")
     case.add_argument("--niah", help="a NIAH cell LENGTH,DEPTH (eval_niah.py's prompt), e.g. 4000,0.5")
+    case.add_argument("--failures", help="an eval's output folder (eval_ruler.py's or eval_niah.py's --out): "
+                      "diagnose its failures, see the docstring")
+    p.add_argument("--per-task", type=int, default=3, help="--failures: at most this many samples a RULER task")
+    p.add_argument("--cells", type=int, default=6, help="--failures: at most this many NIAH cells")
     p.add_argument("--index", type=int, default=0, help="the RULER sample's index (default 0)")
     p.add_argument("--length", type=int, default=4000, help="the RULER prompt length (default 4000)")
     p.add_argument("--method", default="laprox", help="a method spec, e.g. laprox or laprox:floor=0.2")
@@ -153,22 +167,24 @@ def niah_case(tok, args):
             lambda text: N.recall_score(reference, N.clean_response(text)), d.needle.strip())
 
 
-def run(args) -> list[Trial]:
-    from harness import load_checkpoint
-    name, flags = parse_method(args.method)  # before the model loads
-    if not 0 < args.budget <= 1:
-        raise ValueError(f"--budget {args.budget} must be a fraction in (0, 1]")
-    if args.niah is not None:
+def check_case(args) -> None:
+    """Refuse a bad --task / --niah before the model loads (args.niah becomes (length, depth))."""
+    if isinstance(args.niah, str):
         try:
             length, depth = args.niah.split(",")
             args.niah = (int(length), float(depth))
         except ValueError:
             raise ValueError(f"--niah {args.niah!r} must be LENGTH,DEPTH, e.g. 4000,0.5") from None
-    else:
+    elif args.task is not None:
         import eval_ruler as R
         if args.task not in R.TASKS:
             raise ValueError(f"--task {args.task!r} is not a RULER task; known: {', '.join(R.TASKS)}")
-    model, tok = load_checkpoint(args.model, "cpu", "float32")
+
+
+def diagnose(model, tok, args, log: Callable[[str], None] = print) -> tuple[float, list[Trial]]:
+    """The full cache's score and the Trials of one case (args.task or args.niah, checked), printed
+    through log as they come."""
+    name, flags = parse_method(args.method)
     ids, spec, score, reference = (ruler_case if args.task else niah_case)(tok, args)
 
     def answers(seqs):  # decoded as batches, each at most one full cache (decode.decode_in_groups)
@@ -187,10 +203,121 @@ def run(args) -> list[Trial]:
         prefill = model.prefill(torch.tensor([ids]), window=args.window)
         kept = select(prefill, name, args.budget, **flags)
         full = score(answers([Sequence.of(prefill)])[0])
-        print(f"{len(ids)}-token prompt; full cache scores {full:.2f}; {args.method} at {args.budget:g} (aware):")
-        print(f"{'unit':<22} {'restored':>9} {'kept':>9} {'score':>6}  answer")
-        return explain(prefill, kept, answers, score, span, log=lambda t: print(
-            f"{t.unit:<22} {t.restored:>9,} {t.kept:>9,} {t.score:>6.2f}  {t.answer.strip()[:60]!r}", flush=True))
+        log(f"{len(ids)}-token prompt; full cache scores {full:.2f}; {args.method} at {args.budget:g} (aware):")
+        log(f"{'unit':<22} {'restored':>9} {'kept':>9} {'score':>6}  answer")
+        return full, explain(prefill, kept, answers, score, span, log=lambda t: log(
+            f"{t.unit:<22} {t.restored:>9,} {t.kept:>9,} {t.score:>6.2f}  {t.answer.strip()[:60]!r}"))
+
+
+def failing_cases(rows: list[dict], method: str, budget: float, per_task: int, cells: int) -> list[dict]:
+    """The cases of an eval's rows to diagnose: aware, where `full` scores 1 and `method` at `budget`
+    scores less (rows: the eval's results, of the method's current definition). RULER rows (with a
+    task): {"task", "index", "length"}, at most per_task a task, the lowest indices; NIAH rows:
+    {"length", "depth"}, at most `cells`, spread evenly over the failing cells in grid order."""
+    ruler = any("task" in r for r in rows)
+    unit = (lambda r: (r["task"], r["length"], r["index"])) if ruler else (lambda r: (r["length"], r["depth"]))
+    aware = [r for r in rows if r.get("protocol", "aware") == "aware"]
+    full = {unit(r) for r in aware if r["method"] == "full" and r["score"] == 1}
+    failed = sorted({unit(r) for r in aware if r["method"] == method and r["budget"] == budget
+                     and r["score"] < 1 and unit(r) in full})
+    if ruler:
+        picked, taken = [], Counter()
+        for u in failed:  # sorted: each task's lowest indices first
+            taken[u[0]] += 1
+            if taken[u[0]] <= per_task:
+                picked.append(u)
+        return [dict(task=t, length=n, index=i) for t, n, i in picked]
+    step = max(1, len(failed) / cells) if failed else 1
+    picked = [failed[int(k * step)] for k in range(min(cells, len(failed)))]
+    return [dict(length=n, depth=d) for n, d in picked]
+
+
+def tabulate(done: list[dict]) -> str:
+    """explain.md: one line per case (which single layers, heads and the span restore the full
+    cache's score), then how many failures each kind of unit fixes and the units that recur."""
+    def fixes(case, kind):
+        return [t["unit"] for t in case["trials"] if t["score"] >= case["full"] and kind(t["unit"])]
+    is_layer = lambda u: u.startswith("layer ") and " head " not in u
+    is_head, is_span = (lambda u: " head " in u), (lambda u: u.startswith("tokens "))
+    lines = ["| case | method score | layers that fix it | heads that fix it | answer's tokens fix it |",
+             "|---|---|---|---|---|"]
+    layer_counts, head_counts, n = Counter(), Counter(), len(done)
+    by = {"layer": 0, "head": 0, "span": 0}
+    for c in done:
+        layers, heads, span = fixes(c, is_layer), fixes(c, is_head), fixes(c, is_span)
+        layer_counts.update(layers)
+        head_counts.update(heads)
+        by["layer"] += bool(layers)
+        by["head"] += bool(heads)
+        by["span"] += bool(span)
+        base = c["trials"][0]["score"]
+        lines.append(f"| {c['case']} | {base:.2f} | {', '.join(u[6:] for u in layers) or '-'} | "
+                     f"{', '.join(u[6:] for u in heads) or '-'} | {'yes' if span else 'no'} |")
+    recur = lambda counts: ", ".join(f"{u} ({k})" for u, k in counts.most_common(8) if k > 1) or "none"
+    head = [f"{n} failure(s) diagnosed (aware; the full cache scores 1, the method less). A unit fixes a "
+            "failure when restoring its evicted entries alone gives the full cache's score.", "",
+            f"- one layer's restoration fixes {by['layer']} of {n}; one KV head's {by['head']} of {n} "
+            f"(heads are tried within the layers that raise the score, else the 3 that gain most); "
+            f"the answer's tokens in every layer and head fix {by['span']} of {n}.",
+            f"- layers that fix more than one failure: {recur(layer_counts)}.",
+            f"- heads that fix more than one failure: {recur(head_counts)}.", ""]
+    return "\n".join(head + lines) + "\n"
+
+
+def run_failures(args) -> list[dict]:
+    """--failures: diagnose the failing cases of an eval's output folder, resumably (explain.jsonl)."""
+    from harness import load_checkpoint, read_rows, same_definitions
+    folder = Path(args.failures)
+    results = folder / "results.jsonl"
+    if not results.is_file():
+        raise ValueError(f"--failures {folder}: no results.jsonl there; pass eval_ruler.py's or eval_niah.py's --out")
+    for name in ("per_task", "cells"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    label = args.method
+    rows = same_definitions(read_rows(results, required=("method", "budget", "score")), {label: parse_method(label)})
+    cases = failing_cases(rows, label, args.budget, args.per_task, args.cells)
+    out = folder / "explain.jsonl"
+    key = lambda c: json.dumps({k: c[k] for k in ("case", "method", "budget")}, sort_keys=True)
+    done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+    seen = {key(c) for c in done}
+    todo = [c for c in cases if key(dict(case=c, method=label, budget=args.budget)) not in seen]
+    print(f"{len(cases)} failing case(s) of {label} at {args.budget:g} in {results}; {len(todo)} to diagnose")
+    if todo:
+        model, tok = load_checkpoint(args.model, "cpu", "float32")
+        for c in todo:
+            case_args = argparse.Namespace(**{**vars(args), "task": c.get("task"), "index": c.get("index", 0),
+                                              "length": c["length"], "niah": (c["length"], c["depth"]) if "depth" in c else None,
+                                              "span": "answer"})
+            print(f"\n{c}")
+            full, trials = diagnose(model, tok, case_args, log=lambda line: print(line, flush=True))
+            record = dict(case=c, method=label, budget=args.budget, full=full, trials=[asdict(t) for t in trials])
+            with open(out, "a", encoding="utf-8") as f:  # one line per case: an interrupted run loses none
+                f.write(json.dumps(record) + "\n")
+            done.append(record)
+    mine = [d for d in done if d["method"] == label and d["budget"] == args.budget]
+    (folder / "explain.md").write_text(f"# Why {label} fails at {args.budget:g} ({folder.name})\n\n"
+                                       f"`python explain.py --failures {args.failures} --method {label} "
+                                       f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}`\n\n"
+                                       + tabulate([dict(d, case=_case_name(d["case"])) for d in mine]))
+    print(f"\nwrote {folder / 'explain.md'}")
+    return mine
+
+
+def _case_name(c: dict) -> str:
+    return f"{c['task']} #{c['index']}" if "task" in c else f"NIAH {c['length']} @ {c['depth']:g}"
+
+
+def run(args):
+    parse_method(args.method)  # before the model loads
+    if not 0 < args.budget <= 1:
+        raise ValueError(f"--budget {args.budget} must be a fraction in (0, 1]")
+    if args.failures:
+        return run_failures(args)
+    check_case(args)
+    from harness import load_checkpoint
+    model, tok = load_checkpoint(args.model, "cpu", "float32")
+    return diagnose(model, tok, args, log=lambda line: print(line, flush=True))[1]
 
 
 def main(argv=None):
