@@ -5,7 +5,6 @@ aside) and the summary of one plain process at the same thread count; a user err
 by one rank; --devices is checked per rank. (RULER and LongBench run through the same
 harness.run_eval: their single-process resume is tested in their own files.)"""
 import contextlib
-import io
 import json
 import os
 import re
@@ -15,16 +14,15 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import torch
 
 import eval_niah as E
 from distributed import Group, assign, describe_shares, unit_cost
 from harness import OutputLock, placement
+from conftest import NIAH_GRID
 from test_distributed import ROOT, launch
 
 TIMINGS = ("prefill_s", "compress_s", "question_s", "decode_s")
-NIAH = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv", "--budget", "0.2",
-        "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
+NIAH = NIAH_GRID  # conftest's small grid: its one-thread run (niah_small_run) is the reference
 
 
 def keyed(results: Path, key) -> dict:
@@ -40,22 +38,9 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def run_single(main, argv: list[str]) -> None:
-    """main(argv) in this process with one thread, as every rank has (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def niah_single(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("niah") / "one"
-    run_single(E.main, NIAH + ["--out", str(out)])
-    return out
+@pytest.fixture
+def niah_single(niah_small_run) -> Path:
+    return Path(niah_small_run[0][-1])
 
 
 def test_niah_resumed_under_torchrun_on_split_layers_writes_the_single_process_rows(niah_single, tmp_path):

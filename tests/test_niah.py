@@ -206,22 +206,10 @@ def test_reports_from_rows(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-GRID = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,snapkv:pool=0", "--budget", "0.2",
-        "--protocol", "aware,agnostic", "--max-new-tokens", "4"]
-
-
-@pytest.fixture(scope="module")
-def small_run(default_model, tmp_path_factory):
-    """(argv, rows made, results lines, printed) of the small grid run in both protocols."""
-    import contextlib
-    import io
-    model, tok = default_model
-    out = tmp_path_factory.mktemp("niah") / "results" / "niah"  # not there yet: the run makes it
-    argv = GRID + ["--out", str(out)]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        rows = E.run(E.build_parser().parse_args(argv), model, tok)
-    return argv, rows, (out / "results.jsonl").read_text().splitlines(), printed.getvalue()
+@pytest.fixture
+def small_run(niah_small_run):
+    """conftest's small grid in both protocols: (argv, rows made, results lines, printed)."""
+    return niah_small_run
 
 
 def test_both_protocols_on_a_small_grid(small_run):
@@ -252,6 +240,7 @@ def test_both_protocols_on_a_small_grid(small_run):
 def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, small_run):
     """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
     import torch
+    from conftest import one_thread
     from methods import compress, parse_method
     model, tok = default_model
     _, _, lines, _ = small_run
@@ -259,7 +248,7 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, s
     aware = [r for r in map(json.loads, lines) if r["protocol"] == "aware"]
     for depth in (0.0, 1.0):
         p = E.build_prompt(tok, hay, 600, depth)
-        with torch.inference_mode():
+        with torch.inference_mode(), one_thread():  # as the run was made
             prefill = model.prefill(torch.tensor([tok.encode(p["text"])]))
             for r in [r for r in aware if r["depth"] == depth]:
                 name, flags = parse_method(r["method"])
@@ -268,18 +257,22 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, s
                 assert r["kept_fraction"] == cache.kept_fraction()
 
 
-def test_resume_after_a_torn_line_and_one_run_per_out(default_model, small_run, capsys):
+def test_resume_after_a_torn_line_and_one_run_per_out(default_model, small_run, capsys, tmp_path):
+    import shutil
+    from conftest import one_thread
     from harness import OutputLock
     model, tok = default_model
     argv, _, lines, _ = small_run
-    out = Path(argv[-1])
-    args = E.build_parser().parse_args(argv)
+    out = tmp_path / "niah"
+    shutil.copytree(argv[-1], out)  # the shared run stays as it was
+    args = E.build_parser().parse_args(argv[:-1] + [str(out)])
     assert E.run(args, model, tok) == []  # all done: nothing prefilled
     results = out / "results.jsonl"
     torn = "\n".join(lines[:-1]) + "\n" + lines[-1][:40]  # killed while writing the last row
     results.write_text(torn)
     capsys.readouterr()
-    redone = E.run(args, model, tok)
+    with one_thread():  # as the shared run was made
+        redone = E.run(args, model, tok)
     err = capsys.readouterr().err
     assert "skipped 1 unreadable line(s)" in err and err.count("warning") == 1
     last = json.loads(lines[-1])
