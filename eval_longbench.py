@@ -39,7 +39,8 @@ from pathlib import Path
 from decode import Decoding, answer_text, decode_case
 from distributed import Group
 from harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
-                     fingerprint, latest, make_cases, model_label, read_rows, run_eval, run_main, stats_report)
+                     fingerprint, latest, machine_line, make_cases, model_label, read_rows, run_eval, run_main,
+                     stats_report)
 
 # ---- the official tables (THUDM/LongBench, LongBench/config/*.json), English tasks ----
 
@@ -652,7 +653,7 @@ def run(args, group: Group = SINGLE) -> list[dict]:
              "stats": summary}, indent=2))
         table = results_markdown(results, budgets, tuple(protocols))
         (out / "results.md").write_text(
-            f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n"
+            f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n{machine_line()}\n\n"
             f"## Average over the tasks (the mean of the task means), scores x 100, with 95% bootstrap CIs over the "
             f"samples\n\n{stats_md}\n\n{table}")
         print(table)

@@ -34,8 +34,8 @@ from pathlib import Path
 from decode import Decoding, answer_text, decode_case
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
-                     fingerprint, latest, make_cases, model_label, parse_list, read_rows, run_eval, run_main,
-                     skipped_at_lengths, stats_report)
+                     fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
+                     run_main, skipped_at_lengths, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -385,6 +385,7 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
     summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
+          machine_line(), "",
           "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]
     for p in protocols:
         s, title = summary["protocols"][p], f" ({p})"

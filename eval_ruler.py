@@ -110,8 +110,8 @@ from eval_niah import SENTENCE_END, check_lengths, read_haystack
 from decode import Decoding
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
-                     fingerprint, latest, make_cases, model_label, parse_list, read_rows, run_eval, run_main,
-                     skipped_at_lengths, stats_report)
+                     fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
+                     run_main, skipped_at_lengths, stats_report)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -701,7 +701,7 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
     rows: this grid's rows (the latest per case)."""
     md = [f"# RULER: {meta['model']}", "",
           f"tasks {', '.join(tasks)}; lengths {lengths}; window {meta['window']}; seed {meta['seed']}; "
-          f"prompts: {meta['prompts']}", "",
+          f"prompts: {meta['prompts']}", "", machine_line(), "",
           "Scores in [0, 1]: RULER's string_match_all (QA: string_match_part). pooled = the mean of the task means. "
           "A budget that leaves some method fewer tokens a head than its window (+ sinks) on a sample is skipped "
           "for every method alike on that sample.", ""]

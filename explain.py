@@ -286,9 +286,9 @@ def run_failures(args) -> list[dict]:
     if todo:
         model, tok = load_checkpoint(args.model, "cpu", "float32")
         for c in todo:
+            niah = (c["length"], c["depth"]) if "depth" in c else None
             case_args = argparse.Namespace(**{**vars(args), "task": c.get("task"), "index": c.get("index", 0),
-                                              "length": c["length"], "niah": (c["length"], c["depth"]) if "depth" in c else None,
-                                              "span": "answer"})
+                                              "length": c["length"], "niah": niah, "span": "answer"})
             print(f"\n{c}")
             full, trials = diagnose(model, tok, case_args, log=lambda line: print(line, flush=True))
             record = dict(case=c, method=label, budget=args.budget, full=full, trials=[asdict(t) for t in trials])

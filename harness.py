@@ -899,6 +899,16 @@ def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group 
         return new, ev.report(latest(before + new, ev.key))
 
 
+def machine_line() -> str:
+    """Where a summary is written: the CPU, its cores, torch's thread count and the GPU if this
+    process used CUDA. A resumed run may have made some rows elsewhere: the line says so."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
+    return (f"Run on: {cpu or 'a CPU'} ({os.cpu_count()} cores), torch with {torch.get_num_threads()} thread(s){gpu}: "
+            "the machine that wrote this summary (rows resumed from an earlier run may come from another).")
+
+
 def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0,
                  digits: int = 3) -> tuple[dict | None, str]:
     """stats.summarize of score rows ({"unit", "stratum", "method", "budget", "protocol", "score"}:

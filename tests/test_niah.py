@@ -234,6 +234,7 @@ def test_both_protocols_on_a_small_grid(small_run):
     md = (out / "summary.md").read_text()
     assert "### protocol: aware" in md and "### protocol: agnostic" in md and "laprox minus" in md
     assert "loss ratio laprox / best" in md and "## score (agnostic)" in md
+    assert "cores), torch with 1 thread(s)" in md  # the hardware and threads of the run (conftest's: one)
     assert "full (no eviction)" in printed and "protocol agnostic" in printed
 
 

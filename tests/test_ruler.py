@@ -318,6 +318,7 @@ def test_end_to_end_tiny_run_both_protocols_resumes(default_model, tmp_path, cap
                 assert R.postprocess(generate(model, tok, cache=cache, prefill=prefill, max_new_tokens=30)) == r["prediction"]
     for name in ("summary.md", "summary.json", "scores_1000.png"):
         assert (out / name).exists()
+    assert f"torch with {torch.get_num_threads()} thread(s)" in (out / "summary.md").read_text()
     printed = capsys.readouterr().out
     assert "full (no eviction)" in printed and "protocol agnostic" in printed
     assert R.run(R.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
