@@ -227,7 +227,7 @@ def failing_cases(rows: list[dict], method: str, budget: float, per_task: int, c
             if taken[u[0]] <= per_task:
                 picked.append(u)
         return [dict(task=t, length=n, index=i) for t, n, i in picked]
-    step = max(1, len(failed) / cells) if failed else 1
+    step = max(1, len(failed) / cells)
     picked = [failed[int(k * step)] for k in range(min(cells, len(failed)))]
     return [dict(length=n, depth=d) for n, d in picked]
 

@@ -691,8 +691,9 @@ def run_unit(model, context_ids: list[int], question_ids: list[int], cases: list
     both non-empty. cases: see make_cases (an eval drops the ones it has done). decoding: the eval's
     decoding rule for this unit (decode.Decoding), from the next-token logits after the whole prompt.
     tok: the tokenizer (decode, eos_ids) that turns tokens into the generated text (decode.answer_text).
-    window: the observation window w of the prefills. seed: the "random" method's seed. batch: decode every case of a protocol as one batch (decode.decode_batch, in
-    groups bounded by memory: decode_cases); False: one case at a time (decode.decode_case). Both give
+    window: the observation window w of the prefills. seed: the "random" method's seed. batch: decode
+    every case of a protocol as one batch (decode.decode_batch, in groups bounded by memory:
+    decode_cases); False: one case at a time (decode.decode_case). Both give
     the same rows but for the timings.
 
     The context is prefilled once (H2O's statistics only when an h2o case is present). Agnostic
