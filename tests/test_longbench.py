@@ -495,13 +495,12 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
 
 # ---- end to end with the default model ----
 
-def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
+def test_end_to_end_with_the_default_model_both_protocols(default_model, tmp_path):
     """The aware lines are what the path before the protocols gave (one prefill of the official
     prompt's ids, compress, decode as pred.py); agnostic keeps 20% of the context."""
     import torch
     from harness import encode_split
     from methods import compress
-    from model import load_model
     data_dir, out = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
     samples = {}
@@ -510,7 +509,8 @@ def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
         (data_dir / f"{sample['dataset']}.jsonl").write_text(json.dumps(samples[sample["dataset"]]) + "\n")
     argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa", "--limit", "1", "--methods", "full,snapkv",
             "--budget", "0.2", "--protocol", "aware,agnostic", "--out", str(out)]
-    results = lb.main(argv)
+    model, tok = default_model
+    results = lb.run(lb.parse_args(argv), model, tok)
     print((out / "results.md").read_text())
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert {(x["task"], x["method"], x["budget"], x["protocol"]) for x in lines} == {
@@ -519,7 +519,6 @@ def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
     assert {x["kept_fraction"] for x in lines if x["method"] == "full"} == {1.0}
     assert all(x["kept_fraction"] == pytest.approx(0.2, abs=0.01) for x in lines if x["method"] == "snapkv")
     assert all(x["kept_of"] == ("prompt" if x["protocol"] == "aware" else "context") for x in lines)
-    model, tok = load_model()
     for task, sample in samples.items():
         text, end = lb.build_prompt(tok, sample, task, 7500)
         context, question = encode_split(tok, text, end)
@@ -539,7 +538,7 @@ def test_end_to_end_with_the_default_model_both_protocols(tmp_path):
     assert (out / "scores_vs_budget.png").stat().st_size > 0
     assert {(r["method"], r["protocol"]) for r in results} == {(m, p) for m in ("full", "snapkv")
                                                                for p in ("aware", "agnostic")}
-    lb.main(argv)  # rerun: everything is done, nothing is added
+    lb.main(argv)  # rerun from the command line: everything is done, nothing is added
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
 
 
