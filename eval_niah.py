@@ -403,6 +403,17 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
 
 # ----------------------------------------------------------------------------- main
 
+def run_config(args, haystack: str) -> dict:
+    """What changes a row's answer besides its cell and case (model, prompt, decoding, haystack):
+    the summary's meta, with its fingerprint as "config". Every row records it; a resume takes
+    only the rows of this configuration (the protocol is in each row, not in the configuration)."""
+    meta = dict(model=model_label(args.model), checkpoint=args.model, needle=args.needle, question=args.question,
+                answer_prefix=args.answer_prefix, haystack=hashlib.sha1(haystack.encode()).hexdigest()[:12],
+                window=args.window, max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
+                prompt=PROMPT)
+    return {**meta, "config": fingerprint(meta)}
+
+
 def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse
     a loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
@@ -411,11 +422,8 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     haystack = group.together(lambda: read_haystack(args.haystack))
     model_name = model_label(args.model)
     out = Path(args.out or Path("results") / "niah" / model_name).expanduser()
-    meta = dict(model=model_name, checkpoint=args.model, needle=args.needle, question=args.question,
-                answer_prefix=args.answer_prefix, haystack=hashlib.sha1(haystack.encode()).hexdigest()[:12],
-                window=args.window, max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
-                prompt=PROMPT)
-    meta["config"] = config = fingerprint(meta)  # the protocol is in each row, not in the configuration
+    meta = run_config(args, haystack)
+    config = meta["config"]
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
 

@@ -725,20 +725,27 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
 
 # ----------------------------------------------------------------------------- main
 
+def run_configs(args, tasks: list[str], essays: str) -> tuple[dict, dict[str, str]]:
+    """(meta, configs): what changes a row's answer besides its sample and case (model, decoding,
+    generator and word-list versions, essays, a QA task's data), and its fingerprint per task
+    (configs: task -> "config" of its rows). A resume takes only the rows of their task's config."""
+    import wonderwords
+    meta = dict(model=model_label(args.model), checkpoint=args.model, dtype=args.dtype, window=args.window,
+                seed=args.seed, generator=GENERATOR_VERSION, wonderwords=wonderwords.__version__,
+                essays=hashlib.sha1(essays.encode()).hexdigest()[:12])
+    data = {t: file_sha1(qa_file(args.data_dir, TASKS[t].args["dataset"])) for t in tasks if TASKS[t].kind == "qa"}
+    return meta, {t: fingerprint({**meta, "task": t, "data": data.get(t)}) for t in tasks}
+
+
 def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     """Evaluate the grid of `args` (see build_parser); returns the rows made now. model, tok: reuse a
     loaded model (tests) instead of loading args.model. group: torchrun's ranks (distributed.py:
     each runs its share of the samples, rank 0 merges the rows and writes the reports)."""
     tasks, lengths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
-    import wonderwords
     essays = group.together(read_haystack)
     model_name = model_label(args.model)
     out = Path(args.out or Path("results") / "ruler" / model_name).expanduser()
-    meta = dict(model=model_name, checkpoint=args.model, dtype=args.dtype, window=args.window, seed=args.seed,
-                generator=GENERATOR_VERSION, wonderwords=wonderwords.__version__,
-                essays=hashlib.sha1(essays.encode()).hexdigest()[:12])
-    data = {t: file_sha1(qa_file(args.data_dir, TASKS[t].args["dataset"])) for t in tasks if TASKS[t].kind == "qa"}
-    configs = {t: fingerprint({**meta, "task": t, "data": data.get(t)}) for t in tasks}
+    meta, configs = run_configs(args, tasks, essays)
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))

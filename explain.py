@@ -19,7 +19,9 @@ answer's tokens) in every layer and head at once. It prints one row per unit tri
 1 and the method less (at most --per-task a RULER task, --cells NIAH cells spread over the
 failing ones), each with its answer span, appending every case's rows to DIR/explain.jsonl (a
 rerun skips the cases done) and tabulating in DIR/explain.md how many failures one layer, one
-head or the answer's tokens fix, and which layers and heads recur.
+head or the answer's tokens fix, and which layers and heads recur. It reads only the rows made with
+the prompts it rebuilds (the eval's defaults: their "config") and the method's current flags; a
+record counts as done only if it has both, and explain.md tabulates the cases picked now.
 
 Aware protocol only (the question in the prompt when the cache is compressed): restoring an
 entry of the compressed prompt is then one change to one cache. Each restoration has its own
@@ -264,9 +266,29 @@ def tabulate(done: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def eval_configs(rows: list[dict], args) -> Callable[[dict], str]:
+    """config(case) -> the fingerprint ("config") an eval row of that case has when made with the
+    prompts and decoding explain rebuilds: the eval's defaults, with this run's --model, --window and
+    --seed (eval_niah.run_config, eval_ruler.run_configs); None for a RULER QA task (not rebuilt)."""
+    given = [*(["--model", args.model] if args.model else []), "--window", str(args.window), "--seed", str(args.seed)]
+    if any("task" in r for r in rows):  # the synthetic tasks: explain rebuilds no QA sample (no --data-dir)
+        import eval_ruler as R
+        tasks = sorted({r["task"] for r in rows if r["task"] in R.TASKS and R.TASKS[r["task"]].kind != "qa"})
+        _, configs = R.run_configs(R.build_parser().parse_args(given), tasks, R.read_haystack())
+        return lambda case: configs.get(case["task"])
+    import eval_niah as N
+    d = N.build_parser().parse_args(given)
+    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    return lambda case: config
+
+
 def run_failures(args) -> list[dict]:
-    """--failures: diagnose the failing cases of an eval's output folder, resumably (explain.jsonl)."""
+    """--failures: diagnose the failing cases of an eval's output folder, resumably (explain.jsonl).
+    Only rows of the method's current definition (harness.same_definitions) and of the prompts
+    explain rebuilds (eval_configs) are read; each record keeps both (method_flags, config), and a
+    rerun takes a record as done only if both are today's."""
     from harness import load_checkpoint, read_rows, same_definitions
+    from methods import resolved_flags
     folder = Path(args.failures)
     results = folder / "results.jsonl"
     if not results.is_file():
@@ -275,27 +297,42 @@ def run_failures(args) -> list[dict]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     label = args.method
+    flags = resolved_flags(*parse_method(label))
     rows = same_definitions(read_rows(results, required=("method", "budget", "score")), {label: parse_method(label)})
-    cases = failing_cases(rows, label, args.budget, args.per_task, args.cells)
+    config = eval_configs(rows, args)
+    unit = (lambda r: dict(task=r["task"])) if any("task" in r for r in rows) else (lambda r: {})
+    ours = [r for r in rows if r.get("config") == config(unit(r))]
+    if rows and not ours:
+        raise ValueError(f"--failures {folder}: none of its rows was made with the prompts explain rebuilds (the "
+                         f"eval's defaults with --model, --window {args.window}, --seed {args.seed}); pass the "
+                         f"eval's --model/--window/--seed, or diagnose one case with --task or --niah")
+    if len(ours) < len(rows):
+        print(f"note: {len(rows) - len(ours)} row(s) of {results} have other prompt settings or are of a QA task "
+              f"(explain rebuilds the synthetic tasks only): not read")
+    cases = failing_cases(ours, label, args.budget, args.per_task, args.cells)
     out = folder / "explain.jsonl"
-    key = lambda c: json.dumps({k: c[k] for k in ("case", "method", "budget")}, sort_keys=True)
+    key = lambda c: json.dumps({k: c.get(k) for k in ("case", "method", "budget", "method_flags", "config")},
+                               sort_keys=True)
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    seen = {key(c) for c in done}
-    todo = [c for c in cases if key(dict(case=c, method=label, budget=args.budget)) not in seen]
+    records = [dict(case=c, method=label, budget=args.budget, method_flags=flags, config=config(c)) for c in cases]
+    seen = {key(d) for d in done}
+    todo = [r for r in records if key(r) not in seen]
     print(f"{len(cases)} failing case(s) of {label} at {args.budget:g} in {results}; {len(todo)} to diagnose")
     if todo:
         model, tok = load_checkpoint(args.model, "cpu", "float32")
-        for c in todo:
+        for record in todo:
+            c = record["case"]
             niah = (c["length"], c["depth"]) if "depth" in c else None
             case_args = argparse.Namespace(**{**vars(args), "task": c.get("task"), "index": c.get("index", 0),
                                               "length": c["length"], "niah": niah, "span": "answer"})
             print(f"\n{c}")
             full, trials = diagnose(model, tok, case_args, log=lambda line: print(line, flush=True))
-            record = dict(case=c, method=label, budget=args.budget, full=full, trials=[asdict(t) for t in trials])
+            record.update(full=full, trials=[asdict(t) for t in trials])
             with open(out, "a", encoding="utf-8") as f:  # one line per case: an interrupted run loses none
                 f.write(json.dumps(record) + "\n")
             done.append(record)
-    mine = [d for d in done if d["method"] == label and d["budget"] == args.budget]
+    wanted = {key(r) for r in records}
+    mine = list({key(d): d for d in done if key(d) in wanted}.values())  # the latest record of each case
     (folder / "explain.md").write_text(f"# Why {label} fails at {args.budget:g} ({folder.name})\n\n"
                                        f"`python explain.py --failures {args.failures} --method {label} "
                                        f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}`\n\n"

@@ -94,3 +94,48 @@ def test_failures_of_a_folder_without_results_is_one_line(tmp_path, one_line_err
     one_line_error(explain.main, ["--failures", str(tmp_path)], "no results.jsonl there")
     (tmp_path / "results.jsonl").write_text("")
     one_line_error(explain.main, ["--failures", str(tmp_path), "--cells", "0"], "--cells must be >= 1")
+
+
+def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path, monkeypatch, capsys):
+    """--failures reads the rows made with the prompts explain rebuilds (the eval's config) and the
+    method's current flags; a record of explain.jsonl counts as done only with both; others are
+    diagnosed again, appended, and explain.md tabulates the cases picked now."""
+    import json
+
+    import eval_niah as N
+    import harness
+    from methods import parse_method, resolved_flags
+    d = N.build_parser().parse_args([])
+    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    flags = resolved_flags(*parse_method("laprox"))
+    row = lambda n, dep, m, s, cfg=config: dict(length=n, depth=dep, method=m, budget=0.05, protocol="aware", score=s,
+                                              config=cfg, method_flags=resolved_flags(*parse_method(m)))
+    rows = [row(n, 0.5, m, s) for n in (2000, 4000) for m, s in (("full", 1.0), ("laprox", 0.0))]
+    rows += [row(6000, 0.5, "full", 1.0, "other"), row(6000, 0.5, "laprox", 0.0, "other")]  # other prompts
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = lambda n, **kw: dict(case=dict(length=n, depth=0.5), method="laprox", budget=0.05, full=1.0,
+                                  trials=[dict(unit="none", restored=0, kept=9, score=0.0, answer="")], **kw)
+    (tmp_path / "explain.jsonl").write_text(json.dumps(record(2000, method_flags=flags, config=config)) + "\n"
+                                            + json.dumps(record(4000, method_flags={**flags, "pool": 0},
+                                                                config=config)) + "\n")
+    diagnosed = []
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a: (None, None))
+    monkeypatch.setattr(explain, "diagnose", lambda model, tok, a, log: (
+        diagnosed.append(a.niah), (1.0, [explain.Trial("none", 0, 9, 0.0, ""), explain.Trial("layer 3", 5, 14, 1.0, "")]))[1])
+    mine = explain.main(["--failures", str(tmp_path), "--method", "laprox", "--budget", "0.05"])
+    assert diagnosed == [(4000, 0.5)]  # 2000 is done; 4000's record is of another laprox; 6000's rows other prompts
+    assert "2 row(s)" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (tmp_path / "explain.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and lines[-1]["method_flags"] == flags and lines[-1]["config"] == config
+    assert [m["case"]["length"] for m in mine] == [2000, 4000]
+    md = (tmp_path / "explain.md").read_text()
+    assert "2 failure(s) diagnosed" in md and "one layer's restoration fixes 1 of 2" in md
+    assert explain.main(["--failures", str(tmp_path), "--method", "laprox", "--budget", "0.05"]) == mine
+    assert diagnosed == [(4000, 0.5)]  # a rerun diagnoses nothing
+
+
+def test_failures_of_rows_with_other_prompts_is_one_line(tmp_path, one_line_error):
+    import json
+    row = dict(length=2000, depth=0.5, method="full", budget=None, protocol="aware", score=1.0, config="other")
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    one_line_error(explain.main, ["--failures", str(tmp_path)], "none of its rows was made with the prompts")
