@@ -420,10 +420,9 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     each runs its share of the cells, rank 0 merges the rows and writes the reports)."""
     lengths, depths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
     haystack = group.together(lambda: read_haystack(args.haystack))
-    model_name = model_label(args.model)
-    out = Path(args.out or Path("results") / "niah" / model_name).expanduser()
     meta = run_config(args, haystack)
-    config = meta["config"]
+    model_name, config = meta["model"], meta["config"]
+    out = Path(args.out or Path("results") / "niah" / model_name).expanduser()
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
 

@@ -743,9 +743,9 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     each runs its share of the samples, rank 0 merges the rows and writes the reports)."""
     tasks, lengths, methods, budgets, protocols = group.together(lambda: check_args(args, group))
     essays = group.together(read_haystack)
-    model_name = model_label(args.model)
-    out = Path(args.out or Path("results") / "ruler" / model_name).expanduser()
     meta, configs = run_configs(args, tasks, essays)
+    model_name = meta["model"]
+    out = Path(args.out or Path("results") / "ruler" / model_name).expanduser()
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
     indices = list(range(args.samples))

@@ -267,7 +267,7 @@ def tabulate(done: list[dict]) -> str:
 
 
 def eval_configs(rows: list[dict], args) -> Callable[[dict], str]:
-    """config(case) -> the fingerprint ("config") an eval row of that case has when made with the
+    """config(case or row) -> the fingerprint ("config") an eval row of that case has when made with the
     prompts and decoding explain rebuilds: the eval's defaults, with this run's --model, --window and
     --seed (eval_niah.run_config, eval_ruler.run_configs); None for a RULER QA task (not rebuilt)."""
     given = [*(["--model", args.model] if args.model else []), "--window", str(args.window), "--seed", str(args.seed)]
@@ -296,12 +296,11 @@ def run_failures(args) -> list[dict]:
     for name in ("per_task", "cells"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    label = args.method
-    flags = resolved_flags(*parse_method(label))
-    rows = same_definitions(read_rows(results, required=("method", "budget", "score")), {label: parse_method(label)})
+    label, spec = args.method, parse_method(args.method)
+    flags = resolved_flags(*spec)
+    rows = same_definitions(read_rows(results, required=("method", "budget", "score")), {label: spec})
     config = eval_configs(rows, args)
-    unit = (lambda r: dict(task=r["task"])) if any("task" in r for r in rows) else (lambda r: {})
-    ours = [r for r in rows if r.get("config") == config(unit(r))]
+    ours = [r for r in rows if r.get("config") == config(r)]  # a row has its case's keys (task, for RULER)
     if rows and not ours:
         raise ValueError(f"--failures {folder}: none of its rows was made with the prompts explain rebuilds (the "
                          f"eval's defaults with --model, --window {args.window}, --seed {args.seed}); pass the "

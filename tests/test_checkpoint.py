@@ -85,7 +85,8 @@ def test_converted_folder_is_complete(ckpt):
 def transformers_gguf(ckpt, gguf_path) -> dict:
     """transformers' reading of the GGUF, once for the module (its parse is slow, and
     AutoConfig/AutoTokenizer with gguf_file= each parse it again): {"config": its config dict,
-    "tokenizer": its tokenizer fields, "tensors": the state dict it dequantizes and un-permutes}.
+    "tokenizer" and "tokenizer_config": its tokenizer fields, "tensors": the state dict it
+    dequantizes and un-permutes}.
     Its tensor names come from a model's state dict: a meta-device model of our config.json gives
     them (names and layer count only); every value is transformers' own."""
     from transformers import LlamaConfig, LlamaForCausalLM
