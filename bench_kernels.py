@@ -183,34 +183,45 @@ def compile_offline(name: str, cfg, G: int, D: int, dtype: torch.dtype, group: s
             "threads": 32 * cfg.num_warps}
 
 
-def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfloat16, group="exact", log=print):
+def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfloat16, group="exact", log=print,
+                  workers=None):
     """For every (target, model shape, w): the plan plan_launch makes with that target's shared
     memory limit, each kernel of it compiled offline (compile_offline; identical kernels are
-    compiled once). Returns a list of rows {target, model, w, kernel, config, shared, registers,
-    spill_stores, spill_loads, threads, launches}; launches: shared memory within the target's
-    opt-in limit and registers x threads within 64K."""
+    compiled once, `workers` processes at a time, default one per core: a compile is one thread).
+    Returns a list of rows {target, model, w, kernel, config, shared, registers, spill_stores,
+    spill_loads, threads, launches}; launches: shared memory within the target's opt-in limit and
+    registers x threads within 64K."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     import kernels
     shapes = REAL_MODELS if shapes is None else shapes
-    compiled, rows = {}, []
+    cells, todo = [], {}   # cells: (cap, model, w, plan or why); todo: unique kernel -> compile_offline args
     for cap in targets:
-        limit = kernels.SMEM_LIMITS[cap]
         for model, (H, H_kv, D) in shapes.items():
             G = H // H_kv
             for w in windows:
-                plan, why = kernels.plan_launch(G, w, D, dtype, group, limit)
-                if plan is None:
-                    rows.append(dict(target=cap, model=model, w=w, kernel="-", config=None, launches=False, why=why))
-                    continue
-                for name in KERNELS:
+                plan, why = kernels.plan_launch(G, w, D, dtype, group, kernels.SMEM_LIMITS[cap])
+                cells.append((cap, model, w, G, D, plan, why))
+                for name in KERNELS if plan is not None else ():
                     cfg = getattr(plan, name)[0]
-                    key = (cap, name, cfg, kernels._next_pow2(G), D)
-                    if key not in compiled:
-                        t0 = time.perf_counter()
-                        compiled[key] = compile_offline(name, cfg, G, D, dtype, group, cap)
-                        log(f"  compiled {name} {cfg} for sm_{cap} (G={G}, D={D}) in {time.perf_counter() - t0:.1f} s")
-                    r = compiled[key]
-                    fits = r["shared"] <= limit and r["registers"] * r["threads"] <= 65536
-                    rows.append(dict(target=cap, model=model, w=w, kernel=name, config=cfg, launches=fits, **r))
+                    todo.setdefault((cap, name, cfg, kernels._next_pow2(G), D), (name, cfg, G, D, dtype, group, cap))
+    # spawn, not fork: the parent has torch's threads running
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {key: pool.submit(compile_offline, *args) for key, args in todo.items()}
+        compiled = {}
+        for key, future in futures.items():
+            compiled[key] = future.result()
+            log(f"  compiled {key[1]} {key[2]} for sm_{key[0]} (G={key[3]}, D={key[4]})")
+    rows = []
+    for cap, model, w, G, D, plan, why in cells:
+        if plan is None:
+            rows.append(dict(target=cap, model=model, w=w, kernel="-", config=None, launches=False, why=why))
+            continue
+        for name in KERNELS:
+            cfg = getattr(plan, name)[0]
+            r = compiled[(cap, name, cfg, kernels._next_pow2(G), D)]
+            fits = r["shared"] <= kernels.SMEM_LIMITS[cap] and r["registers"] * r["threads"] <= 65536
+            rows.append(dict(target=cap, model=model, w=w, kernel=name, config=cfg, launches=fits, **r))
     return rows
 
 

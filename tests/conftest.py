@@ -39,6 +39,52 @@ def default_model():
     return load_model()
 
 
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)   # GQA like the default; 4 layers: --devices can split them
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """(model, tok, folder) of a small random Llama (SMALL) with the default model's tokenizer, chat
+    template and context length: the eval tests run their real prompts through it at a fraction of
+    the default model's cost, as their rows compare two paths, not answers (the default model's
+    own numbers are tested against transformers in test_checkpoint). Weights at unit scale
+    (embeddings and an untied lm_head N(0, 1), each projection N(0, 1/fan_in), norms 1 + N(0, 0.2)),
+    so logits spread over several units and no greedy token sits on a near-tie that float noise
+    could flip; o_proj 3x that, so attention outweighs the token's own embedding and what a cache
+    kept changes what is generated (at 1x, or tied, the model repeats one token whatever it kept)."""
+    import json
+    import shutil
+    import torch
+    from safetensors.torch import save_file
+    from checkpoint import default_checkpoint_dir
+    from model import load_model
+    default = default_checkpoint_dir()
+    folder = tmp_path_factory.mktemp("small") / "small-llama"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(default / name, folder / name)
+    cfg = {**json.loads((default / "config.json").read_text()), **SMALL, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    d, f, D, H, H_kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads",
+                                         "num_key_value_heads"))
+    g = torch.Generator().manual_seed(0)
+    linear = lambda rows, cols: torch.randn(rows, cols, generator=g) / cols ** 0.5  # noqa: E731
+    norm = lambda: 1 + 0.2 * torch.randn(d, generator=g)  # noqa: E731
+    weights = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], d, generator=g),
+               "lm_head.weight": torch.randn(cfg["vocab_size"], d, generator=g), "model.norm.weight": norm()}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        weights.update({pre + "input_layernorm.weight": norm(), pre + "post_attention_layernorm.weight": norm(),
+                        pre + "self_attn.q_proj.weight": linear(H * D, d), pre + "self_attn.k_proj.weight": linear(H_kv * D, d),
+                        pre + "self_attn.v_proj.weight": linear(H_kv * D, d), pre + "self_attn.o_proj.weight": 3 * linear(d, H * D),
+                        pre + "mlp.gate_proj.weight": linear(f, d), pre + "mlp.up_proj.weight": linear(f, d),
+                        pre + "mlp.down_proj.weight": linear(d, f)})
+    save_file(weights, str(folder / "model.safetensors"))
+    model, tok = load_model(str(folder))
+    return model, tok, folder
+
+
 @contextlib.contextmanager
 def one_thread():
     """torch on one thread inside the block, as every torchrun rank of the tests runs
@@ -57,14 +103,15 @@ NIAH_GRID = ["--lengths", "600", "--depths", "0,1", "--methods", "full,laprox,sn
 
 
 @pytest.fixture(scope="session")
-def niah_small_run(default_model, tmp_path_factory):
+def niah_small_run(small_model, tmp_path_factory):
     """(argv, rows made, results lines, printed) of a small NIAH grid in both protocols (2 cells of 600
-    tokens; full, laprox, snapkv:pool=0 at 0.2), on one thread: test_niah checks it, test_dist_evals
-    compares torchrun's rows with it. Read-only: a test that writes into its folder copies it first."""
+    tokens; full, laprox, snapkv:pool=0 at 0.2) on small_model, on one thread: test_niah checks it,
+    test_dist_evals compares torchrun's rows with it. argv ends with --out FOLDER. Read-only: a test
+    that writes into its folder copies it first."""
     import eval_niah as E
-    model, tok = default_model
+    model, tok, folder = small_model
     out = tmp_path_factory.mktemp("niah") / "results" / "niah"  # not there yet: the run makes it
-    argv = NIAH_GRID + ["--out", str(out)]
+    argv = NIAH_GRID + ["--model", str(folder), "--out", str(out)]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), one_thread():
         rows = E.run(E.build_parser().parse_args(argv), model, tok)

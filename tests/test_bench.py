@@ -1,5 +1,6 @@
 """bench.py at a tiny size: every figure is in the JSON (no timing assertions)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,11 +8,12 @@ import pytest
 import bench
 
 
-def test_bench_writes_every_figure(tmp_path):
+def test_bench_writes_every_figure(tmp_path, small_model):
+    """On conftest's small model (figures, not speeds, are checked)."""
     out = tmp_path / "bench.json"
     bench.main(["--lengths", "300,400", "--decode-length", "300", "--niah-length", "300", "--niah-new-tokens", "3", "--new-tokens", "3",
                 "--budget", "0.2", "--decode-budgets", "0.2,0.5", "--window", "8", "--repeats", "1",
-                "--skip-load", "--out", str(out)])
+                "--skip-load", "--model", str(small_model[2]), "--out", str(out)])
     res = json.loads(out.read_text())
     assert [r["n"] for r in res["overhead"]] == [300, 400]
     for r in res["overhead"]:
@@ -27,9 +29,23 @@ def test_bench_writes_every_figure(tmp_path):
 
 
 def test_load_figures(tmp_path, monkeypatch):
+    """bench_load times a first load of the default model into a fresh, empty cache, then a cached
+    one, and puts LAPROX_CACHE back. load_model is a stand-in that records what it finds: the
+    conversion itself is test_checkpoint's (its first use, raced by two processes)."""
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
+    seen = []
+
+    def load_model():
+        cache = Path(os.environ["LAPROX_CACHE"])
+        seen.append((cache, sorted(p.name for p in cache.iterdir())))
+        (cache / "smollm2-135m-instruct").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(bench, "load_model", load_model)
     load = bench.bench_load(None)
     assert load["first_s"] > 0 and load["cached_s"] > 0
+    (first, before), (second, after) = seen
+    assert first == second != tmp_path and before == [] and after == ["smollm2-135m-instruct"]
+    assert os.environ["LAPROX_CACHE"] == str(tmp_path) and not first.exists()  # put back, fresh cache gone
 
 
 def _bench_errors(tmp_path):

@@ -1,5 +1,5 @@
-"""The eval scripts under torchrun (distributed.py through harness.py), on the CPU with the default
-model: 2 gloo processes, launched by torchrun itself, resume a small NIAH grid from a 1-process
+"""The eval scripts under torchrun (distributed.py through harness.py), on the CPU with conftest's
+small model: 2 gloo processes, launched by torchrun itself, resume a small NIAH grid from a 1-process
 partial run with their layers split over two "devices" each, and write exactly the rows (timings
 aside) and the summary of one plain process at the same thread count; a user error is said once,
 by one rank; --devices is checked per rank. (RULER and LongBench run through the same
@@ -22,7 +22,7 @@ from conftest import NIAH_GRID
 from test_distributed import ROOT, launch
 
 TIMINGS = ("prefill_s", "compress_s", "question_s", "decode_s")
-NIAH = NIAH_GRID  # conftest's small grid: its one-thread run (niah_small_run) is the reference
+NIAH = NIAH_GRID  # conftest's small grid; the resume below takes its one-thread run's argv (niah_small_run)
 
 
 def keyed(results: Path, key) -> dict:
@@ -39,8 +39,10 @@ def summary(out: Path) -> dict:
 
 
 @pytest.fixture
-def niah_single(niah_small_run) -> Path:
-    return Path(niah_small_run[0][-1])
+def niah_single(niah_small_run) -> tuple[list[str], Path]:
+    """(the reference's argv without its --out, its folder)."""
+    argv = niah_small_run[0]
+    return argv[:-2], Path(argv[-1])
 
 
 def test_niah_resumed_under_torchrun_on_split_layers_writes_the_single_process_rows(niah_single, tmp_path):
@@ -48,12 +50,13 @@ def test_niah_resumed_under_torchrun_on_split_layers_writes_the_single_process_r
     torchrun's 2 ranks with --devices cpu,cpu,cpu,cpu (each rank's layers over its two "devices",
     memory.plan_layers' ranges): they compute the rest, a cell each, and the file ends with exactly
     the reference's rows, the finished one untouched; rank 0 alone reports."""
+    argv, niah_single = niah_single
     out = tmp_path / "two"
     finished = (niah_single / "results.jsonl").read_text().splitlines()[:1]
     out.mkdir()
     (out / "results.jsonl").write_text(finished[0] + "\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               "eval_niah.py", *NIAH, "--devices", "cpu,cpu,cpu,cpu", "--out", str(out)]   # as the README says
+               "eval_niah.py", *argv, "--devices", "cpu,cpu,cpu,cpu", "--out", str(out)]   # as the README says
     done = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,7 +65,7 @@ def test_niah_resumed_under_torchrun_on_split_layers_writes_the_single_process_r
     assert summary(out) == summary(niah_single)
     costs = [unit_cost(600)] * 2                                               # two cells of 600 tokens
     assert "\n".join(describe_shares(assign(costs, 2), costs)) in done.stdout and done.stdout.count("rank 0:") == 1
-    assert done.stdout.count("NIAH SmolLM2-135M-Instruct: mean score") == 1   # rank 0 alone reports
+    assert done.stdout.count("NIAH small-llama: mean score") == 1   # rank 0 alone reports
     for name in ("heatmap_full.png", "heatmap_laprox_0.2_agnostic.png", "scores_vs_budget.png", "summary.md"):
         assert (out / name).exists()
 

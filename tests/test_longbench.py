@@ -495,9 +495,10 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
 
 # ---- end to end with the default model ----
 
-def test_end_to_end_with_the_default_model_both_protocols(default_model, tmp_path):
-    """The aware lines are what the path before the protocols gave (one prefill of the official
-    prompt's ids, compress, decode as pred.py); agnostic keeps 20% of the context."""
+def test_end_to_end_both_protocols(small_model, tmp_path):
+    """On conftest's small model (the default's tokenizer and chat template): the aware lines are
+    what the path before the protocols gave (one prefill of the official prompt's ids, compress,
+    decode as pred.py); agnostic keeps 20% of the context."""
     import torch
     from harness import encode_split
     from methods import compress
@@ -508,8 +509,8 @@ def test_end_to_end_with_the_default_model_both_protocols(default_model, tmp_pat
         samples[sample["dataset"]] = {**sample, "context": sample["context"] * 4, "index": 0}
         (data_dir / f"{sample['dataset']}.jsonl").write_text(json.dumps(samples[sample["dataset"]]) + "\n")
     argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,triviaqa", "--limit", "1", "--methods", "full,snapkv",
-            "--budget", "0.2", "--protocol", "aware,agnostic", "--out", str(out)]
-    model, tok = default_model
+            "--budget", "0.2", "--protocol", "aware,agnostic", "--model", str(small_model[2]), "--out", str(out)]
+    model, tok, _ = small_model
     results = lb.run(lb.parse_args(argv), model, tok)
     print((out / "results.md").read_text())
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]

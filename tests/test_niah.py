@@ -238,12 +238,12 @@ def test_both_protocols_on_a_small_grid(small_run):
     assert "full (no eviction)" in printed and "protocol agnostic" in printed
 
 
-def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, small_run):
+def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, small_run):
     """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
     import torch
     from conftest import one_thread
     from methods import compress, parse_method
-    model, tok = default_model
+    model, tok, _ = small_model
     _, _, lines, _ = small_run
     hay = E.haystack_ids(tok, E.read_haystack(), 600)
     aware = [r for r in map(json.loads, lines) if r["protocol"] == "aware"]
@@ -258,11 +258,11 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(default_model, s
                 assert r["kept_fraction"] == cache.kept_fraction()
 
 
-def test_resume_after_a_torn_line_and_one_run_per_out(default_model, small_run, capsys, tmp_path):
+def test_resume_after_a_torn_line_and_one_run_per_out(small_model, small_run, capsys, tmp_path):
     import shutil
     from conftest import one_thread
     from harness import OutputLock
-    model, tok = default_model
+    model, tok, _ = small_model
     argv, _, lines, _ = small_run
     out = tmp_path / "niah"
     shutil.copytree(argv[-1], out)  # the shared run stays as it was

@@ -288,16 +288,17 @@ def test_reports_from_rows(tmp_path):
     assert saved["lengths"]["1000"]["stats"]["protocols"]["aware"]["reference"]["n"] == 4
 
 
-def test_end_to_end_tiny_run_both_protocols_resumes(default_model, tmp_path, capsys):
-    """vt (30 new tokens at most) at 1000 tokens, full and laprox in both protocols: the aware rows
-    are what the path before the protocols gave (one prefill of the sample's ids, compress, decode)."""
+def test_end_to_end_tiny_run_both_protocols_resumes(small_model, tmp_path, capsys):
+    """vt (30 new tokens at most) at 1000 tokens, full and laprox in both protocols, on conftest's
+    small model: the aware rows are what the path before the protocols gave (one prefill of the
+    sample's ids, compress, decode)."""
     import torch
     from methods import compress
     from model import generate
-    model, tok = default_model
+    model, tok, folder = small_model
     out = tmp_path / "ruler"
     argv = ["--tasks", "vt", "--lengths", "1000", "--samples", "1", "--methods", "full,laprox",
-            "--budget", "0.2", "--protocol", "aware,agnostic", "--out", str(out)]
+            "--budget", "0.2", "--protocol", "aware,agnostic", "--model", str(folder), "--out", str(out)]
     rows = R.run(R.build_parser().parse_args(argv), model, tok)
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(rows) == len(lines) == 4 and {(r["method"], r["protocol"]) for r in rows} == {
