@@ -493,7 +493,7 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
     assert (out / "scores_vs_budget.png").stat().st_size > 0
 
 
-# ---- end to end with the default model ----
+# ---- end to end (conftest.small_model) ----
 
 def test_end_to_end_both_protocols(small_model, tmp_path):
     """On conftest's small model (the default's tokenizer and chat template): the aware lines are
