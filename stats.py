@@ -516,7 +516,10 @@ def plot_summary(summary: dict, path, title: str = "") -> None:
             y = [ci["mean"] for _, ci in pts]
             err = [[ci["mean"] - ci["low"] if ci["low"] is not None else 0 for _, ci in pts],
                    [ci["high"] - ci["mean"] if ci["high"] is not None else 0 for _, ci in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+            # Dashed: a variant of a method (a name with flags). The marker changes every 10
+            # methods, where matplotlib's 10 colours start over, so no two lines look the same.
+            ax.errorbar(x, y, yerr=err, marker="os^D"[i // 10 % 4], linestyle="--" if ":" in name else "-",
+                        capsize=3, label=name)
         ref = p["reference"]
         if ref is not None:
             ax.axhline(ref["mean"], color="k", linestyle="--", label=f"{summary['reference']} (no eviction)")
