@@ -616,6 +616,16 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
             print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to run")
         return todo
 
+    def sizes(tok):  # each sample's exact prompt and context tokens, before the weights load
+        from model import load_config
+        max_length = args.max_length or official_max_length(load_config(args.model).max_position)
+        chat = has_chat_template(tok)
+
+        def size(unit):
+            context, question = encode_split(tok, *build_prompt(tok, unit.data, unit.key[0], max_length, chat))
+            return len(context) + len(question), len(context)
+        return size
+
     def prepare(model, tok):
         max_position = model.config.max_position
         max_length = args.max_length or official_max_length(max_position)
@@ -663,7 +673,8 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
 
     longest = args.max_length and args.max_length + max(DATASET2MAXLEN[t] for t in tasks)  # (None: the model's)
     ev = Eval(pred_path, lambda: read_predictions(pred_path, config), line_key, units,
-              lambda unit: length_estimate(unit.data, args.max_length), longest, prepare, report, desc="LongBench")
+              lambda unit: length_estimate(unit.data, args.max_length), longest, prepare, report, sizes=sizes,
+              desc="LongBench samples")
     return run_eval(args, ev, methods, group, model, tok)[1] or []
 
 

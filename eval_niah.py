@@ -35,7 +35,7 @@ from decode import Decoding, answer_text, decode_case
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
-                     run_main, skipped_at_lengths, stats_report)
+                     run_main, stats_report)
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -426,11 +426,17 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     results = out / "results.jsonl"
     cases = make_cases(methods, budgets, protocols)
 
-    def units(done):  # the cells with cases still to run; budgets too small for a length never run
-        skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
+    def units(done):  # the cells with cases still to run (harness.fitting_units drops the budgets too small)
         return [Unit((l, d), todo) for l in lengths for d in depths
-                if (todo := [c for c in cases if case_key(c.method, c.budget, l, d, c.protocol) not in done
-                             and (c.name == "full" or (c.budget, c.protocol) not in skip[l])])]
+                if (todo := [c for c in cases if case_key(c.method, c.budget, l, d, c.protocol) not in done])]
+
+    def sizes(tok):  # each cell's exact prompt and context tokens, before the weights load
+        hay = haystack_ids(tok, haystack, max(lengths))
+
+        def size(unit):
+            p = build_prompt(tok, hay, *unit.key, args.needle, args.question, args.answer_prefix)
+            return len(p["ids"]), len(p["context_ids"])
+        return size
 
     def prepare(model, tok):
         min_length = prompt_overhead(tok, args.needle, args.question, args.answer_prefix) + MIN_CONTEXT
@@ -462,7 +468,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
             print(format_table(summary["protocols"][p]["exact"], budgets))
 
     ev = Eval(results, lambda: load_rows(results, config), row_key, units, lambda unit: unit.key[0],
-                max(lengths) + args.max_new_tokens, prepare, report, desc="NIAH cells")
+                max(lengths) + args.max_new_tokens, prepare, report, sizes=sizes, desc="NIAH cells", length_flag=True)
     return run_eval(args, ev, methods, group, model, tok)[0]
 
 

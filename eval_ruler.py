@@ -111,7 +111,7 @@ from decode import Decoding
 from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
-                     run_main, skipped_at_lengths, stats_report)
+                     run_main, stats_report)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -751,11 +751,19 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     indices = list(range(args.samples))
     longest_answer = max(max_new_tokens(t) for t in tasks)
 
-    def units(done):  # sample-major, so that a partial run covers every task; budgets too small never run
-        skip = skipped_at_lengths(cases, lengths, args.window, say=group.is_main)
+    def units(done):  # sample-major, so that a partial run covers every task (fitting_units drops budgets too small)
         return [Unit((t, l, i), todo) for l in lengths for i in indices for t in tasks
-                if (todo := [c for c in cases if case_key(t, l, i, c.method, c.budget, c.protocol) not in done
-                             and (c.name == "full" or (c.budget, c.protocol) not in skip[l])])]
+                if (todo := [c for c in cases if case_key(t, l, i, c.method, c.budget, c.protocol) not in done])]
+
+    made = {}  # the samples sizes() made, kept for prompt(): a sample is drawn once
+
+    def sizes(tok):  # each sample's exact prompt and context tokens, before the weights load
+        chat = has_chat_template(tok)
+
+        def size(unit):
+            s = made[unit.key] = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
+            return len(s["ids"]), s["n_context"]
+        return size
 
     def prepare(model, tok):
         group.together(lambda: check_lengths(lengths, model.config.max_position, longest_answer))
@@ -764,7 +772,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
             print(f"note: {model_name} has no chat template: prompts are raw text (RULER's 'base' template)")
 
         def prompt(unit):
-            s = make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
+            s = made.pop(unit.key, None) or make_sample(tok, *unit.key, args.seed, chat, args.data_dir)
             return s["ids"][:s["n_context"]], s["ids"][s["n_context"]:], s
 
         def decoding(s):  # greedy up to the task's token count or the end of turn, no stop strings (RULER)
@@ -796,7 +804,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
                 print("\n".join(stats.scores_markdown(st, "full", 1.0, 3)))
 
     ev = Eval(results, lambda: load_rows(results, configs), row_key, units, lambda unit: unit.key[1],
-                max(lengths) + longest_answer, prepare, report, desc="RULER samples")
+                max(lengths) + longest_answer, prepare, report, sizes=sizes, desc="RULER samples", length_flag=True)
     return run_eval(args, ev, methods, group, model, tok)[0]
 
 

@@ -62,6 +62,7 @@ import hashlib
 import io
 import json
 import os
+import math
 import re
 import shlex
 import sys
@@ -80,7 +81,7 @@ from cache import KVCache
 from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
 import distributed
 from distributed import Group, unit_cost
-from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
+from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key, split_flags
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -279,6 +280,17 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torch
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: {interrupted}\n")
+
+
+def load_eval_tokenizer(args):
+    """The tokenizer of an eval's --model without its weights (cheap: what fitting_units needs)."""
+    from model import Tokenizer, load_config
+    from checkpoint import resolve_checkpoint
+    try:
+        return Tokenizer(resolve_checkpoint(args.model), load_config(args.model))
+    except Exception as e:  # a broken or unreachable checkpoint, as load_checkpoint says it
+        what = "the default model" if args.model is None else f"--model {args.model}"
+        raise ValueError(f"cannot load {what}'s tokenizer: {type(e).__name__}: {e}") from None
 
 
 def model_label(name_or_path: str | None) -> str:
@@ -630,23 +642,11 @@ def skipped_budgets(cases: list[Case], n: int, c: int, window: int) -> dict[tupl
         size = n if case.protocol == "aware" else c
         if case.name != "full" and not budget_fits(case.name, case.budget, size, window, **case.flags):
             what = "prompt" if case.protocol == "aware" else "context"
-            out[case.budget, case.protocol] = (f"budget {case.budget:g} does not fit {case.method} on the {size}-token "
-                                               f"{what}: a head keeps between its {min(window, size)}-token window "
-                                               f"(+ sinks) and all {size} tokens")
-    return out
-
-
-def skipped_at_lengths(cases: list[Case], lengths: list[int], window: int, say: bool = True) -> dict[int, dict]:
-    """{length: {(budget, protocol): why}}: skipped_budgets on prompts of these nominal lengths,
-    each said once (say: this process prints; under torchrun rank 0 alone). A budget that does not fit a whole n-token prompt fits none of its parts, so
-    an eval drops these cases before building a prompt or loading a model (run_unit still checks
-    each unit's exact sizes)."""
-    out = {}
-    for length in lengths:
-        out[length] = skipped_budgets(cases, length, length, window)
-        for (budget, protocol), why in sorted(out[length].items(), key=str) if say else ():
-            print(f"note: {why}: budget {budget:g} ({protocol}) is not evaluated at length {length} for any method "
-                  f"(lower --window to include it)")
+            sinks = split_flags(case.name, case.flags)[1].get("sinks", 0)
+            k = case.budget if isinstance(case.budget, int) else round(case.budget * size)
+            out[case.budget, case.protocol] = (f"budget {case.budget:g} keeps {k} tokens a head of the {size}-token "
+                                               f"{what}, fewer than the {min(size, window + sinks)} every {case.method} "
+                                               f"head keeps (its {window}-token window + {sinks} sinks)")
     return out
 
 
@@ -857,6 +857,68 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
     return made
 
 
+def fitting_units(units: list[Unit], size: Callable[[Unit], tuple[int, int]], window: int, *,
+                  length: Callable[[Unit], int] | None = None, desc: str = "units", say: bool = True,
+                  strict: bool = True) -> list[Unit]:
+    """The units with only the cases whose budget fits them: skipped_budgets on each unit's exact
+    sizes, size(unit) -> (n prompt tokens, c context tokens), made with the tokenizer alone, so
+    that this runs before the weights load. Each (budget, protocol) skipped somewhere is said once
+    (say), naming the units it skips; a unit left with nothing to run is dropped. When the units
+    ask for compressed cases and none fits any unit, a ValueError names why and the smallest budget
+    (and, given length(unit), the nominal length of its prompt, the smallest length) that fits;
+    strict=False (a resumed grid whose other budgets have run) only skips them."""
+    sizes = {unit.key: size(unit) for unit in units}
+    skips = {unit.key: skipped_budgets(unit.cases, *sizes[unit.key], window) for unit in units}
+    fit = [Unit(u.key, [c for c in u.cases if c.name == "full" or (c.budget, c.protocol) not in skips[u.key]], u.data)
+           for u in units]
+    compressed = lambda us: any(c.name != "full" for u in us for c in u.cases)  # noqa: E731
+    if strict and compressed(units) and not compressed(fit):
+        raise ValueError(no_fit_message(units, lambda u: sizes[u.key], window, length))
+    where: dict[tuple, list] = {}
+    for key, skip in skips.items():
+        for budget_protocol in skip:
+            where.setdefault(budget_protocol, []).append(key)
+    for (budget, protocol), keys in sorted(where.items(), key=str) if say else ():
+        shown = ", ".join(map(str, keys[:6])) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        print(f"note: budget {budget:g} ({protocol}) does not fit {len(keys)} of {len(units)} {desc}, which run no "
+              f"method at that budget: {shown}; e.g. {skips[keys[0]][budget, protocol]}")
+    return [u for u in fit if u.cases]
+
+
+def no_fit_message(units: list[Unit], size: Callable[[Unit], tuple[int, int]], window: int,
+                   length: Callable[[Unit], int] | None) -> str:
+    """Why no compressed case of `units` fits any of them, and what would (fitting_units' error): per
+    protocol, the largest budget asked on the largest unit, against the tokens every head keeps."""
+    cases = [c for u in units for c in u.cases if c.name != "full"]
+    sinks = {c.method: split_flags(c.name, c.flags)[1].get("sinks", 0) for c in cases}
+    most = max(sinks.values())
+    keep = f"its {window}-token observation window" + (
+        f" plus {most} sinks for {', '.join(m for m, s in sinks.items() if s == most)}" if most else "")
+    parts, fixes = [], []
+    for protocol in [p for p in PROTOCOLS if any(c.protocol == p for c in cases)]:
+        budget = max((c.budget for c in cases if c.protocol == protocol), key=float)
+        unit = max(units, key=lambda u: size(u)[protocol == "agnostic"])
+        n = size(unit)[protocol == "agnostic"]
+        need = window + most
+        what = ("prompt" if protocol == "aware" else
+                "context (under agnostic the budget is a fraction of the context, not of the prompt)")
+        if isinstance(budget, int):
+            parts.append(f"{budget} tokens a head are fewer than the {need} each head keeps ({protocol})")
+            fixes.append(f"--budget {need}" + (f" on contexts of {need}+ tokens" if n < need else ""))
+            continue
+        k = round(budget * n)
+        parts.append(f"{budget:g} of the largest {n}-token {what} is {k} tokens a head ({protocol})")
+        fixes.append(f"--budget {min(1.0, math.ceil(round(need / n * 1e4, 6)) / 1e4):g}" if n >= need else "")
+        if length is not None:
+            m = max(1, math.floor((need - 0.5) / budget))
+            while round(budget * m) < need:
+                m += 1
+            fixes[-1] += f"{' or ' if fixes[-1] else ''}--lengths of {m + length(unit) - n}+"
+    fixes = [f for f in fixes if f]
+    return (f"no compressed method fits any case: each head keeps {keep}, {window + most} tokens, but "
+            f"{'; '.join(parts)}; use {' or '.join(dict.fromkeys(fixes)) or 'a longer prompt'}")
+
+
 @dataclass
 class Eval:
     """What an eval script defines; run_eval does the rest, the same way for every eval.
@@ -867,7 +929,9 @@ class Eval:
     loads (to share the units among ranks). longest: tokens the model must hold, prompt + answer
     (None: its context), for placing layers over --devices. prepare(model, tok) -> (prompt,
     decoding, row), see evaluate, after the checks that need the model. report(rows) -> the
-    summaries, written from the latest row of every case in the results file (rank 0 only)."""
+    summaries, written from the latest row of every case in the results file (rank 0 only).
+    sizes(tok) -> size(unit): its exact (prompt, context) tokens, with the tokenizer alone
+    (fitting_units, before the weights load). length_flag: whether --lengths sets length(unit)."""
     results: Path
     read: Callable[[], list[dict]]
     key: Callable[[dict], tuple]
@@ -876,18 +940,27 @@ class Eval:
     longest: int | None
     prepare: Callable[[Any, Any], tuple[Callable, Callable, Callable]]
     report: Callable[[list[dict]], Any]
+    sizes: Callable[[Any], Callable[[Unit], tuple[int, int]]]
     desc: str = "units"
+    length_flag: bool = False
 
 
 def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group = SINGLE, model=None,
              tok=None) -> tuple[list[dict], Any]:
     """One eval, end to end: lock --out, find what is done (resume), share the rest among the ranks,
-    load the model (unless given: tests), run every unit (evaluate) and, on rank 0, report.
+    drop the cases whose budget fits no unit (fitting_units: the tokenizer alone, before the weights;
+    nothing fits: a ValueError), load the model (unless given: tests), run every unit (evaluate) and,
+    on rank 0, report.
     args: the eval's options (add_eval_arguments: resume, window, batch; seed if it has one).
     Returns (the rows made now, ev.report's result; None on the other ranks)."""
     with lock_output(ev.results.parent, group):
         before, done = finished(ev.read, ev.key, args.resume, group, methods)
         units, new = ev.units(done), []
+        if units:
+            size = ev.sizes(tok if tok is not None else group.together(lambda: load_eval_tokenizer(args)))
+            ran = any(methods.get(r.get("method"), ("full",))[0] != "full" for r in before)
+            units = group.together(lambda: fitting_units(units, size, args.window, desc=ev.desc, say=group.is_main,
+                                                         length=ev.length if ev.length_flag else None, strict=not ran))
         if units:
             mine = share_units(units, ev.length, group)
             if model is None:

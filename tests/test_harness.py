@@ -327,6 +327,39 @@ def test_skipped_budgets_read_each_specs_flags():
     assert skipped("snapkv,streamingllm:sinks=40") == skipped("streamingllm:sinks=40")  # every method alike
 
 
+def test_fitting_units_skip_what_does_not_fit_and_refuse_a_grid_where_nothing_does(capsys):
+    """Exact sizes per unit (n prompt, c context tokens), w = 32: 0.01 keeps round(0.01 * n) tokens a
+    head. Unit a (n 2000, c 1960): 20 < 32, skipped; unit b (n 4000, c 3960): 40 and 40 >= 32 fit
+    laprox, but not streamingllm's 32 + 4 sinks under agnostic (0.01 * 3960 = 40 fits; 36 <= 40)."""
+    cases = Hn.make_cases(Hn.parse_methods("full,laprox,streamingllm"), [0.01], list(Hn.PROTOCOLS))
+    units = [Hn.Unit("a", list(cases)), Hn.Unit("b", list(cases))]
+    size = {"a": (2000, 1960), "b": (4000, 3960)}
+    kept = Hn.fitting_units(units, lambda u: size[u.key], 32, desc="cells")
+    assert [u.key for u in kept] == ["a", "b"]
+    assert {c.name for c in kept[0].cases} == {"full"} and kept[1].cases == cases  # full runs; b runs all
+    out = capsys.readouterr().out
+    assert out.count("note:") == 2 and "does not fit 1 of 2 cells" in out and "budget: a;" in out  # once per protocol
+    # nothing fits: one ValueError naming the window, the sinks, the protocol's unit and the smallest fixes
+    with pytest.raises(ValueError) as e:
+        Hn.fitting_units(units, lambda u: size[u.key], 48, length=lambda u: size[u.key][0] + 7)
+    msg = str(e.value)
+    assert "48-token observation window plus 4 sinks for streamingllm, 52 tokens" in msg
+    assert "0.01 of the largest 4000-token prompt is 40" in msg and "3960-token context" in msg
+    assert "fraction of the context, not of the prompt" in msg
+    # 52 / 3960 = 0.01313 -> 0.0132 (agnostic); round(0.01 * m) >= 52 from m = 5150, + 7 not in the prompt
+    assert "--budget 0.013 " in msg and "--budget 0.0132" in msg and "--lengths of 5157+" in msg
+    assert math.ceil(0.0132 * 3960) >= 52 and round(0.01 * 5150) == 52 > round(0.01 * 5149)
+    # a resumed grid whose other budgets ran (strict=False) only skips; a grid of "full" alone is no error
+    assert Hn.fitting_units(units, lambda u: size[u.key], 48, strict=False, say=False) == [
+        Hn.Unit(k, [c for c in cases if c.name == "full"]) for k in "ab"]
+    only_full = [Hn.Unit("a", [c for c in cases if c.name == "full"])]
+    assert Hn.fitting_units(only_full, lambda u: size[u.key], 48) == only_full
+    # tokens per head (LongBench): 16 < 32 + 4 every head keeps
+    ints = Hn.make_cases(Hn.parse_methods("full,streamingllm"), [16], ["aware"])
+    with pytest.raises(ValueError, match=r"16 tokens a head are fewer than the 36 .* use --budget 36"):
+        Hn.fitting_units([Hn.Unit("a", ints)], lambda u: (500, 480), 32)
+
+
 def test_run_main_reports_user_errors_in_one_line(capsys):
     parser = Hn.OneLineParser(prog="tool.py")
     parser.add_argument("--x", type=int, default=0)

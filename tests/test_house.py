@@ -3,6 +3,8 @@ guide docs/add-a-method.md runs exactly as written."""
 import ast
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,22 @@ import methods
 from cache import Prefill
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+
+
+def project_modules(root: Path) -> dict[str, Path]:
+    """The project's top-level .py files by module name: those git tracks (`git ls-files`), not a
+    scratch file a user saves in the folder; without .git (an unpacked archive), those the README's
+    reading order lists."""
+    if (root / ".git").exists():
+        tracked = subprocess.run(["git", "ls-files", "--", "*.py"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.split()
+        names = [name for name in tracked if "/" not in name]
+    else:
+        names = [f"{m}.py" for m in re.findall(r"^\| \d+ \| `(\w+)\.py` \|", (root / "README.md").read_text(), re.M)]
+    return {Path(name).stem: root / name for name in names}
+
+
+MODULES = project_modules(ROOT)
 SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))} | {"explain"}  # explain.py: a script over the evals
 
 
@@ -29,12 +46,16 @@ def imported_packages(path: Path) -> set[str]:
     return deps
 
 
-def project_imports(path: Path) -> set[str]:
+def project_imports(path: Path, modules: dict[str, Path] = MODULES) -> set[str]:
     """Top-level project modules that `path` imports anywhere (also inside functions)."""
-    return {d for d in imported_packages(path) if d in MODULES and d != path.stem}
+    return {d for d in imported_packages(path) if d in modules and d != path.stem}
 
 
-GRAPH = {m: project_imports(p) for m, p in MODULES.items()}
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    return {m: project_imports(p, modules) for m, p in modules.items()}
+
+
+GRAPH = import_graph(MODULES)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -123,6 +144,13 @@ def guide_method(monkeypatch):
     return method
 
 
+def test_the_registry_test_passes_with_the_guides_method(guide_method):
+    """Following the guide must not break the suite: test_registry checks entries, not a frozen set."""
+    import test_baselines
+    assert guide_method in methods.METHODS
+    test_baselines.test_registry()
+
+
 def test_readme_guide_method_compresses(guide_method):
     """The guide's method works through compress, and scores what its docstring says."""
     gen = torch.Generator().manual_seed(7)
@@ -163,3 +191,28 @@ def test_the_readme_reading_order_lists_every_module_with_its_length():
         actual = len(MODULES[name].read_text().splitlines())
         assert abs(int(lines) - actual) <= 0.1 * actual, f"{name}.py has {actual} lines, the README says {lines}"
     assert set(listed[:len(CORE) - 1]) == CORE - {"checkpoint"}, "the core comes first (checkpoint is plumbing)"
+
+
+SCRATCH = """import torch
+from model import load_model
+from methods import compress
+from eval_niah import read_haystack
+"""  # the README's snippet, saved beside the project's files
+
+
+@pytest.mark.parametrize("with_git", [True, False])
+def test_the_house_checks_read_the_projects_files_not_a_scratch_file(tmp_path, with_git):
+    """A copy of the project with the README's snippet saved as scratch.py in its root: the checks
+    read what git tracks (or, without .git, what the README lists), so the snippet (a module that
+    imports the script eval_niah) neither joins the graph nor the reading order."""
+    for name in [p.name for p in MODULES.values()] + ["README.md"]:
+        shutil.copy(ROOT / name, tmp_path / name)
+    if with_git:
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    (tmp_path / "scratch.py").write_text(SCRATCH)
+    modules = project_modules(tmp_path)
+    assert sorted(modules) == sorted(MODULES) and "scratch" not in modules
+    graph = import_graph(modules)
+    assert graph == GRAPH and find_cycle(graph) is None
+    assert "eval_niah" in project_imports(tmp_path / "scratch.py", modules)  # what would have failed the checks

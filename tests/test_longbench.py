@@ -704,3 +704,12 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
     raw = len(tok.encode(lb.DATASET2PROMPT["hotpotqa"].format(**HOTPOT)))
     assert {x["prompt_tokens"] for x in lines if x["task"] == "hotpotqa"} == {raw}
     assert "max_length = 480 tokens (--max-length)" in (out / "results.md").read_text()
+
+
+def test_a_budget_that_fits_no_sample_is_refused_before_the_weights_load(data_dir, tmp_path, capsys, monkeypatch):
+    """The samples' exact sizes come from the tokenizer alone (harness.fitting_units): the weights never load."""
+    import harness
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
+    for budget, words in (("0.001", "no compressed method fits any case"), ("8", "8 tokens a head are fewer than the 36")):
+        assert words in fails(capsys, ["--budget", budget, "--tasks", "trec", "--data-dir", str(data_dir),
+                                       "--out", str(tmp_path / "out")])

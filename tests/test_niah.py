@@ -163,15 +163,20 @@ def test_argument_and_length_checks():
         E.check_lengths([50], 8192, 24, min_length=120)
 
 
-def test_budgets_below_the_window_are_skipped_for_every_method():
-    from harness import make_cases, parse_methods, skipped_at_lengths
-    cases = make_cases(parse_methods("full,laprox,streamingllm"), [0.01, 0.05], ["aware", "agnostic"])
-    skipped = skipped_at_lengths(cases, [2000, 4000, 7500], 32)
-    assert skipped[2000].keys() == {(0.01, "aware"), (0.01, "agnostic")}  # 20 tokens < 32; 40, 75 fit; 5% always
-    assert skipped[4000] == skipped[7500] == {}
-    # streamingllm's sinks count too: 0.01 * 3500 = 35 < 32 + 4, and the spec's own sinks=2 fit
-    one = lambda spec: skipped_at_lengths(make_cases(parse_methods(spec), [0.01], ["aware"]), [3500], 32)[3500]
-    assert one("snapkv") == {} and one("streamingllm:sinks=2") == {} and one("streamingllm").keys() == {(0.01, "aware")}
+@pytest.mark.parametrize("argv, words", [
+    (["--budget", "0.001"], "0.001 of the largest 7500-token prompt is 8 tokens a head (aware); use --budget 0.0048 "
+                            "or --lengths of 35500+"),
+    (["--budget", "0.001", "--lengths", "115", "--depths", "0"], "use --budget 0.3131 or --lengths of 35500+"),
+    (["--budget", "0.01", "--lengths", "2000", "--protocol", "agnostic", "--methods", "full,laprox"],
+     "under agnostic the budget is a fraction of the context"),
+])
+def test_a_budget_that_fits_no_cell_is_refused_before_the_weights_load(argv, words, tmp_path, one_line_error,
+                                                                        monkeypatch):
+    """The exact prompt and context sizes come from the tokenizer alone: the weights never load."""
+    import harness
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
+    err = one_line_error(E.main, argv + ["--out", str(tmp_path / "out")], words)
+    assert "observation window plus 4 sinks for streamingllm" in err or "laprox" in argv[-1]
 
 
 # ----------------------------------------------------------------------------- reports

@@ -324,3 +324,11 @@ def test_end_to_end_tiny_run_both_protocols_resumes(small_model, tmp_path, capsy
     assert "full (no eviction)" in printed and "protocol agnostic" in printed
     assert R.run(R.build_parser().parse_args(argv), model, tok) == []  # all done: nothing prefilled
     assert (out / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_a_budget_that_fits_no_sample_is_refused_before_the_weights_load(tmp_path, one_line_error, monkeypatch):
+    """The samples' exact sizes come from the tokenizer alone (harness.fitting_units): the weights never load."""
+    import harness
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
+    one_line_error(R.main, ["--budget", "0.001", "--tasks", "niah_single_1", "--samples", "1", "--out", str(tmp_path)],
+                   "tokens a head (aware); use --budget 0.009")
