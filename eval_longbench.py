@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p, budget_help="comma list: fractions in (0, 1] of the KV entries (of the prompt's under "
                                       "aware, of the context's under agnostic) or integers (tokens per head)",
                        out_help="output folder (default results/longbench/<model>/)")
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of LongBench tasks")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--data-dir", type=Path, default=None, help="folder of the official jsonl files (skips the download)")
     p.add_argument("--max-length", type=int, default=None,

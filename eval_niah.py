@@ -380,7 +380,8 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
                      ("full cache" if m == "full" else f"{m} @ budget {b:g}") + ("" if p == "aware" else f", {p}"))
     kept = [r for rs in groups.values() for r in rs]
     statistics, stats_md = stats_report(stat_rows(kept), out / "scores_vs_budget.png",
-                                       f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells")
+                                       f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells",
+                                       unit="cell", stratum=None)
     tables = {p: summarize(groups, methods, budgets, p) for p in protocols}
     summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
     md = [f"# NIAH: {meta['model']}", "",
@@ -391,7 +392,8 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
         s, title = summary["protocols"][p], f" ({p})"
         md += [f"## score{title}", "", format_table(s["score"], budgets), "",
                f"## exact (whole answer phrase present){title}", "", format_table(s["exact"], budgets), "",
-               f"## ROUGE-1 F of needle vs answer (KVCache-Factory's score / 10){title}", "",
+               f"## ROUGE-1 F1 of the answer against the needle, 0 to 1 (KVCache-Factory's NIAH score is 10 times "
+               f"this){title}", "",
                format_table(s["rouge1"], budgets), "",
                f"## kept fraction (achieved, from the cache: of the {'prompt' if p == 'aware' else 'context'}){title}",
                "", format_table(s["kept_fraction"], budgets, "{:.4f}"), "",
@@ -473,18 +475,18 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     add_eval_arguments(p, budget_help="fraction(s) of the KV entries kept (of the prompt's under aware, of the "
                                       "context's under agnostic), comma list",
                        out_help="output folder (default results/niah/<model-name>/)")
     p.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths in tokens, comma list")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma list")
     p.add_argument("--haystack", default=None, help="text file or folder of .txt (default: the PG essays)")
-    p.add_argument("--needle", default=NEEDLE)
-    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--needle", default=NEEDLE, help="the sentence hidden in the haystack")
+    p.add_argument("--question", default=QUESTION, help="what the model is asked about the needle")
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="appended after the generation prompt")
     p.add_argument("--seed", type=int, default=0, help="the random method's draws")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens generated for each answer")
     return p
 
 

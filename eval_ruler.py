@@ -809,7 +809,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     add_eval_arguments(p, budget_help="fraction(s) of the KV entries kept (of the prompt's under aware, of the "
                                       "context's under agnostic), comma list",
                        out_help="output folder (default results/ruler/<model-name>/)")

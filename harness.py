@@ -81,7 +81,7 @@ from cache import KVCache
 from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
 import distributed
 from distributed import Group, unit_cost
-from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key, split_flags
+from methods import METHODS, Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key, split_flags
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -183,9 +183,23 @@ def check_device(name: str, flag: str = "--device") -> None:
 
 # ----------------------------------------------------------------------------- the command line
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once: not after a help text that already says its default, nor
+    when it is None (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (no usage block). Under torchrun every
-    rank parses the same command line and finds the same error: rank 0 alone prints it."""
+    """argparse that reports a bad command line in one line (no usage block), and --help with each
+    default once (DefaultsHelpFormatter). Under torchrun every rank parses the same command line and
+    finds the same error: rank 0 alone prints it."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
@@ -195,8 +209,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
     """The options every eval script takes: --methods, --budget, --protocol, --model, --device,
     --devices, --dtype, --window, --out, --resume (check_eval_arguments reads them)."""
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list; 'full' runs once per unit and protocol; name:flag=value:... for an "
-                        "ablation, e.g. laprox:selection=layer or laprox:pool=0")
+                   help=f"comma list of {', '.join(METHODS)}; 'full' runs once per unit and protocol; "
+                        "name:flag=value:... for an ablation, e.g. laprox:selection=layer or laprox:pool=0 "
+                        "(each method's flags: methods.METHODS)")
     p.add_argument("--budget", default="0.05", help=budget_help)
     p.add_argument("--protocol", default="aware",
                    help="comma list of aware (compress with the question in the prompt, the paper's setting) "
@@ -208,7 +223,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
     p.add_argument("--devices", default=None,
                    help="instead of --device, a comma list such as cuda:0,cuda:1 that holds ranges of the model's "
                         "layers (a model larger than one device); under torchrun each rank takes its own slice")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the dtype the weights are loaded in and the model computes in")
     p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -288,9 +304,14 @@ def load_eval_tokenizer(args):
     from checkpoint import resolve_checkpoint
     try:
         return Tokenizer(resolve_checkpoint(args.model), load_config(args.model))
-    except Exception as e:  # a broken or unreachable checkpoint, as load_checkpoint says it
-        what = "the default model" if args.model is None else f"--model {args.model}"
-        raise ValueError(f"cannot load {what}'s tokenizer: {type(e).__name__}: {e}") from None
+    except Exception as e:  # a broken or unreachable checkpoint
+        raise unloadable(args.model, e) from None
+
+
+def unloadable(name_or_path: str | None, e: Exception) -> ValueError:
+    """The one-line error for a checkpoint that cannot be loaded, whatever the library raised."""
+    what = "the default model" if name_or_path is None else f"--model {name_or_path}"
+    return ValueError(f"cannot load {what}: {type(e).__name__}: {e}")
 
 
 def model_label(name_or_path: str | None) -> str:
@@ -314,8 +335,7 @@ def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: 
         return load_model(name_or_path, device=device, dtype=torch_dtype, devices=devices, layers=layers,
                           check_finite=check_finite)
     except Exception as e:  # a broken or unreachable checkpoint
-        what = "the default model" if name_or_path is None else f"--model {name_or_path}"
-        raise ValueError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+        raise unloadable(name_or_path, e) from None
 
 
 def load_eval_model(args, group: Group = SINGLE, length: int | None = None):
@@ -983,14 +1003,15 @@ def machine_line() -> str:
             "the machine that wrote this summary (rows resumed from an earlier run may come from another).")
 
 
-def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0,
-                 digits: int = 3) -> tuple[dict | None, str]:
+def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0, digits: int = 3,
+                 unit: str = "sample", stratum: str | None = "task") -> tuple[dict | None, str]:
     """stats.summarize of score rows ({"unit", "stratum", "method", "budget", "protocol", "score"}:
     means with bootstrap CIs per method x budget x protocol, LaProx's paired differences, loss vs
     full and the loss ratio), its plot (score vs budget, CI bars, a panel per protocol) written to
-    `plot`, and its markdown; (None, a line saying so) when there are no rows."""
+    `plot`, and its markdown (unit, stratum: the benchmark's words, see stats.summary_markdown);
+    (None, a line saying so) when there are no rows."""
     if not rows:
         return None, "No scored rows: nothing to summarise."
     summary = stats.summarize(rows)
     stats.plot_summary(summary, plot, title)
-    return summary, stats.summary_markdown(summary, scale, digits)
+    return summary, stats.summary_markdown(summary, scale, digits, unit, stratum)

@@ -470,24 +470,30 @@ def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[s
     return markdown_table([""] + [f"budget {b['budget']:g}" for b in budgets], rows)
 
 
-def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
+def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3, unit: str = "unit",
+                     stratum: str | None = "task") -> str:
     """Markdown of a summary: a legend, then per protocol the scores with CIs, the method's paired
     differences with every other method, and the headline (losses vs the reference, loss ratio).
     Significant differences are bold with a word (better/worse, loss/gain); the others read
-    'no difference'. scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100)."""
+    'no difference'. scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100).
+    unit, stratum: what the benchmark calls them (NIAH: "cell" and None, its cells are one stratum;
+    RULER, LongBench: "sample" and "task"), for the text."""
     m, ref, conf = summary["method"], summary["reference"], f"{100 * summary['confidence']:g}%"
-    resampling = ("units resampled within each task; the mean is the mean of the task means" if summary["stratified"]
-                  else "units resampled together; the mean is over units")
+    units = f"{unit}s"
+    resampling = (f"{units} resampled within each {stratum}, so each {stratum} keeps its size; the mean is the "
+                  f"mean of the {stratum} means" if summary["stratified"] and stratum
+                  else f"{units} resampled together; the mean is over the {units}")
     out = [f"Means with {conf} bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
            f"{resampling}).",
            f"Legend: **bold** = significant ({conf} CI excludes 0), with its direction; 'no difference' = the CI "
            f"includes 0. No multiple-comparison correction is applied. A value without [low, high] has no CI "
-           f"(fewer than 2 units in some task): no claim.", ""]
+           f"(fewer than 2 {units}{f' in some {stratum}' if stratum else ''}): no claim.", ""]
     for protocol, p in summary["protocols"].items():
-        out += [f"### protocol: {protocol}", "", "Scores (n = units, where fewer than the reference's):", ""]
+        out += [f"### protocol: {protocol}", "", f"Mean score of each method; (n=...) after a mean counts its {units} "
+                f"where it has fewer than {ref}:", ""]
         out += scores_markdown(p, ref, scale, digits) + [""]
         if any(b["differences"] for b in p["budgets"]):
-            out += [f"{m} - other method, paired over the units both have (> 0: {m} scores higher):", ""]
+            out += [f"{m} - other method, paired over the {units} both have (> 0: {m} scores higher):", ""]
             out += differences_markdown(p, m, scale, digits) + [""]
         if p["reference"] is not None:
             out += [f"Headline: loss vs {ref} ({ref} - method, paired; > 0: the method loses score) and the loss "
@@ -498,12 +504,16 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 def plot_summary(summary: dict, path, title: str = "") -> None:
     """Score vs budget (log axis), one line per method with its CI as error bars, the full cache
-    as a horizontal line with its CI as a band; one panel per protocol. Writes a PNG to path."""
+    as a horizontal line with its CI as a band; one panel per protocol. A single budget is no axis:
+    then each method is a point with its CI whiskers, side by side. The legend sits beside the
+    panels, never over the band. Writes a PNG to path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     protocols = summary["protocols"]
+    single = all(len(p["budgets"]) == 1 for p in protocols.values())
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.2), squeeze=False, sharey=True)
+    legend = {}
     for ax, (protocol, p) in zip(axes[0], protocols.items()):
         budgets = [b["budget"] for b in p["budgets"]]
         for i, name in enumerate(p["methods"]):
@@ -512,7 +522,7 @@ def plot_summary(summary: dict, path, title: str = "") -> None:
             if not pts:
                 continue
             dodge = 1 + 0.05 * (i - (len(p["methods"]) - 1) / 2)  # spread the error bars apart on the log axis
-            x = [bud * dodge for bud, _ in pts]
+            x = [i] if single else [bud * dodge for bud, _ in pts]
             y = [ci["mean"] for _, ci in pts]
             err = [[ci["mean"] - ci["low"] if ci["low"] is not None else 0 for _, ci in pts],
                    [ci["high"] - ci["mean"] if ci["high"] is not None else 0 for _, ci in pts]]
@@ -522,16 +532,23 @@ def plot_summary(summary: dict, path, title: str = "") -> None:
                         capsize=3, label=name)
         ref = p["reference"]
         if ref is not None:
-            ax.axhline(ref["mean"], color="k", linestyle="--", label=f"{summary['reference']} (no eviction)")
+            ax.axhline(ref["mean"], color="k", linestyle="--", label=f"{summary['reference']} (no eviction): mean")
             if ref["low"] is not None:
-                ax.axhspan(ref["low"], ref["high"], color="k", alpha=0.1)
-        ax.set_xscale("log")
-        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-        ax.minorticks_off()
-        ax.set_xlabel("budget")
+                ax.axhspan(ref["low"], ref["high"], color="k", alpha=0.1,
+                           label=f"{summary['reference']}: {round(100 * summary['confidence'])}% CI")
+        if single:  # the methods side by side at the one budget, named on the axis
+            ax.set_xticks(range(len(p["methods"])), p["methods"], rotation=30, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(p["methods"]) - 0.5)
+            ax.set_xlabel(f"method, at budget {budgets[0]:g}")
+        else:
+            ax.set_xscale("log")
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.minorticks_off()
+            ax.set_xlabel("budget")
         ax.set_title(f"{title} ({protocol})" if title else protocol, fontsize=10)
-        ax.legend(fontsize=8)
+        legend.update(zip(*ax.get_legend_handles_labels()[::-1]))
     axes[0][0].set_ylabel(f"score (mean, {round(100 * summary['confidence'])}% CI)")
+    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper left", bbox_to_anchor=(1, 0.95))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -538,3 +538,18 @@ def test_scores_are_made_once_per_score_key_and_select_the_same(tiny):
             assert torch.equal(alone.lengths, shared.lengths)
             for l in range(len(alone.k)):
                 assert torch.equal(alone.k[l], shared.k[l])
+
+
+@pytest.mark.parametrize("script", ["eval_niah", "eval_ruler", "eval_longbench"])
+def test_help_says_each_default_once_and_lists_the_methods(script):
+    """--help: every option has a help text, no default said twice or as None, every method named."""
+    import importlib
+    from methods import METHODS
+    parser = importlib.import_module(script).build_parser()
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    for action in parser._actions:
+        shown = parser._get_formatter()._get_help_string(action)
+        assert shown.count("(default:") + shown.count("(default ") <= 1 and "(default: None)" not in shown, shown
+    assert "(default: None)" not in parser.format_help()
+    methods_help = next(a.help for a in parser._actions if a.dest == "methods")
+    assert all(name in methods_help for name in METHODS)

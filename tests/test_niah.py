@@ -207,6 +207,10 @@ def test_reports_from_rows(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "full (no eviction)" in md and "no multiple-comparison correction" in md.lower()
     assert "**+0.250 [+0.250, +0.250] better**" in md and "## exact (whole answer phrase present) (agnostic)" in md
+    # NIAH's own units, in plain words: its cells are one stratum, no "tasks"
+    assert "cells resampled together; the mean is over the cells" in md and "task" not in md
+    assert "paired over the cells both have" in md and "(n=...) after a mean counts its cells" in md
+    assert "KVCache-Factory's NIAH score is 10 times this" in md
 
 
 # ----------------------------------------------------------------------------- end to end

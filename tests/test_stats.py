@@ -314,6 +314,31 @@ def test_plot_is_written(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("budgets", [(0.05,), (0.05, 0.2)])
+def test_plot_axes_and_legend(tmp_path, monkeypatch, budgets):
+    """One budget: the methods side by side, named on the x axis (not spread as if they were budgets);
+    several: the budgets on x. The full cache's CI band has a legend entry, and the legend stands
+    beside the panels, not over them."""
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [r for r in eval_rows(7) if r["method"] == "full" or r["budget"] in budgets]
+    stats.plot_summary(stats.summarize(rows, n_resamples=R), tmp_path / "scores.png")
+    (fig,) = figures
+    names = ["laprox", "snapkv", "adakv", "streamingllm", "laprox:pool=0"]
+    for ax in fig.axes:
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == (names if len(budgets) == 1 else [f"{b:g}" for b in budgets])
+        assert ax.get_legend() is None
+    (legend,) = fig.legends
+    assert "full: 95% CI" in [t.get_text() for t in legend.get_texts()]
+    fig.canvas.draw()
+    right = max(ax.get_window_extent().x1 for ax in fig.axes)
+    assert legend.get_window_extent().x0 >= right
+    monkeypatch.undo()
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(score=1.5), "score"), (dict(score=float("nan")), "score"), (dict(budget=None), "budget None"),
     (dict(budget=0), "budget"), (dict(protocol="both"), "protocol"), (dict(method=""), "method"),
