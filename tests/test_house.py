@@ -216,3 +216,23 @@ def test_the_house_checks_read_the_projects_files_not_a_scratch_file(tmp_path, w
     graph = import_graph(modules)
     assert graph == GRAPH and find_cycle(graph) is None
     assert "eval_niah" in project_imports(tmp_path / "scratch.py", modules)  # what would have failed the checks
+
+
+def test_the_readme_snippet_imports_from_elsewhere_on_pythonpath(tmp_path):
+    """README's "Using it": from another folder the snippet's imports need the root on PYTHONPATH, as
+    it says (its imports only: the model's own tests run the rest)."""
+    import os
+    import sys
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"## Using it\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "PYTHONPATH" in readme.split("## Using it")[1].split("```")[0]
+    imports = [line for line in snippet.splitlines() if line.startswith(("import ", "from "))]
+    assert len(imports) >= 3
+    (tmp_path / "snippet.py").write_text("\n".join(imports) + "\nprint('imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda env: subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
+                                     text=True, timeout=300)
+    alone = run(env)
+    assert alone.returncode != 0 and "No module named" in alone.stderr
+    done = run({**env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout == "imported\n", done.stderr[-2000:]
