@@ -45,8 +45,10 @@ Around the units, the same for every eval script (eval_niah.py, eval_ruler.py, e
     files      output_folder, OutputLock (one run per --out at a time), read_rows (a torn line
                is skipped with a warning), RowWriter (every row starts on a fresh line), latest
                (the newest row per case), fingerprint (the configuration a row was made with)
-    running    load_checkpoint, evaluate (each unit's cases through run_unit, rows written as
-               they finish, skipped budgets said once), stats_report (stats.py on the score rows)
+    running    fitting_units (each unit's exact sizes, from the tokenizer before the weights load:
+               budgets too small for a unit skipped and said once, a budget that fits no unit
+               refused), load_checkpoint, evaluate (each unit's cases through run_unit, rows written
+               as they finish), stats_report (stats.py on the score rows)
     torchrun   run_main(..., torchrun=True) gives run() its distributed.Group: placement (this
                rank's --device / --devices), lock_output (rank 0's lock; every rank must see
                --out: check_shared), finished (every rank reads the results), share_units
@@ -664,9 +666,10 @@ def skipped_budgets(cases: list[Case], n: int, c: int, window: int) -> dict[tupl
             what = "prompt" if case.protocol == "aware" else "context"
             sinks = split_flags(case.name, case.flags)[1].get("sinks", 0)
             k = case.budget if isinstance(case.budget, int) else round(case.budget * size)
-            out[case.budget, case.protocol] = (f"budget {case.budget:g} keeps {k} tokens a head of the {size}-token "
-                                               f"{what}, fewer than the {min(size, window + sinks)} every {case.method} "
-                                               f"head keeps (its {window}-token window + {sinks} sinks)")
+            out[case.budget, case.protocol] = (
+                f"budget {k} tokens a head exceeds the {size}-token {what}" if k > size else
+                f"budget {case.budget:g} keeps {k} tokens a head of the {size}-token {what}, fewer than the "
+                f"{min(size, window + sinks)} every {case.method} head keeps (its {window}-token window + {sinks} sinks)")
     return out
 
 
@@ -922,9 +925,13 @@ def no_fit_message(units: list[Unit], size: Callable[[Unit], tuple[int, int]], w
         need = window + most
         what = ("prompt" if protocol == "aware" else
                 "context (under agnostic the budget is a fraction of the context, not of the prompt)")
+        if isinstance(budget, int) and budget > n:
+            parts.append(f"{budget} tokens a head exceed the largest {n}-token {what.split(' ')[0]} ({protocol})")
+            fixes.append(f"--budget {n} or less, or a fraction" if n >= need else "")
+            continue
         if isinstance(budget, int):
             parts.append(f"{budget} tokens a head are fewer than the {need} each head keeps ({protocol})")
-            fixes.append(f"--budget {need}" + (f" on contexts of {need}+ tokens" if n < need else ""))
+            fixes.append(f"--budget {need}" if n >= need else "")
             continue
         k = round(budget * n)
         parts.append(f"{budget:g} of the largest {n}-token {what} is {k} tokens a head ({protocol})")

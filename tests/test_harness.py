@@ -358,6 +358,10 @@ def test_fitting_units_skip_what_does_not_fit_and_refuse_a_grid_where_nothing_do
     ints = Hn.make_cases(Hn.parse_methods("full,streamingllm"), [16], ["aware"])
     with pytest.raises(ValueError, match=r"16 tokens a head are fewer than the 36 .* use --budget 36"):
         Hn.fitting_units([Hn.Unit("a", ints)], lambda u: (500, 480), 32)
+    ints = Hn.make_cases(Hn.parse_methods("full,streamingllm"), [600], ["aware"])  # more than the prompt holds
+    with pytest.raises(ValueError, match=r"600 tokens a head exceed the largest 500-token prompt .* use --budget 500 or less"):
+        Hn.fitting_units([Hn.Unit("a", ints)], lambda u: (500, 480), 32)
+    assert "budget 600 tokens a head exceeds the 500-token prompt" in Hn.skipped_budgets(ints, 500, 480, 32)[600, "aware"]
 
 
 def test_run_main_reports_user_errors_in_one_line(capsys):
