@@ -63,8 +63,8 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import math
+import os
 import re
 import shlex
 import sys
