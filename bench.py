@@ -294,9 +294,10 @@ def table(res: dict, budget: float) -> str:
 
 def build_bench_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="checkpoint folder, hub id, smollm2-135m or qwen2.5-coder-1.5b "
+                                                  "(default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--dtype", default=None, choices=DTYPES, help="default: the model's (checkpoint.choose_dtype)")
     ap.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths for the overhead figures")
     ap.add_argument("--decode-length", type=int, default=7500)
     ap.add_argument("--new-tokens", type=int, default=64)
