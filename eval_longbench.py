@@ -664,7 +664,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
              "stats": summary}, indent=2))
         table = results_markdown(results, budgets, tuple(protocols))
         (out / "results.md").write_text(
-            f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n{machine_line()}\n\n"
+            f"# LongBench, model {model_name}\n\n{max_length_line(lines, args.max_length)}\n\n{machine_line(args.model, args.dtype)}\n\n"
             f"## Average over the tasks (the mean of the task means), scores x 100, with 95% bootstrap CIs over the "
             f"samples\n\n{stats_md}\n\n{table}")
         print(table)

@@ -80,6 +80,7 @@ import torch
 import memory
 import stats
 from cache import KVCache
+from checkpoint import EMBEDDED, choose_dtype
 from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
 import distributed
 from distributed import Group, unit_cost
@@ -219,14 +220,16 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
                    help="comma list of aware (compress with the question in the prompt, the paper's setting) "
                         "and agnostic (compress the context, then add the question)")
     p.add_argument("--model", default=None,
-                   help=f"checkpoint folder or hub id (default: the embedded {DEFAULT_MODEL_NAME})")
+                   help=f"checkpoint folder, hub id, or an embedded model: {', '.join(EMBEDDED)} (default: the "
+                        f"embedded {DEFAULT_MODEL_NAME})")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
     p.add_argument("--devices", default=None,
                    help="instead of --device, a comma list such as cuda:0,cuda:1 that holds ranges of the model's "
                         "layers (a model larger than one device); under torchrun each rank takes its own slice")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="the dtype the weights are loaded in and the model computes in")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: float32, but qwen2.5-coder-1.5b in bfloat16 on a GPU or a CPU with bfloat16 "
+                        "instructions (checkpoint.choose_dtype); the summary says which and why")
     p.add_argument("--window", type=int, default=32, help="observation window w of the prefill")
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -245,7 +248,8 @@ def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> t
     protocols = parse_protocols(args.protocol)
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
-    placement(args, group)
+    device, devices = placement(args, group)
+    args.dtype = choose_dtype(args.model, devices[0] if devices else device, args.dtype)[0]  # --dtype, or the model's
     return methods, budgets, protocols
 
 
@@ -321,14 +325,16 @@ def model_label(name_or_path: str | None) -> str:
     return DEFAULT_MODEL_NAME if name_or_path is None else Path(str(name_or_path).rstrip("/")).name
 
 
-def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: list[str] | None = None,
+def load_checkpoint(name_or_path: str | None, device: str, dtype: str | None, devices: list[str] | None = None,
                     length: int | None = None, check_finite: bool = True):
     """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` as
     memory.plan_layers balances them for prompts of `length` tokens (default: the model's context;
     it refuses a model that does not fit). check_finite: model.load_model's. A checkpoint that cannot
-    be loaded, whatever the library raises, is a ValueError naming it."""
+    be loaded, whatever the library raises, is a ValueError naming it. dtype None: the model's own
+    (checkpoint.choose_dtype)."""
     from model import load_config, load_model
     try:
+        dtype = dtype or choose_dtype(name_or_path, devices[0] if devices else device)[0]
         torch_dtype, layers = getattr(torch, dtype), None
         if devices is not None:
             cfg = load_config(name_or_path)
@@ -1000,14 +1006,20 @@ def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group 
         return new, ev.report(latest(before + new, ev.key))
 
 
-def machine_line() -> str:
+def machine_line(model: str | None = None, dtype: str | None = None) -> str:
     """Where a summary is written: the CPU, its cores, torch's thread count and the GPU if this
-    process used CUDA. A resumed run may have made some rows elsewhere: the line says so."""
+    process used CUDA; with dtype, the dtype `model` ran in and why (checkpoint.choose_dtype: the
+    model's default on this machine, else --dtype). A resumed run may have made some rows elsewhere:
+    the line says so."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
     gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
-    return (f"Run on: {cpu or 'a CPU'} ({os.cpu_count()} cores), torch with {torch.get_num_threads()} thread(s){gpu}: "
-            "the machine that wrote this summary (rows resumed from an earlier run may come from another).")
+    chosen = ""
+    if dtype is not None:
+        default, why = choose_dtype(model, "cuda" if gpu else "cpu")
+        chosen = f"; weights and cache in {dtype} ({why if dtype == default else '--dtype'})"
+    return (f"Run on: {cpu or 'a CPU'} ({os.cpu_count()} cores), torch with {torch.get_num_threads()} thread(s){gpu}"
+            f"{chosen}: the machine that wrote this summary (rows resumed from an earlier run may come from another).")
 
 
 def stats_report(rows: list[dict], plot: Path, title: str, scale: float = 1.0, digits: int = 3,

@@ -81,6 +81,10 @@ KNOWN = {
                          hub_id="Qwen/Qwen2.5-14B-Instruct", source=_HUB.format("Qwen/Qwen2.5-14B-Instruct")),
     "qwen2.5-1.5b": Shape(1536, 28, 12, 2, 128, 8960, 151936, tie_embeddings=True, qkv_bias=True, context=32768,
                           hub_id="Qwen/Qwen2.5-1.5B-Instruct", source=_HUB.format("Qwen/Qwen2.5-1.5B-Instruct")),
+    "qwen2.5-coder-1.5b": Shape(1536, 28, 12, 2, 128, 8960, 151936, tie_embeddings=False, qkv_bias=True, context=32768,
+                                hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                                source="the second embedded model's converted config.json (checkpoint.qwen_checkpoint_dir): "
+                                       "its GGUF carries an output.weight of its own (Q6_K), so the head is untied"),
     "smollm2-135m": Shape(576, 30, 9, 3, 64, 1536, 49152, tie_embeddings=True, context=8192,
                           hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
                           source="the embedded default's config.json (model.default_checkpoint_dir(), from its GGUF)"),
@@ -278,21 +282,21 @@ def main():
     if a.capacity is not None and not a.capacity > 0:
         raise SystemExit("error: --capacity must be a positive number of GiB")
 
-    print(f"{'model':16s} {'d':>5s} {'L':>3s} {'H':>3s} {'H_kv':>4s} {'D':>4s} {'MLP F':>6s} {'vocab':>7s} "
+    print(f"{'model':18s} {'d':>5s} {'L':>3s} {'H':>3s} {'H_kv':>4s} {'D':>4s} {'MLP F':>6s} {'vocab':>7s} "
           f"{'context':>8s}  hub id")
     for name, s in KNOWN.items():
-        print(f"{name:16s} {s.dim:5d} {s.n_layers:3d} {s.n_heads:3d} {s.n_kv_heads:4d} {s.head_dim:4d} "
+        print(f"{name:18s} {s.dim:5d} {s.n_layers:3d} {s.n_heads:3d} {s.n_kv_heads:4d} {s.head_dim:4d} "
               f"{s.hidden_dim:6d} {s.vocab_size:7d} {s.context:8d}  {s.hub_id}")
     print()
     if a.table:
         print(f"total memory ({a.dtype}, w={a.window}, {a.path} score path) by prompt length, up to each "
               f"model's native context:")
         lengths = (8192, 32768, 131072)
-        print(f"{'model':16s} " + " ".join(f"{n:>10d}" for n in lengths))
+        print(f"{'model':18s} " + " ".join(f"{n:>10d}" for n in lengths))
         for name, s in KNOWN.items():
             cells = [gib(model_memory(s, n, itemsize, window=a.window, path=a.path)["total"]) if n <= s.context
                      else "-" for n in lengths]
-            print(f"{name:16s} " + " ".join(f"{c:>10s}" for c in cells))
+            print(f"{name:18s} " + " ".join(f"{c:>10s}" for c in cells))
         return
     s = _resolve(a.model)
     n = a.length or s.context

@@ -13,6 +13,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--qwen", action="store_true",
+                     help="also run the tests marked qwen, which need the 1.5B's weights (requirements-qwen.txt; "
+                          "~5 min, ~15 GB of RAM)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "qwen: needs Qwen2.5-Coder-1.5B's weights; skipped unless pytest gets --qwen")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--qwen"):
+        skip = pytest.mark.skip(reason="needs the 1.5B's weights: run with --qwen")
+        for item in items:
+            if "qwen" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture
 def one_line_error(capsys):
     """run(main, argv, words, cuda=False): a script's main(argv) on a user error must exit with code 2
