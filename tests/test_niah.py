@@ -200,7 +200,7 @@ def test_reports_from_rows(tmp_path):
     assert difference["mean"] == pytest.approx(0.25) and difference["significant"]
     assert at[0.05]["loss_ratio"]["ratio"] == pytest.approx(0.5) and at[0.05]["best_baseline"] == "snapkv"
     md = (tmp_path / "summary.md").read_text()
-    assert "full (no eviction)" in md and "no multiple-comparison correction" in md.lower()
+    assert "full (no eviction)" in md and "holm" in md.lower()
     assert "**+0.250 [+0.250, +0.250] better**" in md and "## exact (whole answer phrase present) (agnostic)" in md
 
 

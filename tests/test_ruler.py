@@ -282,7 +282,7 @@ def test_reports_from_rows(tmp_path):
     assert "### length 1000, protocol agnostic, budget 0.05: per task, mean [95% CI]" in md
     assert "| vt | 0.625 [0.500, 0.750] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] |" in md
     assert "| **pooled** | 0.500 [0.375, 0.625] | 0.375 [0.375, 0.375] | 0.750 [0.750, 0.750] |" in md
-    assert "no multiple-comparison correction" in md.lower()
+    assert "holm" in md.lower()
     assert md.index("protocol aware, budget 0.05") < md.index("protocol agnostic, budget 0.05")
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["lengths"]["1000"]["stats"]["protocols"]["aware"]["reference"]["n"] == 4
