@@ -21,7 +21,8 @@ failing ones), each with its answer span, appending every case's rows to DIR/exp
 rerun skips the cases done) and tabulating in DIR/explain.md how many failures one layer, one
 head or the answer's tokens fix, and which layers and heads recur. It reads only the rows made with
 the prompts it rebuilds (the eval's defaults: their "config") and the method's current flags; a
-record counts as done only if it has both, and explain.md tabulates the cases picked now.
+record counts as done only if it has both, and explain.md tabulates every record held with both:
+the cases picked now first, then any left from an earlier pick, marked "(not picked now)".
 
 Aware protocol only (the question in the prompt when the cache is compressed): restoring an
 entry of the compressed prompt is then one change to one cache. Each restoration has its own
@@ -286,7 +287,8 @@ def run_failures(args) -> list[dict]:
     """--failures: diagnose the failing cases of an eval's output folder, resumably (explain.jsonl).
     Only rows of the method's current definition (harness.same_definitions) and of the prompts
     explain rebuilds (eval_configs) are read; each record keeps both (method_flags, config), and a
-    rerun takes a record as done only if both are today's."""
+    rerun takes a record as done only if both are today's. explain.md shows every record of today's
+    definitions, the ones today's rule does not pick marked. Returns the records of the cases picked now."""
     from harness import load_checkpoint, read_rows, same_definitions
     from methods import resolved_flags
     folder = Path(args.failures)
@@ -332,10 +334,20 @@ def run_failures(args) -> list[dict]:
             done.append(record)
     wanted = {key(r) for r in records}
     mine = list({key(d): d for d in done if key(d) in wanted}.values())  # the latest record of each case
+    # explain.md reports every record held for today's definitions (method, budget, flags, config), not only the
+    # cases today's rule picks: a record left from an earlier pick is shown and marked, never silently dropped
+    current = lambda d: (d.get("method") == label and d.get("budget") == args.budget
+                         and d.get("method_flags") == flags and d.get("config") == config(d["case"]))
+    held = list({key(d): d for d in done if current(d)}.values())
+    held.sort(key=lambda d: key(d) not in wanted)  # the picked cases first, in the order of the pick
+    left = len(held) - len(mine)
+    note = (f"{len(held)} record(s) held for these definitions: the {len(mine)} case(s) today's rule picks, and "
+            f"{left} left from an earlier pick (marked), reported too.\n\n" if left else "")
     (folder / "explain.md").write_text(f"# Why {label} fails at {args.budget:g} ({folder.name})\n\n"
                                        f"`python explain.py --failures {args.failures} --method {label} "
                                        f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}`\n\n"
-                                       + tabulate([dict(d, case=_case_name(d["case"])) for d in mine]))
+                                       + note + tabulate([dict(d, case=_case_name(d["case"]) + (
+                                           "" if key(d) in wanted else " (not picked now)")) for d in held]))
     print(f"\nwrote {folder / 'explain.md'}")
     return mine
 

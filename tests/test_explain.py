@@ -139,3 +139,34 @@ def test_failures_of_rows_with_other_prompts_is_one_line(tmp_path, one_line_erro
     row = dict(length=2000, depth=0.5, method="full", budget=None, protocol="aware", score=1.0, config="other")
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
     one_line_error(explain.main, ["--failures", str(tmp_path)], "none of its rows was made with the prompts")
+
+
+def test_failures_report_every_record_of_todays_definitions(tmp_path, monkeypatch):
+    """A record of today's flags and config that today's rule no longer picks (an earlier pick) is
+    reported in explain.md, marked; a record of other flags is not."""
+    import json
+
+    import eval_niah as N
+    import harness
+    from methods import parse_method, resolved_flags
+    d = N.build_parser().parse_args([])
+    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    flags = resolved_flags(*parse_method("laprox"))
+    row = lambda n, m, s: dict(length=n, depth=0.5, method=m, budget=0.05, protocol="aware", score=s, config=config,
+                               method_flags=resolved_flags(*parse_method(m)))
+    rows = [row(2000, "full", 1.0), row(2000, "laprox", 0.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = lambda n, f, fixed: dict(case=dict(length=n, depth=0.5), method="laprox", budget=0.05, method_flags=f,
+                                      config=config, full=1.0, trials=[dict(unit="none", restored=0, kept=9, score=0.0,
+                                                                            answer=""),
+                                                                       dict(unit="layer 3", restored=5, kept=14,
+                                                                            score=1.0 if fixed else 0.0, answer="")])
+    (tmp_path / "explain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        record(2000, flags, True), record(6000, flags, False), record(8000, {**flags, "pool": 0}, True))))
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a: (None, None))
+    mine = explain.main(["--failures", str(tmp_path), "--method", "laprox", "--budget", "0.05"])
+    assert [m["case"]["length"] for m in mine] == [2000]  # what today's rule picks
+    md = (tmp_path / "explain.md").read_text()
+    assert "2 record(s) held for these definitions: the 1 case(s) today's rule picks, and 1 left" in md
+    assert "| NIAH 2000 @ 0.5 | 0.00 | 3 |" in md and "| NIAH 6000 @ 0.5 (not picked now) | 0.00 | - |" in md
+    assert "8000" not in md and "one layer's restoration fixes 1 of 2" in md
