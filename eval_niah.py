@@ -17,8 +17,13 @@ protocol), scores_vs_budget.png and a summary with 95% bootstrap CIs over the ce
 paired differences with every baseline and the loss ratio (stats.py).
 
 Scores (see `recall_score`): `score` is the recall of the answer's words in the model's answer,
-`exact` whether the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number
-(ROUGE-1 F of needle vs answer). Prompt layout and needle placement follow KVCache-Factory's
+`content` the same over the answer's content words only (`content_recall`: the stop words of
+data/stopwords_english.txt left out; the primary metric of docs/analysis-plan.md), `exact` whether
+the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number (ROUGE-1 F of
+needle vs answer). The summary tests `content`, `score` and `exact` alike, leaving out every cell
+whose needle ends inside the observation window (`in_window`), under both protocols. By default
+every cell cuts the same haystack from its start; `--haystack-offset cell` starts each cell at its
+own seeded sentence (`haystack_offset`), so that cells are independent units. Prompt layout and needle placement follow KVCache-Factory's
 run_needle_in_haystack.py (itself from FranxYao/Long-Context-Data-Engineering).
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
                      run_main, skipped_at_lengths, stats_report)
+from stats import markdown_table
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -423,6 +429,28 @@ def stat_rows(rows: list[dict], metric: str = "score") -> list[dict]:
                  protocol=r["protocol"], score=float(r[metric])) for r in rows]
 
 
+def verdicts_by_metric(summaries: dict) -> list[str]:
+    """Markdown lines: each verdict of laprox - other (stats.verdict: Holm, the margin) under every
+    metric, per protocol and budget, and whether the three agree: the plan asks every NIAH verdict
+    to say whether it holds under the other two metrics. summaries: {metric: stats summary}."""
+    def verdict(summary, protocol, budget, other):
+        at = [b for b in summary["protocols"].get(protocol, {}).get("budgets", []) if b["budget"] == budget]
+        return at[0]["differences"].get(other, {}).get("verdict", "n/a") if at else "n/a"
+    primary = summaries.get("content")
+    if primary is None:
+        return []
+    rows = []
+    for protocol, p in primary["protocols"].items():
+        for b in p["budgets"]:
+            for other in b["differences"]:
+                words = [verdict(summaries[m], protocol, b["budget"], other) for m in summaries]
+                rows.append([protocol, f"{b['budget']:g}", other, *words, "yes" if len(set(words)) == 1 else "**no**"])
+    return (["## verdicts of laprox - other under the three metrics", "",
+             "Each metric has its own Holm family; the first column's is the plan's verdict.", ""]
+            + markdown_table(["protocol", "budget", "laprox minus", *(METRICS[m] for m in summaries), "all agree"],
+                             rows) + [""])
+
+
 def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets, meta: dict,
                   protocols: tuple = ("aware",)) -> dict:
     """Heatmap PNG per (method, budget, protocol), scores_vs_budget.png, summary.md and
@@ -455,6 +483,7 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
           f"Cells left out of every comparison below, under both protocols (the needle ends inside the "
           f"observation window): {', '.join(f'{l} @ {d:g}' for l, d in cut) or 'none'}. The heatmaps show them.", "",
           "## content-word recall (the primary metric), with 95% bootstrap CIs over the cells", "", stats_md, ""]
+    md += verdicts_by_metric({m: st for m, (st, _) in by_metric.items() if st is not None})
     for m in METRICS:
         if m != "content" and m in by_metric:
             md += [f"## {METRICS[m]} (a secondary metric), with 95% bootstrap CIs over the cells", "",

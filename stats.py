@@ -443,6 +443,12 @@ def summarize_protocol(tables: dict, method: str, reference: str, baselines: lis
             entry["best_baseline"] = best
             if best is not None and method in at_b:
                 entry["loss_ratio"] = loss_ratio(full, at_b[method], at_b[best], **bootstrap)
+                parts = entry["decomposition"].get(best)
+                if parts is not None:  # the ratio over the other strata, without the one carrying method - best most
+                    without = lambda t: {k: v for k, v in t.items() if str(k[0]) != parts["largest"]}
+                    entry["loss_ratio_without_largest"] = {
+                        "stratum": parts["largest"],
+                        **loss_ratio(without(full), without(at_b[method]), without(at_b[best]), **bootstrap)}
         out["budgets"].append(entry)
     # Holm over the family: every difference of `method` with another in this protocol, all budgets
     family = [d for b in out["budgets"] for d in b["differences"].values() if d["p"] is not None]
@@ -468,7 +474,9 @@ def summarize(rows: list[dict], method: str = "laprox", reference: str = "full",
                      "loss": {method: full - method}, "best_baseline", "loss_ratio"}]}}}
     where a CI is {"mean", "low", "high", "n", "p"} (+ "significant" for differences and losses; a
     difference also has "p_holm", "family" (Holm's m) and "verdict", a loss "verdict" (loss_verdict));
-    each budget also has "decomposition": {other: decompose(method, other)}. margin, alpha: the
+    each budget also has "decomposition": {other: decompose(method, other)} and, with a best baseline
+    and 2+ strata, "loss_ratio_without_largest" (loss_ratio without the stratum contributing most to
+    method - best, named in its "stratum"). margin, alpha: the
     verdicts' equivalence margin and Holm's level (docs/analysis-plan.md).
     method: the method compared with all others (its variants included); baselines: the candidates
     for the best baseline (default: every method but the reference and `method`'s variants)."""
@@ -589,6 +597,10 @@ def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[s
             for name in p["methods"]]
     rows.append(["best baseline"] + [b["best_baseline"] or "n/a" for b in budgets])
     rows.append([f"loss ratio {method} / best"] + [format_ratio(b["loss_ratio"], b["best_baseline"]) for b in budgets])
+    if any(b.get("loss_ratio_without_largest") for b in budgets):
+        rows.append(["the same without the stratum carrying the most of it"] + [
+            f"{format_ratio(w, b['best_baseline'])} (without {w['stratum']})" if (w := b.get("loss_ratio_without_largest"))
+            else "n/a" for b in budgets])
     return markdown_table([""] + [f"budget {b['budget']:g}" for b in budgets], rows)
 
 

@@ -416,6 +416,8 @@ def test_reports_leave_cut_cells_out_and_report_three_metrics(tmp_path):
     assert set(s["stats_by_metric"]) == {"content", "score", "exact"}
     md = (tmp_path / "summary.md").read_text()
     assert "600 @ 1, 1200 @ 1" in md and "## exact match (a secondary metric)" in md
+    # laprox 0.5 vs snapkv 0.25 in recall, both 2/7 in content words, both 0 in exact: the verdicts differ
+    assert "| aware | 0.05 | snapkv | no difference | better | no difference | **no** |" in md
     assert (tmp_path / "heatmap_laprox_0.05.png").exists() and (tmp_path / "scores_vs_budget_exact.png").exists()
 
 

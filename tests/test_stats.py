@@ -447,3 +447,18 @@ def test_decomposition_by_task_against_its_definition():
                                    {k: v for k, v in b.items() if k[0] != "code"}, n_resamples=R)
     assert parts["without_largest"] == rest
     assert stats.decompose({("x", 0): 1.0, ("x", 1): 0.0}, {("x", 0): 0.0, ("x", 1): 0.0}, n_resamples=R) is None
+
+
+def test_loss_ratio_without_the_largest_task():
+    rows = eval_rows(10)
+    rows = [dict(r, score=0.0) if r["method"] == "laprox" and r["stratum"] == "code" else r for r in rows]
+    summary = stats.summarize(rows, baselines=["snapkv", "adakv"], n_resamples=R)
+    at = summary["protocols"]["aware"]["budgets"][0]
+    tables = stats.score_tables(stats.check_rows(rows))["aware"]
+    w = at["loss_ratio_without_largest"]
+    assert w["stratum"] == "code" == at["decomposition"][at["best_baseline"]]["largest"]
+    drop = lambda t: {k: v for k, v in t.items() if k[0] != "code"}
+    want = stats.loss_ratio(drop(tables[("full", None)]), drop(tables[("laprox", 0.05)]),
+                            drop(tables[(at["best_baseline"], 0.05)]), n_resamples=R)
+    assert {k: w[k] for k in want} == want and w["ratio"] < at["loss_ratio"]["ratio"]
+    assert "(without code)" in stats.summary_markdown(summary)
