@@ -23,8 +23,9 @@ the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number 
 needle vs answer). The summary tests `content`, `score` and `exact` alike, leaving out every cell
 whose needle ends inside the observation window (`in_window`), under both protocols. By default
 every cell cuts the same haystack from its start; `--haystack-offset cell` starts each cell at its
-own seeded sentence (`haystack_offset`), so that cells are independent units. Prompt layout and needle placement follow KVCache-Factory's
-run_needle_in_haystack.py (itself from FranxYao/Long-Context-Data-Engineering).
+own seeded sentence (`haystack_offset`), so that cells are independent units. Prompt layout and
+needle placement follow KVCache-Factory's run_needle_in_haystack.py (itself from
+FranxYao/Long-Context-Data-Engineering).
 """
 from __future__ import annotations
 

@@ -231,6 +231,19 @@ def loss_verdict(loss: dict, margin: float = MARGIN) -> str:
     return "kept" if loss["high"] < margin else "lost" if loss["low"] > margin else "not settled"
 
 
+def ratio_verdict(ratio: dict) -> str:
+    """Claim 3, "2x less loss" (docs/analysis-plan.md), from a loss_ratio: "holds" when its CI lies
+    at or below 0.5, "does not hold" when it lies above, "not settled" when it spans 0.5 or has no
+    upper end, "n/a" when the best baseline loses nothing."""
+    if ratio["ratio"] is None:
+        return "n/a"
+    if ratio["low"] is None:
+        return "not settled"
+    if ratio["high"] is not None and ratio["high"] <= 0.5:
+        return "holds"
+    return "does not hold" if ratio["low"] > 0.5 else "not settled"
+
+
 def decompose(table_a: dict, table_b: dict, **bootstrap) -> dict | None:
     """a - b split by stratum (RULER's tasks, NIAH's lengths), over the units both tables have: the
     pooled difference is the sum of each stratum's contribution d_s / S. Returns {"by_stratum":
@@ -443,6 +456,7 @@ def summarize_protocol(tables: dict, method: str, reference: str, baselines: lis
             entry["best_baseline"] = best
             if best is not None and method in at_b:
                 entry["loss_ratio"] = loss_ratio(full, at_b[method], at_b[best], **bootstrap)
+                entry["loss_ratio"]["verdict"] = ratio_verdict(entry["loss_ratio"])
                 parts = entry["decomposition"].get(best)
                 if parts is not None:  # the ratio over the other strata, without the one carrying method - best most
                     without = lambda t: {k: v for k, v in t.items() if str(k[0]) != parts["largest"]}
@@ -473,7 +487,8 @@ def summarize(rows: list[dict], method: str = "laprox", reference: str = "full",
         "budgets": [{"budget", "scores": {method: CI}, "differences": {other: method - other},
                      "loss": {method: full - method}, "best_baseline", "loss_ratio"}]}}}
     where a CI is {"mean", "low", "high", "n", "p"} (+ "significant" for differences and losses; a
-    difference also has "p_holm", "family" (Holm's m) and "verdict", a loss "verdict" (loss_verdict));
+    difference also has "p_holm", "family" (Holm's m) and "verdict", a loss "verdict" (loss_verdict),
+    the loss ratio "verdict" (ratio_verdict));
     each budget also has "decomposition": {other: decompose(method, other)} and, with a best baseline
     and 2+ strata, "loss_ratio_without_largest" (loss_ratio without the stratum contributing most to
     method - best, named in its "stratum"). margin, alpha: the

@@ -275,8 +275,8 @@ def test_summary_is_json_and_consistent_with_the_functions():
     summary = stats.summarize(rows, baselines=["snapkv", "adakv"], n_resamples=R, seed=2)
     at = summary["protocols"]["aware"]["budgets"][0]
     assert at["best_baseline"] == "adakv"
-    assert at["loss_ratio"] == stats.loss_ratio(tables[("full", None)], tables[("laprox", 0.05)],
-                                                tables[("adakv", 0.05)], **boot)
+    ratio = stats.loss_ratio(tables[("full", None)], tables[("laprox", 0.05)], tables[("adakv", 0.05)], **boot)
+    assert {k: at["loss_ratio"][k] for k in ratio} == ratio  # + its verdict
     assert 0 < at["loss_ratio"]["ratio"] < 1
 
 
@@ -462,3 +462,16 @@ def test_loss_ratio_without_the_largest_task():
                             drop(tables[(at["best_baseline"], 0.05)]), n_resamples=R)
     assert {k: w[k] for k in want} == want and w["ratio"] < at["loss_ratio"]["ratio"]
     assert "(without code)" in stats.summary_markdown(summary)
+
+
+def test_ratio_verdicts_follow_the_plan():
+    r = lambda ratio, low, high: {"ratio": ratio, "low": low, "high": high}
+    assert stats.ratio_verdict(r(0.4, 0.3, 0.5)) == "holds"
+    assert stats.ratio_verdict(r(0.44, 0.07, 0.73)) == "not settled"   # the point under 0.5, the CI above
+    assert stats.ratio_verdict(r(0.86, 0.79, 0.93)) == "does not hold"
+    assert stats.ratio_verdict(r(0.9, 0.6, None)) == "does not hold"   # unbounded above, but all above 0.5
+    assert stats.ratio_verdict(r(0.3, None, None)) == "not settled"    # no CI
+    assert stats.ratio_verdict(r(None, None, None)) == "n/a"
+    summary = stats.summarize(eval_rows(11), baselines=["snapkv", "adakv"], n_resamples=R)
+    ratio = summary["protocols"]["aware"]["budgets"][0]["loss_ratio"]
+    assert ratio["verdict"] == stats.ratio_verdict(ratio)
