@@ -17,16 +17,24 @@ protocol), scores_vs_budget.png and a summary with 95% bootstrap CIs over the ce
 paired differences with every baseline and the loss ratio (stats.py).
 
 Scores (see `recall_score`): `score` is the recall of the answer's words in the model's answer,
-`exact` whether the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number
-(ROUGE-1 F of needle vs answer). Prompt layout and needle placement follow KVCache-Factory's
-run_needle_in_haystack.py (itself from FranxYao/Long-Context-Data-Engineering).
+`content` the same over the answer's content words only (`content_recall`: the stop words of
+data/stopwords_english.txt left out; the primary metric of docs/analysis-plan.md), `exact` whether
+the whole answer phrase is there, `rouge1` the KVCache-Factory / kvpress number (ROUGE-1 F of
+needle vs answer). The summary tests `content`, `score` and `exact` alike, leaving out every cell
+whose needle ends inside the observation window (`in_window`), under both protocols. By default
+every cell cuts the same haystack from its start; `--haystack-offset cell` starts each cell at its
+own seeded sentence (`haystack_offset`), so that cells are independent units. Prompt layout and
+needle placement follow KVCache-Factory's run_needle_in_haystack.py (itself from
+FranxYao/Long-Context-Data-Engineering).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -36,6 +44,7 @@ from distributed import Group
 from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
                      run_main, stats_report)
+from stats import markdown_table
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -45,6 +54,8 @@ PROMPT = ("This is a very long story book: <book> {context} </book>.\n"
           "Based on the content of the book, Question: {question}")
 MIN_CONTEXT = 16  # haystack tokens a prompt must hold at least
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=[\s\[A-Z])")  # PG essays lost some spaces: "accelerating.We"
+STOP_WORDS_FILE = Path(__file__).parent / "data" / "stopwords_english.txt"  # Snowball's list, vendored
+HAYSTACK_OFFSETS = ("none", "cell")  # --haystack-offset
 
 
 # ----------------------------------------------------------------------------- haystack
@@ -97,6 +108,21 @@ def haystack_ids(tok, text: str, n: int) -> list[int]:
         chars *= 2
 
 
+def haystack_offset(text: str, seed: int, length: int, depth: float) -> int:
+    """`--haystack-offset cell`: where one cell's haystack starts, a character offset into the text
+    at a sentence start, drawn from a random.Random seeded with a SHA-256 of (seed, length, depth):
+    every cell of a grid reads its own stretch of the essays (independent units for the bootstrap),
+    the same on any machine."""
+    starts = [0] + [m.end() for m in SENTENCE_END.finditer(text) if m.end() < len(text)]
+    key = f"{seed}|{int(length)}|{round(float(depth), 6)!r}".encode()
+    return random.Random(hashlib.sha256(key).digest()).choice(starts)
+
+
+def rotate(text: str, offset: int) -> str:
+    """The text read from `offset` on, wrapped around to its start (haystack_ids repeats it anyway)."""
+    return text if offset == 0 else text[offset:].lstrip() + "\n\n" + text[:offset].rstrip()
+
+
 # ----------------------------------------------------------------------------- prompt
 
 def render(tok, context: str, question: str, answer_prefix: str) -> str:
@@ -135,7 +161,8 @@ def build_prompt(tok, hay: list[int], length: int, depth: float, needle: str = N
     prefill), context_ids and question_ids (ids split where the haystack context ends:
     harness.encode_split; everything after it, "</book>", the question, the chat template's
     closing tokens and the answer prefix, is the question), text, context, needle_char (its
-    offset in context), needle_start (token index of the needle in ids), context_start,
+    offset in context), needle_start (token index of the needle in ids), needle_end (one past
+    the token that holds the needle's last character), context_start,
     context_tokens (haystack tokens used), target (the token index that depth asks for,
     counting haystack tokens only)).
     """
@@ -163,8 +190,10 @@ def build_prompt(tok, hay: list[int], length: int, depth: float, needle: str = N
     context_ids, question_ids = encode_split(tok, text, at + len(context))  # together: best["ids"]
     context_start = len(tok.encode(text[:at].rstrip()))  # rstrip: the space belongs to the next token
     needle_start = len(tok.encode(text[:at + best["needle_char"]].rstrip()))
+    needle_end = len(tok.encode(text[:at + best["needle_char"] + len(needle)]))  # through its last token
     return dict(ids=best["ids"], context_ids=context_ids, question_ids=question_ids, text=text, context=context,
-                needle_char=best["needle_char"], needle_start=needle_start, context_start=context_start,
+                needle_char=best["needle_char"], needle_start=needle_start, needle_end=needle_end,
+                context_start=context_start,
                 context_tokens=best["context_tokens"], target=context_start + best["k"])
 
 
@@ -199,6 +228,23 @@ def recall_score(answer: str, response: str) -> float:
     """`score`: fraction of the answer's words that the response contains (ROUGE-1 recall of the answer)."""
     hit, n_ref, _ = overlap(answer, response)
     return hit / max(1, n_ref)
+
+
+@functools.lru_cache(maxsize=1)
+def stop_words() -> frozenset[str]:
+    """The vendored English stop words (data/stopwords_english.txt: Snowball's list), as words()
+    splits them: "don't" gives "don" and "t"."""
+    lines = STOP_WORDS_FILE.read_text(encoding="utf-8").splitlines()
+    return frozenset(w for line in lines if line.strip() and not line.startswith("#") for w in words(line))
+
+
+def content_recall(answer: str, response: str) -> float:
+    """`content`, NIAH's primary metric (docs/analysis-plan.md): recall_score over the answer's
+    content words only, the stop words left out of both sides, so that "a", "and", "in", "on" (which
+    a model can echo without reading the needle) earn nothing. 0 when the answer has no content word."""
+    keep = lambda text: " ".join(w for w in words(text) if w not in stop_words())
+    hit, n_ref, _ = overlap(keep(answer), keep(response))
+    return hit / n_ref if n_ref else 0.0
 
 
 def exact_match(answer: str, response: str) -> bool:
@@ -338,7 +384,7 @@ def summarize(groups: dict, methods: list[str], budgets: list[float], protocol: 
     """{"score"|"exact"|"rouge1"|"kept_fraction"|"n": {method: {budget: mean}}} of one protocol;
     "full" under every budget."""
     out = {}
-    for field in ("score", "exact", "rouge1", "kept_fraction", "n"):
+    for field in ("score", "content", "exact", "rouge1", "kept_fraction", "n"):
         table = {}
         for m in methods:
             row = {}
@@ -361,10 +407,49 @@ def format_table(table: dict, budgets: list[float], fmt: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
-def stat_rows(rows: list[dict]) -> list[dict]:
-    """The rows as stats.py reads them: a unit is a cell (length, depth), one stratum."""
-    return [dict(unit=(r["length"], r["depth"]), stratum="niah", method=r["method"], budget=r["budget"],
-                 protocol=r["protocol"], score=r["score"]) for r in rows]
+# The scores a summary tests, the primary first (docs/analysis-plan.md); each row field -> what it is
+METRICS = {"content": "content-word recall (primary)", "score": "recall of the answer's words", "exact": "exact match"}
+
+
+def in_window(row: dict) -> bool:
+    """Whether the cell's needle ends inside the observation window: its last token among the last
+    `window` tokens of the context (the window under agnostic; under aware the window lies later, in
+    the question). Such a cell is answered by construction under agnostic, so it leaves the
+    comparisons under both protocols (docs/analysis-plan.md). Rows made before needle_end was
+    recorded are judged by the needle's first token (needle_token + 1: a needle that starts in the
+    window). False for rows that lack the positions."""
+    if "needle_token" not in row or "context_tokens" not in row or "window" not in row:
+        return False
+    return row.get("needle_end", row["needle_token"] + 1) > row["context_tokens"] - row["window"]
+
+
+def stat_rows(rows: list[dict], metric: str = "score") -> list[dict]:
+    """The rows as stats.py reads them, scored by `metric` (a METRICS field): a unit is a cell
+    (length, depth), resampled within its length (the lengths are fixed by the grid)."""
+    return [dict(unit=(r["length"], r["depth"]), stratum=str(r["length"]), method=r["method"], budget=r["budget"],
+                 protocol=r["protocol"], score=float(r[metric])) for r in rows]
+
+
+def verdicts_by_metric(summaries: dict) -> list[str]:
+    """Markdown lines: each verdict of laprox - other (stats.verdict: Holm, the margin) under every
+    metric, per protocol and budget, and whether the three agree: the plan asks every NIAH verdict
+    to say whether it holds under the other two metrics. summaries: {metric: stats summary}."""
+    def verdict(summary, protocol, budget, other):
+        at = [b for b in summary["protocols"].get(protocol, {}).get("budgets", []) if b["budget"] == budget]
+        return at[0]["differences"].get(other, {}).get("verdict", "n/a") if at else "n/a"
+    primary = summaries.get("content")
+    if primary is None:
+        return []
+    rows = []
+    for protocol, p in primary["protocols"].items():
+        for b in p["budgets"]:
+            for other in b["differences"]:
+                words = [verdict(summaries[m], protocol, b["budget"], other) for m in summaries]
+                rows.append([protocol, f"{b['budget']:g}", other, *words, "yes" if len(set(words)) == 1 else "**no**"])
+    return (["## verdicts of laprox - other under the three metrics", "",
+             "Each metric has its own Holm family; the first column's is the plan's verdict.", ""]
+            + markdown_table(["protocol", "budget", "laprox minus", *(METRICS[m] for m in summaries), "all agree"],
+                             rows) + [""])
 
 
 def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets, meta: dict,
@@ -374,23 +459,41 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
     (summarize of the first protocol, aware by default, as before the protocols), "protocols":
     {protocol: summarize(...)}, "stats": stats.summarize over the cells (means with 95% CIs,
     paired differences, loss ratio)}."""
+    reference = answer_of(meta.get("needle", NEEDLE), meta.get("answer_prefix", ANSWER_PREFIX))
+    rows = [dict(r, content=content_recall(reference, r["answer"])) if "content" not in r and "answer" in r else r
+            for r in rows]  # rows made before the content-word score: scored from their answer
     groups = grid_rows(rows, lengths, depths, methods, budgets, protocols)
     for (m, b, p), rs in sorted(groups.items()):
         plot_heatmap(rs, out / heatmap_name(m, b, p),
                      ("full cache" if m == "full" else f"{m} @ budget {b:g}") + ("" if p == "aware" else f", {p}"))
+    cut = sorted({(r["length"], r["depth"]) for rs in groups.values() for r in rs if in_window(r)})
+    groups = grid_rows([r for r in rows if (r["length"], r["depth"]) not in cut], lengths, depths, methods, budgets,
+                       protocols)  # every comparison from here on leaves the cut cells out, under both protocols
     kept = [r for rs in groups.values() for r in rs]
-    statistics, stats_md = stats_report(stat_rows(kept), out / "scores_vs_budget.png",
-                                       f"NIAH {meta['model']}, {len(lengths) * len(depths)} cells",
-                                       unit="cell", stratum=None)
+    by_metric = {m: stats_report(stat_rows(kept, m), out / ("scores_vs_budget.png" if m == "content" else
+                                                            f"scores_vs_budget_{m}.png"),
+                                 f"NIAH {meta['model']}, {METRICS[m]}",
+                                  unit="cell", stratum="length")
+                 for m in METRICS if all(m in r for r in kept)}
+    statistics, stats_md = by_metric.get("content", (None, "No content-word scores."))
     tables = {p: summarize(groups, methods, budgets, p) for p in protocols}
-    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
+    summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics, cut_cells=cut,
+                   stats_by_metric={m: st for m, (st, _) in by_metric.items()})
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
           machine_line(meta["checkpoint"], meta["dtype"]), "",
-          "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]
+          f"Cells left out of every comparison below, under both protocols (the needle ends inside the "
+          f"observation window): {', '.join(f'{l} @ {d:g}' for l, d in cut) or 'none'}. The heatmaps show them.", "",
+          "## content-word recall (the primary metric), with 95% bootstrap CIs over the cells", "", stats_md, ""]
+    md += verdicts_by_metric({m: st for m, (st, _) in by_metric.items() if st is not None})
+    for m in METRICS:
+        if m != "content" and m in by_metric:
+            md += [f"## {METRICS[m]} (a secondary metric), with 95% bootstrap CIs over the cells", "",
+                   by_metric[m][1], ""]
     for p in protocols:
         s, title = summary["protocols"][p], f" ({p})"
         md += [f"## score{title}", "", format_table(s["score"], budgets), "",
+               f"## content (content-word recall){title}", "", format_table(s["content"], budgets), "",
                f"## exact (whole answer phrase present){title}", "", format_table(s["exact"], budgets), "",
                f"## ROUGE-1 F1 of the answer against the needle, 0 to 1 (KVCache-Factory's NIAH score is 10 times "
                f"this){title}", "",
@@ -413,6 +516,8 @@ def run_config(args, haystack: str) -> dict:
                 answer_prefix=args.answer_prefix, haystack=hashlib.sha1(haystack.encode()).hexdigest()[:12],
                 window=args.window, max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
                 prompt=PROMPT)
+    if args.haystack_offset != "none":  # only then: the default run keeps its fingerprint (its rows resume)
+        meta["haystack_offset"] = args.haystack_offset
     return {**meta, "config": fingerprint(meta)}
 
 
@@ -447,16 +552,22 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
         reference = answer_of(args.needle, args.answer_prefix)
 
         def prompt(unit):
-            p = build_prompt(tok, hay, *unit.key, args.needle, args.question, args.answer_prefix)
-            return p["context_ids"], p["question_ids"], p
+            cell_hay, offset = hay, None
+            if args.haystack_offset == "cell":  # this cell's own stretch of the haystack
+                offset = haystack_offset(haystack, args.seed, *unit.key)
+                cell_hay = haystack_ids(tok, rotate(haystack, offset), unit.key[0])
+            p = build_prompt(tok, cell_hay, *unit.key, args.needle, args.question, args.answer_prefix)
+            return p["context_ids"], p["question_ids"], dict(p, haystack_offset=offset)
 
         def row(unit, p, result):
             response = clean_response(result.generated)
             return dict(model=model_name, **result.row(), length=unit.key[0], depth=unit.key[1],
-                        score=recall_score(reference, response), exact=exact_match(reference, response),
+                        score=recall_score(reference, response), content=content_recall(reference, response),
+                        exact=exact_match(reference, response),
                         rouge1=rouge1_f(args.needle, f"{args.answer_prefix} {response}"), answer=response,
                         prompt_tokens=len(p["ids"]), context_tokens=len(p["context_ids"]),
-                        needle_token=p["needle_start"], window=args.window, config=config)
+                        needle_token=p["needle_start"], needle_end=p["needle_end"], window=args.window, config=config,
+                        **({} if p["haystack_offset"] is None else {"haystack_offset": p["haystack_offset"]}))
         return prompt, lambda p: decoding(tok, args.max_new_tokens), row
 
     def report(rows):
@@ -485,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle", default=NEEDLE, help="the sentence hidden in the haystack")
     p.add_argument("--question", default=QUESTION, help="what the model is asked about the needle")
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="appended after the generation prompt")
-    p.add_argument("--seed", type=int, default=0, help="the random method's draws")
+    p.add_argument("--seed", type=int, default=0, help="the random method's draws, and --haystack-offset cell's")
+    p.add_argument("--haystack-offset", default="none", choices=HAYSTACK_OFFSETS,
+                   help="none: every cell cuts the haystack from its start (the standard prompts); cell: each "
+                        "(length, depth) starts at its own seeded sentence, so that cells are independent units")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens generated for each answer")
     return p
 

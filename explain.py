@@ -21,7 +21,8 @@ failing ones), each with its answer span, appending every case's rows to DIR/exp
 rerun skips the cases done) and tabulating in DIR/explain.md how many failures one layer, one
 head or the answer's tokens fix, and which layers and heads recur. It reads only the rows made with
 the prompts it rebuilds (the eval's defaults: their "config") and the method's current flags; a
-record counts as done only if it has both, and explain.md tabulates the cases picked now.
+record counts as done only if it has both, and explain.md tabulates every record held with both:
+the cases picked now first, then any left from an earlier pick, marked "(not picked now)".
 
 Aware protocol only (the question in the prompt when the cache is compressed): restoring an
 entry of the compressed prompt is then one change to one cache. Each restoration has its own
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack-offset", default="none", choices=("none", "cell"),
+                   help="NIAH: the eval's --haystack-offset (cell: each cell's own seeded haystack start)")
     return p
 
 
@@ -157,16 +160,20 @@ def ruler_case(tok, args):
 
 
 def niah_case(tok, args):
-    """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding, recall score);
-    --span answer restores the needle sentence."""
+    """The same for one NIAH cell, with eval_niah's defaults (needle, question, decoding) and its
+    primary score, content-word recall; --haystack-offset cell rebuilds the cell's own haystack
+    start (with --seed); --span answer restores the needle sentence."""
     import eval_niah as N
     d = N.build_parser().parse_args([])
     length, depth = args.niah
-    hay = N.haystack_ids(tok, N.read_haystack(d.haystack), length)
+    text = N.read_haystack(d.haystack)
+    if getattr(args, "haystack_offset", "none") == "cell":
+        text = N.rotate(text, N.haystack_offset(text, args.seed, length, depth))
+    hay = N.haystack_ids(tok, text, length)
     p = N.build_prompt(tok, hay, length, depth, d.needle, d.question, d.answer_prefix)
     reference = N.answer_of(d.needle, d.answer_prefix)
     return (p["ids"], N.decoding(tok, d.max_new_tokens),
-            lambda text: N.recall_score(reference, N.clean_response(text)), d.needle.strip())
+            lambda text: N.content_recall(reference, N.clean_response(text)), d.needle.strip())
 
 
 def check_case(args) -> None:
@@ -215,13 +222,21 @@ def failing_cases(rows: list[dict], method: str, budget: float, per_task: int, c
     """The cases of an eval's rows to diagnose: aware, where `full` scores 1 and `method` at `budget`
     scores less (rows: the eval's results, of the method's current definition). RULER rows (with a
     task): {"task", "index", "length"}, at most per_task a task, the lowest indices; NIAH rows:
-    {"length", "depth"}, at most `cells`, spread evenly over the failing cells in grid order."""
+    {"length", "depth"}, at most `cells`, spread evenly over the failing cells in grid order, scored
+    on content-word recall (the primary metric; from the answer for rows made before it), a cell
+    whose needle ends in the observation window never (eval_niah.in_window: it leaves every comparison)."""
     ruler = any("task" in r for r in rows)
     unit = (lambda r: (r["task"], r["length"], r["index"])) if ruler else (lambda r: (r["length"], r["depth"]))
     aware = [r for r in rows if r.get("protocol", "aware") == "aware"]
-    full = {unit(r) for r in aware if r["method"] == "full" and r["score"] == 1}
+    score = lambda r: r["score"]
+    if not ruler:
+        import eval_niah as N
+        reference = N.answer_of(N.NEEDLE, N.ANSWER_PREFIX)  # explain rebuilds the default needle only
+        score = lambda r: r["content"] if "content" in r else N.content_recall(reference, r["answer"])
+        aware = [r for r in aware if not N.in_window(r)]
+    full = {unit(r) for r in aware if r["method"] == "full" and score(r) == 1}
     failed = sorted({unit(r) for r in aware if r["method"] == method and r["budget"] == budget
-                     and r["score"] < 1 and unit(r) in full})
+                     and score(r) < 1 and unit(r) in full})
     if ruler:
         picked, taken = [], Counter()
         for u in failed:  # sorted: each task's lowest indices first
@@ -277,7 +292,7 @@ def eval_configs(rows: list[dict], args) -> Callable[[dict], str]:
         _, configs = R.run_configs(R.build_parser().parse_args(given), tasks, R.read_haystack())
         return lambda case: configs.get(case["task"])
     import eval_niah as N
-    d = N.build_parser().parse_args(given)
+    d = N.build_parser().parse_args(given + ["--haystack-offset", getattr(args, "haystack_offset", "none")])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]
     return lambda case: config
 
@@ -286,7 +301,8 @@ def run_failures(args) -> list[dict]:
     """--failures: diagnose the failing cases of an eval's output folder, resumably (explain.jsonl).
     Only rows of the method's current definition (harness.same_definitions) and of the prompts
     explain rebuilds (eval_configs) are read; each record keeps both (method_flags, config), and a
-    rerun takes a record as done only if both are today's."""
+    rerun takes a record as done only if both are today's. explain.md shows every record of today's
+    definitions, the ones today's rule does not pick marked. Returns the records of the cases picked now."""
     from harness import load_checkpoint, read_rows, same_definitions
     from methods import resolved_flags
     folder = Path(args.failures)
@@ -310,10 +326,11 @@ def run_failures(args) -> list[dict]:
               f"(explain rebuilds the synthetic tasks only): not read")
     cases = failing_cases(ours, label, args.budget, args.per_task, args.cells)
     out = folder / "explain.jsonl"
-    key = lambda c: json.dumps({k: c.get(k) for k in ("case", "method", "budget", "method_flags", "config")},
-                               sort_keys=True)
+    key = lambda c: json.dumps({k: c.get(k) for k in ("case", "method", "budget", "method_flags", "config", "metric")},
+                               sort_keys=True)  # metric: NIAH's records are scored on content-word recall
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    records = [dict(case=c, method=label, budget=args.budget, method_flags=flags, config=config(c)) for c in cases]
+    records = [dict(case=c, method=label, budget=args.budget, method_flags=flags, config=config(c),
+                    **({} if "task" in c else {"metric": "content"})) for c in cases]
     seen = {key(d) for d in done}
     todo = [r for r in records if key(r) not in seen]
     print(f"{len(cases)} failing case(s) of {label} at {args.budget:g} in {results}; {len(todo)} to diagnose")
@@ -332,10 +349,21 @@ def run_failures(args) -> list[dict]:
             done.append(record)
     wanted = {key(r) for r in records}
     mine = list({key(d): d for d in done if key(d) in wanted}.values())  # the latest record of each case
+    # explain.md reports every record held for today's definitions (method, budget, flags, config), not only the
+    # cases today's rule picks: a record left from an earlier pick is shown and marked, never silently dropped
+    current = lambda d: (d.get("method") == label and d.get("budget") == args.budget
+                         and d.get("method_flags") == flags and d.get("config") == config(d["case"])
+                         and d.get("metric") == (None if "task" in d["case"] else "content"))
+    held = list({key(d): d for d in done if current(d)}.values())
+    held.sort(key=lambda d: key(d) not in wanted)  # the picked cases first, in the order of the pick
+    left = len(held) - len(mine)
+    note = (f"{len(held)} record(s) held for these definitions: the {len(mine)} case(s) today's rule picks, and "
+            f"{left} left from an earlier pick (marked), reported too.\n\n" if left else "")
     (folder / "explain.md").write_text(f"# Why {label} fails at {args.budget:g} ({folder.name})\n\n"
                                        f"`python explain.py --failures {args.failures} --method {label} "
                                        f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}`\n\n"
-                                       + tabulate([dict(d, case=_case_name(d["case"])) for d in mine]))
+                                       + note + tabulate([dict(d, case=_case_name(d["case"]) + (
+                                           "" if key(d) in wanted else " (not picked now)")) for d in held]))
     print(f"\nwrote {folder / 'explain.md'}")
     return mine
 

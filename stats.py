@@ -5,9 +5,11 @@ Every eval scores *units* (a NIAH cell, a RULER sample, a LongBench sample), eac
 turns such scores into the numbers a claim needs, with 95% confidence intervals:
 
 - the mean score of each method at each budget (`mean_ci`);
-- LaProx - baseline, paired over the units both have (`paired_difference`), significant when its
-  CI excludes 0; no multiple-comparison correction is applied (with 6 baselines x 3 budgets, about
-  one "significant" difference in 20 true ties is expected by chance alone);
+- LaProx - baseline, paired over the units both have (`paired_difference`), with a bootstrap
+  p-value; its verdict (`verdict`) is better / worse when significant after Holm's correction
+  (`holm`) over every difference of LaProx in one protocol (the family of docs/analysis-plan.md),
+  "no difference" only when its CI lies inside +-MARGIN, otherwise "not significant"; each split
+  by task (`decompose`: each task's contribution and the difference without the largest one);
 - the paper's headline numbers per budget: the loss vs the full cache (full - method, paired) and
   the loss ratio LaProx / best baseline (`loss_ratio`); "2x less loss" means a ratio <= 0.5.
 
@@ -72,8 +74,13 @@ N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 PROTOCOLS = ("aware", "agnostic")
 ROW_KEYS = ("unit", "stratum", "method", "budget", "protocol", "score")
-NOTE = ("A difference is significant when its {:g}% bootstrap CI excludes 0; "
-        "no multiple-comparison correction is applied.")
+NOTE = ("A difference is significant when its Holm-adjusted bootstrap p-value is < {alpha:g} (Holm over every "
+        "difference of the method with another in one protocol); 'no difference' when its {conf:g}% CI lies inside "
+        "+-{margin:g}; otherwise 'not significant'.")
+# docs/analysis-plan.md, fixed before the runs: "no difference" only when the CI of a difference lies inside
+# (-MARGIN, +MARGIN), 5 points on the 0-100 scale such tables are read on; Holm at level ALPHA
+MARGIN = 0.05
+ALPHA = 0.05
 
 
 # ----------------------------------------------------------------------------- the bootstrap
@@ -158,8 +165,9 @@ def bootstrap_mean(scores, strata=None, *, n_resamples: int = N_RESAMPLES, seed:
                    confidence: float = CONFIDENCE, stratified: bool = True) -> dict:
     """Pooled mean of scores (N,) (any real values: scores in [0, 1], or differences in [-1, 1])
     with its percentile bootstrap CI. strata: (N,) task labels, None for one stratum.
-    Returns {"mean", "low", "high", "n"}; low/high are None when N < 2 or, stratified, a task has
-    fewer than 2 units (can_resample: no spread to resample)."""
+    Returns {"mean", "low", "high", "n", "p"}; low/high/p are None when N < 2 or, stratified, a task
+    has fewer than 2 units (can_resample: no spread to resample). p: the two-sided bootstrap p-value
+    of "the mean is 0" (bootstrap_p), what a difference's Holm correction reads."""
     check_bootstrap_args(n_resamples, confidence)
     scores = np.asarray(scores, dtype=float)
     strata = np.zeros(len(scores), dtype=int) if strata is None else np.asarray(strata)
@@ -170,12 +178,94 @@ def bootstrap_mean(scores, strata=None, *, n_resamples: int = N_RESAMPLES, seed:
     if len(scores) == 0:
         return {"mean": None, "low": None, "high": None, "n": 0}
     w = unit_weights(strata, stratified)
-    out = {"mean": float(scores @ w), "low": None, "high": None, "n": len(scores)}
+    out = {"mean": float(scores @ w), "low": None, "high": None, "n": len(scores), "p": None}
     if can_resample(strata, stratified):
         counts = shared_resample_counts(tuple(strata.tolist()), n_resamples, seed, stratified)  # (R, N)
         resampled = counts @ (w * scores)  # (R,) pooled means of the resamples
         out["low"], out["high"] = percentile_interval(resampled, confidence)
+        out["p"] = bootstrap_p(resampled)
     return out
+
+
+def bootstrap_p(resampled) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0" from its resampled values (R,):
+    min(1, 2 (min(#{<= 0}, #{>= 0}) + 1) / (R + 1)); the +1 keeps it > 0 (at least 2 / (R + 1),
+    0.001 at R = 2000, below Holm's first threshold 0.05 / 30 for a family of 30)."""
+    resampled = np.asarray(resampled, dtype=float)
+    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
+    return min(1.0, 2 * (tail + 1) / (len(resampled) + 1))
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: with the m p-values sorted ascending,
+    adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)); a test is significant at level
+    alpha when its adjusted p < alpha (Holm 1979: the family-wise error rate stays <= alpha)."""
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()
+
+
+def verdict(diff: dict, p_adjusted: float | None, margin: float = MARGIN, alpha: float = ALPHA) -> str:
+    """A difference's verdict (docs/analysis-plan.md): "better" / "worse" when its adjusted p < alpha
+    (by the sign of its mean), else "no difference" when its CI lies inside (-margin, +margin), else
+    "not significant"; "no CI" without one."""
+    if diff["low"] is None or p_adjusted is None:
+        return "no CI"
+    if p_adjusted < alpha:
+        return "better" if diff["mean"] > 0 else "worse"
+    if -margin < diff["low"] and diff["high"] < margin:
+        return "no difference"
+    return "not significant"
+
+
+def loss_verdict(loss: dict, margin: float = MARGIN) -> str:
+    """Claim 1, "performance kept" (full - method, docs/analysis-plan.md): "kept" when the loss's CI
+    lies below +margin (non-inferior within the margin), "lost" when it lies above +margin, else
+    "not settled"; "no CI" without one."""
+    if loss["low"] is None:
+        return "no CI"
+    return "kept" if loss["high"] < margin else "lost" if loss["low"] > margin else "not settled"
+
+
+def ratio_verdict(ratio: dict) -> str:
+    """Claim 3, "2x less loss" (docs/analysis-plan.md), from a loss_ratio: "holds" when its CI lies
+    at or below 0.5, "does not hold" when it lies above, "not settled" when it spans 0.5 or has no
+    upper end, "n/a" when the best baseline loses nothing."""
+    if ratio["ratio"] is None:
+        return "n/a"
+    if ratio["low"] is None:
+        return "not settled"
+    if ratio["high"] is not None and ratio["high"] <= 0.5:
+        return "holds"
+    return "does not hold" if ratio["low"] > 0.5 else "not settled"
+
+
+def decompose(table_a: dict, table_b: dict, **bootstrap) -> dict | None:
+    """a - b split by stratum (RULER's tasks, NIAH's lengths), over the units both tables have: the
+    pooled difference is the sum of each stratum's contribution d_s / S. Returns {"by_stratum":
+    {stratum: contribution {"mean", "low", "high", "n"}: the stratum's own difference and CI over S},
+    "largest": the stratum with the largest |contribution| (point estimate, chosen before resampling;
+    ties to the first in sorted order), "without_largest": paired_difference over the other strata};
+    None with fewer than 2 strata."""
+    keys = common_units(table_a, table_b)
+    strata = sorted({str(k[0]) for k in keys})
+    if len(strata) < 2:
+        return None
+    by = {}
+    for s in strata:
+        d = bootstrap_mean([table_a[k] - table_b[k] for k in keys if str(k[0]) == s], **bootstrap)
+        by[s] = {"mean": d["mean"] / len(strata), "n": d["n"],
+                 "low": None if d["low"] is None else d["low"] / len(strata),
+                 "high": None if d["high"] is None else d["high"] / len(strata)}
+    largest = max(strata, key=lambda s: abs(by[s]["mean"]))  # max keeps the first of equal values
+    rest = [k for k in keys if str(k[0]) != largest]
+    return {"by_stratum": by, "largest": largest,
+            "without_largest": paired_difference({k: table_a[k] for k in rest}, {k: table_b[k] for k in rest},
+                                                 **bootstrap)}
 
 
 def significant(ci: dict) -> bool | None:
@@ -340,7 +430,8 @@ def method_name(spec: str) -> str:
     return spec.split(":")[0]
 
 
-def summarize_protocol(tables: dict, method: str, reference: str, baselines: list | None, **bootstrap) -> dict:
+def summarize_protocol(tables: dict, method: str, reference: str, baselines: list | None, margin: float = MARGIN,
+                       alpha: float = ALPHA, **bootstrap) -> dict:
     """The summary of one protocol; tables: {(method, budget): score table} (see summarize)."""
     full = tables.get((reference, None), {})
     methods = list(dict.fromkeys(m for m, b in tables if b is not None))
@@ -356,32 +447,60 @@ def summarize_protocol(tables: dict, method: str, reference: str, baselines: lis
         if method in at_b:
             entry["differences"] = {m: paired_difference(at_b[method], at_b[m], **bootstrap)
                                     for m in others if m in at_b}
+            entry["decomposition"] = {m: decompose(at_b[method], at_b[m], **bootstrap) for m in entry["differences"]}
         if full:
             entry["loss"] = {m: paired_difference(full, t, **bootstrap) for m, t in at_b.items()}
+            for loss in entry["loss"].values():
+                loss["verdict"] = loss_verdict(loss, margin)
             best = best_baseline(at_b, [m for m in candidates if m in at_b], bootstrap["stratified"])
             entry["best_baseline"] = best
             if best is not None and method in at_b:
                 entry["loss_ratio"] = loss_ratio(full, at_b[method], at_b[best], **bootstrap)
+                entry["loss_ratio"]["verdict"] = ratio_verdict(entry["loss_ratio"])
+                parts = entry["decomposition"].get(best)
+                if parts is not None:  # the ratio over the other strata, without the one carrying method - best most
+                    without = lambda t: {k: v for k, v in t.items() if str(k[0]) != parts["largest"]}
+                    entry["loss_ratio_without_largest"] = {
+                        "stratum": parts["largest"],
+                        **loss_ratio(without(full), without(at_b[method]), without(at_b[best]), **bootstrap)}
         out["budgets"].append(entry)
+    # Holm over the family: every difference of `method` with another in this protocol, all budgets
+    family = [d for b in out["budgets"] for d in b["differences"].values() if d["p"] is not None]
+    for d, p_adjusted in zip(family, holm([d["p"] for d in family])):
+        d["p_holm"], d["family"] = p_adjusted, len(family)
+    for b in out["budgets"]:
+        for name, d in b["differences"].items():
+            d["verdict"] = verdict(d, d.get("p_holm"), margin, alpha)
+            parts = b["decomposition"].get(name)
+            if parts is not None:  # uncorrected: a check of whether one stratum carries the verdict
+                rest = parts["without_largest"]
+                rest["verdict"] = verdict(rest, rest["p"], margin, alpha)
     return out
 
 
 def summarize(rows: list[dict], method: str = "laprox", reference: str = "full", baselines: list | None = None, *,
               n_resamples: int = N_RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE,
-              stratified: bool = True) -> dict:
+              stratified: bool = True, margin: float = MARGIN, alpha: float = ALPHA) -> dict:
     """Rows (see the module docstring) -> a JSON-serialisable summary:
     {"method", "reference", "n_resamples", "seed", "confidence", "stratified", "note",
      "protocols": {protocol: {"reference": CI of the full cache, "methods": [...],
         "budgets": [{"budget", "scores": {method: CI}, "differences": {other: method - other},
                      "loss": {method: full - method}, "best_baseline", "loss_ratio"}]}}}
-    where a CI is {"mean", "low", "high", "n"} (+ "significant" for differences and losses).
+    where a CI is {"mean", "low", "high", "n", "p"} (+ "significant" for differences and losses; a
+    difference also has "p_holm", "family" (Holm's m) and "verdict", a loss "verdict" (loss_verdict),
+    the loss ratio "verdict" (ratio_verdict));
+    each budget also has "decomposition": {other: decompose(method, other)} and, with a best baseline
+    and 2+ strata, "loss_ratio_without_largest" (loss_ratio without the stratum contributing most to
+    method - best, named in its "stratum"). margin, alpha: the
+    verdicts' equivalence margin and Holm's level (docs/analysis-plan.md).
     method: the method compared with all others (its variants included); baselines: the candidates
     for the best baseline (default: every method but the reference and `method`'s variants)."""
     check_bootstrap_args(n_resamples, confidence)
     bootstrap = dict(n_resamples=n_resamples, seed=seed, confidence=confidence, stratified=stratified)
     tables = score_tables(check_rows(rows, reference), reference)
-    return {"method": method, "reference": reference, **bootstrap, "note": NOTE.format(100 * confidence),
-            "protocols": {p: summarize_protocol(tables[p], method, reference, baselines, **bootstrap)
+    note = NOTE.format(alpha=alpha, conf=100 * confidence, margin=margin)
+    return {"method": method, "reference": reference, **bootstrap, "margin": margin, "alpha": alpha, "note": note,
+            "protocols": {p: summarize_protocol(tables[p], method, reference, baselines, margin, alpha, **bootstrap)
                           for p in PROTOCOLS if p in tables}}
 
 
@@ -399,16 +518,21 @@ def format_ci(ci: dict | None, scale: float = 1.0, digits: int = 3, sign: bool =
 
 
 def format_difference(ci: dict | None, up: str, down: str, scale: float = 1.0, digits: int = 3) -> str:
-    """A difference with its CI: bold plus `up`/`down` when significant, 'no difference' when the
-    CI includes 0 (e.g. up='better', down='worse')."""
+    """A difference with its CI: bold plus `up`/`down` when significant, 'not significant' when the
+    CI includes 0 (e.g. up='better', down='worse'); a difference of the Holm family shows its verdict
+    (no difference only within the margin), a loss its loss_verdict in parentheses."""
     if ci is None or ci["mean"] is None:
         return "n/a"
     text = format_ci(ci, scale, digits, sign=True)
     if ci["significant"] is None:
         return f"{text} (no CI)"
+    if "p_holm" in ci:  # a difference of the Holm family: its verdict (better / worse, no difference, not significant)
+        word = {"better": up, "worse": down}.get(ci["verdict"])
+        return f"**{text} {word}**" if word else f"{text} {ci['verdict']}"
+    kept = f" ({ci['verdict']})" if "verdict" in ci else ""  # a loss: kept / lost / not settled within the margin
     if not ci["significant"]:
-        return f"{text} no difference"
-    return f"**{text} {up if ci['mean'] > 0 else down}**"
+        return f"{text} not significant{kept}"
+    return f"**{text} {up if ci['mean'] > 0 else down}**{kept}"
 
 
 def format_ratio(ratio: dict | None, best: str | None, digits: int = 2) -> str:
@@ -459,6 +583,27 @@ def differences_markdown(p: dict, method: str, scale: float, digits: int) -> lis
     return markdown_table([f"{method} minus"] + [f"budget {b['budget']:g}" for b in budgets], rows) if rows else []
 
 
+def without_largest_markdown(p: dict, method: str, scale: float, digits: int, stratum: str = "task") -> list[str]:
+    """Lines: each difference without the stratum that contributes most to it (decompose), with that
+    stratum's contribution; [] when the units have one stratum. stratum: its name in the text."""
+    budgets = p["budgets"]
+    others = [o for o in p["methods"] if any(b.get("decomposition", {}).get(o) for b in budgets)]
+
+    def cell(b, o):
+        parts = b.get("decomposition", {}).get(o)
+        if not parts:
+            return "n/a"
+        rest, top = parts["without_largest"], parts["by_stratum"][parts["largest"]]
+        return (f"{format_ci(rest, scale, digits, sign=True)} {rest['verdict']} without {parts['largest']} "
+                f"(which contributes {scale * top['mean']:+.{digits}f})")
+    if not others:
+        return []
+    rows = [[o] + [cell(b, o) for b in budgets] for o in others]
+    return ([f"{method} - other without its largest {stratum} (the {stratum} contributing most to the pooled "
+             f"difference, chosen on the point estimate; uncorrected verdicts):", ""]
+            + markdown_table([f"{method} minus"] + [f"budget {b['budget']:g}" for b in budgets], rows) + [""])
+
+
 def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[str]:
     """Table lines: every method's loss vs the reference (loss / gain / no difference), the best
     baseline and the loss ratio, per budget."""
@@ -467,6 +612,10 @@ def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[s
             for name in p["methods"]]
     rows.append(["best baseline"] + [b["best_baseline"] or "n/a" for b in budgets])
     rows.append([f"loss ratio {method} / best"] + [format_ratio(b["loss_ratio"], b["best_baseline"]) for b in budgets])
+    if any(b.get("loss_ratio_without_largest") for b in budgets):
+        rows.append(["the same without the stratum carrying the most of it"] + [
+            f"{format_ratio(w, b['best_baseline'])} (without {w['stratum']})" if (w := b.get("loss_ratio_without_largest"))
+            else "n/a" for b in budgets])
     return markdown_table([""] + [f"budget {b['budget']:g}" for b in budgets], rows)
 
 
@@ -485,8 +634,10 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3, unit: s
                   else f"{units} resampled together; the mean is over the {units}")
     out = [f"Means with {conf} bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
            f"{resampling}).",
-           f"Legend: **bold** = significant ({conf} CI excludes 0), with its direction; 'no difference' = the CI "
-           f"includes 0. No multiple-comparison correction is applied. A value without [low, high] has no CI "
+           f"Legend for {m} - other: **bold** = significant after Holm's correction over every such difference of the "
+           f"protocol (adjusted p < {summary.get('alpha', ALPHA):g}), with its direction; 'no difference' = the CI lies "
+           f"inside +-{summary.get('margin', MARGIN):g}; 'not significant' = neither. Losses: **bold** = the {conf} CI "
+           f"excludes 0 (uncorrected). A value without [low, high] has no CI "
            f"(fewer than 2 {units}{f' in some {stratum}' if stratum else ''}): no claim.", ""]
     for protocol, p in summary["protocols"].items():
         out += [f"### protocol: {protocol}", "", f"Mean score of each method; (n=...) after a mean counts its {units} "
@@ -495,6 +646,7 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3, unit: s
         if any(b["differences"] for b in p["budgets"]):
             out += [f"{m} - other method, paired over the {units} both have (> 0: {m} scores higher):", ""]
             out += differences_markdown(p, m, scale, digits) + [""]
+            out += without_largest_markdown(p, m, scale, digits, stratum or "stratum")
         if p["reference"] is not None:
             out += [f"Headline: loss vs {ref} ({ref} - method, paired; > 0: the method loses score) and the loss "
                     f"ratio {m} / best baseline (best mean at that budget; <= 0.5 is the '2x less loss' claim):", ""]
@@ -524,8 +676,8 @@ def plot_summary(summary: dict, path, title: str = "") -> None:
             dodge = 1 + 0.05 * (i - (len(p["methods"]) - 1) / 2)  # spread the error bars apart on the log axis
             x = [i] if single else [bud * dodge for bud, _ in pts]
             y = [ci["mean"] for _, ci in pts]
-            err = [[ci["mean"] - ci["low"] if ci["low"] is not None else 0 for _, ci in pts],
-                   [ci["high"] - ci["mean"] if ci["high"] is not None else 0 for _, ci in pts]]
+            err = [[max(0.0, ci["mean"] - ci["low"]) if ci["low"] is not None else 0 for _, ci in pts],  # max: a
+                   [max(0.0, ci["high"] - ci["mean"]) if ci["high"] is not None else 0 for _, ci in pts]]  # rounding
             # Dashed: a variant of a method (a name with flags). The marker changes every 10
             # methods, where matplotlib's 10 colours start over, so no two lines look the same.
             ax.errorbar(x, y, yerr=err, marker="os^D"[i // 10 % 4], linestyle="--" if ":" in name else "-",

@@ -72,10 +72,18 @@ def test_failing_cases_are_aware_cases_that_full_answers_and_the_method_misses()
     rows = [r for r in rows if not (r["index"] == 4 and r["score"] == 1.0)]     # the latest full row of vt #4 is 0
     got = explain.failing_cases(rows, "laprox", 0.05, per_task=3, cells=6)
     assert got == [dict(task="cwe", length=4000, index=0)] + [dict(task="vt", length=4000, index=i) for i in range(3)]
-    niah = [dict(length=n, depth=d, method=m, budget=0.05, score=s) for n in (2000, 4000) for d in (0, 0.5, 1)
-            for m, s in (("full", 1.0), ("laprox", 0.2))]
+    niah = [dict(length=n, depth=d, method=m, budget=0.05, score=1.0, content=s) for n in (2000, 4000)
+            for d in (0, 0.5, 1) for m, s in (("full", 1.0), ("laprox", 0.2))]  # content: NIAH's primary score
     assert explain.failing_cases(niah, "laprox", 0.05, 3, cells=3) == [
         dict(length=2000, depth=0), dict(length=2000, depth=1), dict(length=4000, depth=0.5)]   # spread evenly
+    # the needle in the window: out; a row without content is scored from its answer
+    cut = dict(needle_token=1990, needle_end=1999, context_tokens=2000, window=32)
+    rows = [dict(r, **cut) if (r["length"], r["depth"]) == (2000, 1) else r for r in niah]
+    rows = [r if r["method"] == "full" or r["length"] == 2000 else
+            dict({k: v for k, v in r.items() if k != "content"}, answer="eat a sandwich") for r in rows]
+    assert explain.failing_cases(rows, "laprox", 0.05, 3, cells=9) == [
+        dict(length=2000, depth=0), dict(length=2000, depth=0.5), dict(length=4000, depth=0),
+        dict(length=4000, depth=0.5), dict(length=4000, depth=1)]
 
 
 def test_tabulate_counts_what_fixes_each_failure():
@@ -109,12 +117,13 @@ def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path,
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]
     flags = resolved_flags(*parse_method("laprox"))
     row = lambda n, dep, m, s, cfg=config: dict(length=n, depth=dep, method=m, budget=0.05, protocol="aware", score=s,
-                                              config=cfg, method_flags=resolved_flags(*parse_method(m)))
+                                              content=s, config=cfg, method_flags=resolved_flags(*parse_method(m)))
     rows = [row(n, 0.5, m, s) for n in (2000, 4000) for m, s in (("full", 1.0), ("laprox", 0.0))]
     rows += [row(6000, 0.5, "full", 1.0, "other"), row(6000, 0.5, "laprox", 0.0, "other")]  # other prompts
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     record = lambda n, **kw: dict(case=dict(length=n, depth=0.5), method="laprox", budget=0.05, full=1.0,
-                                  trials=[dict(unit="none", restored=0, kept=9, score=0.0, answer="")], **kw)
+                                  trials=[dict(unit="none", restored=0, kept=9, score=0.0, answer="")],
+                                  metric="content", **kw)
     (tmp_path / "explain.jsonl").write_text(json.dumps(record(2000, method_flags=flags, config=config)) + "\n"
                                             + json.dumps(record(4000, method_flags={**flags, "pool": 0},
                                                                 config=config)) + "\n")
@@ -139,3 +148,59 @@ def test_failures_of_rows_with_other_prompts_is_one_line(tmp_path, one_line_erro
     row = dict(length=2000, depth=0.5, method="full", budget=None, protocol="aware", score=1.0, config="other")
     (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
     one_line_error(explain.main, ["--failures", str(tmp_path)], "none of its rows was made with the prompts")
+
+
+def test_failures_report_every_record_of_todays_definitions(tmp_path, monkeypatch):
+    """A record of today's flags and config that today's rule no longer picks (an earlier pick) is
+    reported in explain.md, marked; a record of other flags is not."""
+    import json
+
+    import eval_niah as N
+    import harness
+    from methods import parse_method, resolved_flags
+    d = N.build_parser().parse_args([])
+    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    flags = resolved_flags(*parse_method("laprox"))
+    row = lambda n, m, s: dict(length=n, depth=0.5, method=m, budget=0.05, protocol="aware", score=s, content=s,
+                               config=config, method_flags=resolved_flags(*parse_method(m)))
+    rows = [row(2000, "full", 1.0), row(2000, "laprox", 0.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = lambda n, f, fixed: dict(case=dict(length=n, depth=0.5), method="laprox", budget=0.05, method_flags=f,
+                                      config=config, metric="content", full=1.0, trials=[dict(unit="none", restored=0, kept=9, score=0.0,
+                                                                            answer=""),
+                                                                       dict(unit="layer 3", restored=5, kept=14,
+                                                                            score=1.0 if fixed else 0.0, answer="")])
+    (tmp_path / "explain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        record(2000, flags, True), record(6000, flags, False), record(8000, {**flags, "pool": 0}, True))))
+    monkeypatch.setattr(harness, "load_checkpoint", lambda *a: (None, None))
+    mine = explain.main(["--failures", str(tmp_path), "--method", "laprox", "--budget", "0.05"])
+    assert [m["case"]["length"] for m in mine] == [2000]  # what today's rule picks
+    md = (tmp_path / "explain.md").read_text()
+    assert "2 record(s) held for these definitions: the 1 case(s) today's rule picks, and 1 left" in md
+    assert "| NIAH 2000 @ 0.5 | 0.00 | 3 |" in md and "| NIAH 6000 @ 0.5 (not picked now) | 0.00 | - |" in md
+    assert "8000" not in md and "one layer's restoration fixes 1 of 2" in md
+    old = dict(record(2000, flags, True))
+    del old["metric"]  # a record scored before content-word recall was NIAH's score: another definition
+    (tmp_path / "explain.jsonl").write_text(json.dumps(old) + "\n")
+    monkeypatch.setattr(explain, "diagnose", lambda model, tok, a, log: (1.0, [explain.Trial("none", 0, 9, 0.0, "")]))
+    explain.main(["--failures", str(tmp_path), "--method", "laprox", "--budget", "0.05"])
+    lines = (tmp_path / "explain.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["metric"] == "content"  # diagnosed again, on content
+
+
+def test_niah_cases_rebuild_the_eval_s_haystack_offsets(default_model):
+    import argparse
+
+    import eval_niah as N
+    tok = default_model[1]
+    args = explain.build_parser().parse_args(["--failures", "x", "--haystack-offset", "cell", "--seed", "3"])
+    rows = [dict(length=600, depth=0.5)]
+    eval_args = N.build_parser().parse_args(["--haystack-offset", "cell", "--seed", "3"])
+    assert explain.eval_configs(rows, args)({}) == N.run_config(eval_args, N.read_haystack())["config"]
+    text = N.read_haystack()
+    case = argparse.Namespace(**{**vars(args), "niah": (600, 0.5)})
+    ids, _, score, _ = explain.niah_case(tok, case)
+    hay = N.haystack_ids(tok, N.rotate(text, N.haystack_offset(text, 3, 600, 0.5)), 600)
+    assert ids == N.build_prompt(tok, hay, 600, 0.5)["ids"]
+    assert ids != explain.niah_case(tok, argparse.Namespace(**{**vars(case), "haystack_offset": "none"}))[0]
+    assert abs(score("eat a sandwich") - 2 / 7) < 1e-12  # content-word recall: eat, sandwich of 7

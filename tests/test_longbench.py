@@ -479,7 +479,9 @@ def test_rerun_with_all_predictions_done_scores_without_a_model(data_dir, tmp_pa
              fake_line("trec", 1, "snapkv", 0.2, "Food", TREC, kept=0.2)]  # beyond --limit: not scored
     argv = ["--data-dir", str(data_dir), "--tasks", "hotpotqa,trec", "--limit", "1",
             "--methods", "full,snapkv", "--budget", "0.2", "--out", str(out)]
-    config = lb.run_config(lb.parse_args(argv))
+    args = lb.parse_args(argv)
+    lb.check_args(args)  # as main does: --dtype resolves to the default model's float32
+    config = lb.run_config(args)
     other = dict(lines[0], config="another-configuration", pred="wrong")  # neither skipped nor scored
     lines = [dict(x, config=config) for x in lines]
     (out / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [other] + lines) + '{"task": "tr')

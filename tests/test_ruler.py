@@ -266,7 +266,7 @@ def test_reports_from_rows(tmp_path):
             for t, base in [("vt", 1.0), ("cwe", 0.5)] for i in range(2) for p in ("aware", "agnostic")
             for m, b, s in [("full", 1.0, base), ("laprox", 0.05, base / 2 + 0.25 * i), ("snapkv", 0.05, base / 2),
                             ("snapkv", 0.2, base)]]
-    meta = dict(model="m", window=32, seed=0, prompts="chat template")
+    meta = dict(model="m", checkpoint=None, dtype="float32", window=32, seed=0, prompts="chat template")
     s = R.write_reports(rows, tmp_path, ["vt", "cwe"], [1000], ["full", "laprox", "snapkv"], ["aware", "agnostic"],
                         meta)
     at = s["lengths"]["1000"]
@@ -282,8 +282,8 @@ def test_reports_from_rows(tmp_path):
     assert "### length 1000, protocol agnostic, budget 0.05: per task, mean [95% CI]" in md
     assert "| vt | 0.625 [0.500, 0.750] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] |" in md
     assert "| **pooled** | 0.500 [0.375, 0.625] | 0.375 [0.375, 0.375] | 0.750 [0.750, 0.750] |" in md
-    assert "no multiple-comparison correction" in md.lower()
     assert "samples resampled within each task, so each task keeps its size; the mean is the mean of the task means" in md
+    assert "holm" in md.lower()
     assert md.index("protocol aware, budget 0.05") < md.index("protocol agnostic, budget 0.05")
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["lengths"]["1000"]["stats"]["protocols"]["aware"]["reference"]["n"] == 4

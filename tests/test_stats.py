@@ -253,16 +253,19 @@ def test_summary_is_json_and_consistent_with_the_functions():
     rows = eval_rows(3)
     summary = stats.summarize(rows, n_resamples=R, seed=2)
     assert json.loads(json.dumps(summary)) == summary  # plain JSON types only
-    assert set(summary["protocols"]) == {"aware", "agnostic"} and "no multiple-comparison" in summary["note"]
+    assert set(summary["protocols"]) == {"aware", "agnostic"} and "Holm" in summary["note"]
     tables = stats.score_tables(stats.check_rows(rows))["aware"]
     p = summary["protocols"]["aware"]
     assert [b["budget"] for b in p["budgets"]] == [0.05, 0.2]
     at = p["budgets"][0]
     boot = dict(n_resamples=R, seed=2)
     assert at["scores"]["snapkv"] == stats.mean_ci(tables[("snapkv", 0.05)], **boot)
-    assert at["differences"]["snapkv"] == stats.paired_difference(tables[("laprox", 0.05)], tables[("snapkv", 0.05)],
-                                                                  **boot)
-    assert at["loss"]["laprox"] == stats.paired_difference(tables[("full", None)], tables[("laprox", 0.05)], **boot)
+    difference = stats.paired_difference(tables[("laprox", 0.05)], tables[("snapkv", 0.05)], **boot)
+    assert {k: at["differences"]["snapkv"][k] for k in difference} == difference  # + p_holm, family, verdict
+    loss = stats.paired_difference(tables[("full", None)], tables[("laprox", 0.05)], **boot)
+    assert {k: at["loss"]["laprox"][k] for k in loss} == loss
+    kept = "kept" if loss["high"] < 0.05 else "lost" if loss["low"] > 0.05 else "not settled"
+    assert at["loss"]["laprox"]["verdict"] == kept
     assert at["best_baseline"] == "streamingllm"  # laprox's own variant is not a baseline
     assert at["loss_ratio"]["ratio"] is None and "loses nothing" in at["loss_ratio"]["note"]
     assert set(at["differences"]) == {"snapkv", "adakv", "streamingllm", "laprox:pool=0"}
@@ -272,8 +275,8 @@ def test_summary_is_json_and_consistent_with_the_functions():
     summary = stats.summarize(rows, baselines=["snapkv", "adakv"], n_resamples=R, seed=2)
     at = summary["protocols"]["aware"]["budgets"][0]
     assert at["best_baseline"] == "adakv"
-    assert at["loss_ratio"] == stats.loss_ratio(tables[("full", None)], tables[("laprox", 0.05)],
-                                                tables[("adakv", 0.05)], **boot)
+    ratio = stats.loss_ratio(tables[("full", None)], tables[("laprox", 0.05)], tables[("adakv", 0.05)], **boot)
+    assert {k: at["loss_ratio"][k] for k in ratio} == ratio  # + its verdict
     assert 0 < at["loss_ratio"]["ratio"] < 1
 
 
@@ -293,8 +296,11 @@ def test_markdown_marks_what_is_significant():
     md = stats.summary_markdown(summary)
     assert md.count("(n=59)") == 1 and "(n=60)" not in md
     assert "### protocol: agnostic" in md and "### protocol: aware" not in md
-    assert "No multiple-comparison correction is applied" in md
+    assert "Holm" in md
+    head, rest = md.split("without its largest stratum")  # the differences, then the same without one task
     lines = {line.split(" |")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("|")}
+    lines.update({line.split(" |")[0].lstrip("| "): line for line in head.splitlines() if line.startswith("|")})
+    assert "without qa (which contributes" in rest
     assert "**+" in lines["snapkv"] and "better**" in lines["snapkv"]            # significantly worse than laprox
     assert "**-" in lines["streamingllm"] and "worse**" in lines["streamingllm"]  # a negative result, shown as such
     assert "no difference" in lines["laprox:pool=0"]                             # a tie
@@ -371,3 +377,126 @@ def test_units_for_half_width():
         stats.units_for_half_width(0.05)
     with pytest.raises(ValueError, match="half_width"):
         stats.units_for_half_width(0, sd=0.3)
+
+
+# ----------------------------------------------------------------------------- Holm, verdicts, decomposition
+
+def naive_holm(pvalues, alpha):
+    """Holm's step-down procedure as written: visit the p-values from the smallest; reject the i-th
+    (1-based) while p_(i) < alpha / (m - i + 1), stop at the first that is not. Returns the rejections."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: (pvalues[i], i))
+    rejected = [False] * m
+    for rank, i in enumerate(order):
+        if pvalues[i] < alpha / (m - rank):
+            rejected[i] = True
+        else:
+            break
+    return rejected
+
+
+def naive_holm_adjusted(pvalues):
+    """adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)), with loops."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: (pvalues[i], i))
+    out = [0.0] * m
+    for rank, i in enumerate(order):
+        out[i] = max(min(1.0, (m - j) * pvalues[order[j]]) for j in range(rank + 1))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_holm_against_the_step_down_procedure(seed):
+    rng = np.random.default_rng(seed)
+    p = list(rng.uniform(0, 0.02, 10)) + list(rng.uniform(0, 1, 20))  # a family of 30, some small
+    p[3] = p[7]  # a tie
+    adjusted = stats.holm(p)
+    assert adjusted == pytest.approx(naive_holm_adjusted(p))
+    for alpha in (0.01, 0.05, 0.1):
+        assert [a < alpha for a in adjusted] == naive_holm(p, alpha)
+    assert stats.holm([0.04]) == [0.04] and stats.holm([]) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bootstrap_p_against_a_loop_over_the_resamples(seed):
+    rng = np.random.default_rng(seed)
+    diffs = rng.normal(0.03 * seed, 0.1, 40)
+    strata = np.repeat(["a", "b"], 20)
+    idx = stats.resample_indices(strata, R, seed=seed)
+    resampled = [naive_pooled_mean([diffs[i] for i in row], [strata[i] for i in row]) for row in idx]
+    below, above = sum(r <= 0 for r in resampled), sum(r >= 0 for r in resampled)
+    want = min(1.0, 2 * (min(below, above) + 1) / (R + 1))
+    assert stats.bootstrap_mean(diffs, strata, n_resamples=R, seed=seed)["p"] == pytest.approx(want)
+    assert stats.bootstrap_mean(diffs[:1], n_resamples=R)["p"] is None  # no resampling, no p
+
+
+def test_verdicts_follow_the_plan():
+    ci = lambda mean, low, high: {"mean": mean, "low": low, "high": high}
+    assert stats.verdict(ci(0.1, 0.05, 0.15), 0.001) == "better"
+    assert stats.verdict(ci(-0.1, -0.15, -0.05), 0.01) == "worse"
+    assert stats.verdict(ci(0.1, 0.05, 0.15), 0.06) == "not significant"  # significant before Holm only
+    assert stats.verdict(ci(0.01, -0.02, 0.04), 0.5) == "no difference"   # inside +-0.05
+    assert stats.verdict(ci(0.028, -0.005, 0.066), 0.2) == "not significant"  # the issue's example
+    assert stats.verdict(ci(0.01, -0.02, 0.04), 0.5, margin=0.03) == "not significant"
+    assert stats.verdict(ci(0.0, None, None), None) == "no CI"
+    assert stats.loss_verdict(ci(0.01, -0.01, 0.04)) == "kept"
+    assert stats.loss_verdict(ci(0.27, 0.20, 0.35)) == "lost"
+    assert stats.loss_verdict(ci(0.045, 0.004, 0.091)) == "not settled"
+
+
+def test_summary_holm_family_is_every_difference_of_a_protocol():
+    summary = stats.summarize(eval_rows(8), n_resamples=R, seed=1)
+    for p in summary["protocols"].values():
+        family = [d for b in p["budgets"] for d in b["differences"].values()]
+        assert len(family) == 8 and all(d["family"] == 8 for d in family)  # 4 others x 2 budgets
+        assert [d["p_holm"] for d in family] == pytest.approx(naive_holm_adjusted([d["p"] for d in family]))
+        for d in family:
+            assert d["verdict"] == stats.verdict(d, d["p_holm"])
+            assert d["p_holm"] >= d["p"]
+
+
+def test_decomposition_by_task_against_its_definition():
+    rows = eval_rows(9)
+    tables = stats.score_tables(stats.check_rows(rows))["aware"]
+    a, b = tables[("laprox", 0.05)], tables[("snapkv", 0.05)]
+    # make one task carry the difference
+    b = {k: (v - 0.3 if k[0] == "code" else v) for k, v in b.items()}
+    parts = stats.decompose(a, b, n_resamples=R)
+    pooled = stats.paired_difference(a, b, n_resamples=R)
+    assert sum(c["mean"] for c in parts["by_stratum"].values()) == pytest.approx(pooled["mean"])
+    for s, c in parts["by_stratum"].items():
+        d = [a[k] - b[k] for k in a if k[0] == s]
+        assert c["mean"] == pytest.approx(sum(d) / len(d) / 3) and c["n"] == 20
+    assert parts["largest"] == "code"
+    rest = stats.paired_difference({k: v for k, v in a.items() if k[0] != "code"},
+                                   {k: v for k, v in b.items() if k[0] != "code"}, n_resamples=R)
+    assert parts["without_largest"] == rest
+    assert stats.decompose({("x", 0): 1.0, ("x", 1): 0.0}, {("x", 0): 0.0, ("x", 1): 0.0}, n_resamples=R) is None
+
+
+def test_loss_ratio_without_the_largest_task():
+    rows = eval_rows(10)
+    rows = [dict(r, score=0.0) if r["method"] == "laprox" and r["stratum"] == "code" else r for r in rows]
+    summary = stats.summarize(rows, baselines=["snapkv", "adakv"], n_resamples=R)
+    at = summary["protocols"]["aware"]["budgets"][0]
+    tables = stats.score_tables(stats.check_rows(rows))["aware"]
+    w = at["loss_ratio_without_largest"]
+    assert w["stratum"] == "code" == at["decomposition"][at["best_baseline"]]["largest"]
+    drop = lambda t: {k: v for k, v in t.items() if k[0] != "code"}
+    want = stats.loss_ratio(drop(tables[("full", None)]), drop(tables[("laprox", 0.05)]),
+                            drop(tables[(at["best_baseline"], 0.05)]), n_resamples=R)
+    assert {k: w[k] for k in want} == want and w["ratio"] < at["loss_ratio"]["ratio"]
+    assert "(without code)" in stats.summary_markdown(summary)
+
+
+def test_ratio_verdicts_follow_the_plan():
+    r = lambda ratio, low, high: {"ratio": ratio, "low": low, "high": high}
+    assert stats.ratio_verdict(r(0.4, 0.3, 0.5)) == "holds"
+    assert stats.ratio_verdict(r(0.44, 0.07, 0.73)) == "not settled"   # the point under 0.5, the CI above
+    assert stats.ratio_verdict(r(0.86, 0.79, 0.93)) == "does not hold"
+    assert stats.ratio_verdict(r(0.9, 0.6, None)) == "does not hold"   # unbounded above, but all above 0.5
+    assert stats.ratio_verdict(r(0.3, None, None)) == "not settled"    # no CI
+    assert stats.ratio_verdict(r(None, None, None)) == "n/a"
+    summary = stats.summarize(eval_rows(11), baselines=["snapkv", "adakv"], n_resamples=R)
+    ratio = summary["protocols"]["aware"]["budgets"][0]["loss_ratio"]
+    assert ratio["verdict"] == stats.ratio_verdict(ratio)
