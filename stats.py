@@ -625,8 +625,8 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
     Significant differences are bold with a word (better/worse, loss/gain); the others read
     'no difference'. scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100)."""
     m, ref, conf = summary["method"], summary["reference"], f"{100 * summary['confidence']:g}%"
-    resampling = ("units resampled within each task; the mean is the mean of the task means" if summary["stratified"]
-                  else "units resampled together; the mean is over units")
+    resampling = ("units resampled within each stratum (a task; a NIAH length); the mean is the mean of the "
+                  "stratum means" if summary["stratified"] else "units resampled together; the mean is over units")
     out = [f"Means with {conf} bootstrap CIs [low, high] ({summary['n_resamples']} resamples, seed {summary['seed']}, "
            f"{resampling}).",
            f"Legend for {m} - other: **bold** = significant after Holm's correction over every such difference of the "
