@@ -625,8 +625,8 @@ def summary_markdown(summary: dict, scale: float = 1.0, digits: int = 3, unit: s
     differences with every other method, and the headline (losses vs the reference, loss ratio).
     Significant differences are bold with a word (better/worse, loss/gain); the others read
     'no difference'. scale, digits: display only (e.g. scale=100, digits=1 for LongBench's 0-100).
-    unit, stratum: what the benchmark calls them (NIAH: "cell" and None, its cells are one stratum;
-    RULER, LongBench: "sample" and "task"), for the text."""
+    unit, stratum: what the benchmark calls them (NIAH: "cell" and "length"; RULER, LongBench:
+    "sample" and "task"), for the text."""
     m, ref, conf = summary["method"], summary["reference"], f"{100 * summary['confidence']:g}%"
     units = f"{unit}s"
     resampling = (f"{units} resampled within each {stratum}, so each {stratum} keeps its size; the mean is the "
