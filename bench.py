@@ -36,7 +36,7 @@ import torch
 
 from cache import kept_counts
 from eval_niah import build_parser, decoding, build_prompt, haystack_ids, read_haystack
-from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
+from lab.harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
                      parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
 from methods import compress, select
@@ -172,8 +172,8 @@ def bench_ruler(model, tok, length: int, window: int, device, tasks=RULER_TASKS,
     batches: the wall time of each path, their ratio, where each path's time goes (the rows' stage
     seconds; prefill_s counted once per unit) and which generated texts differ."""
     import eval_ruler as R
-    from decode import Decoding
-    from harness import PROTOCOLS
+    from lab.decode import Decoding
+    from lab.harness import PROTOCOLS
     cases = make_cases(NIAH_METHODS, list(budgets), list(PROTOCOLS))
     samples = [R.make_sample(tok, task, length, 0, 0, R.has_chat_template(tok)) for task in tasks]
 
@@ -214,7 +214,7 @@ def ruler_table(r: dict) -> str:
 
 def bench_kernel(ns, repeats) -> list[dict]:
     """Triton vs PyTorch LaProx scoring for one Llama-3.1-8B-shaped layer (random bf16), x 32 layers."""
-    from bench_kernels import compare_on_gpu
+    from lab.bench_kernels import compare_on_gpu
     shape = dict(H=32, H_kv=8, D=128, w=32, d=4096)
     rows = []
     for n in ns:

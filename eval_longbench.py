@@ -36,9 +36,9 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from decode import Decoding, answer_text, decode_case
-from distributed import Group
-from harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+from lab.decode import Decoding, answer_text, decode_case
+from lab.distributed import Group
+from lab.harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, read_rows, run_eval, run_main,
                      stats_report)
 

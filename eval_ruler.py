@@ -105,11 +105,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import stats
+from lab import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
-from decode import Decoding
-from distributed import Group
-from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+from lab.decode import Decoding
+from lab.distributed import Group
+from lab.harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
                      run_main, skipped_at_lengths, stats_report)
 

@@ -515,12 +515,12 @@ def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", cen
     if use_triton is None:
         use_triton = keys.is_cuda and not center
         if use_triton:
-            import kernels   # lazy: triton is optional on a CPU
+            import laprox_triton as kernels   # lazy: triton is optional on a CPU
             use_triton = kernels.triton_available()
     if use_triton:
         if center:
             raise ValueError("center=True is only implemented in the PyTorch path; pass use_triton=False")
-        import kernels
+        import laprox_triton as kernels
         B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
         M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)
         try:  # Triton launches on the current CUDA device; a model placed on several has layers elsewhere

@@ -74,12 +74,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-import memory
-import stats
+from lab import memory
+from lab import stats
 from cache import KVCache
-from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
-import distributed
-from distributed import Group, unit_cost
+from lab.decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
+from lab import distributed
+from lab.distributed import Group, unit_cost
 from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
 
 PROTOCOLS = ("aware", "agnostic")

@@ -5,7 +5,7 @@ this module; the core (model.py, cache.py, laprox.py, methods.py, ...) never imp
 transformers. How to run kvpress's evaluate.py with it, and what it cannot do: docs/kvpress.md.
 
     from transformers import pipeline
-    from kvpress_laprox import LaProxPress
+    from lab.kvpress_laprox import LaProxPress
 
     pipe = pipeline("kv-press-text-generation", model="Qwen/Qwen3-8B", device="cuda", dtype="auto")
     press = LaProxPress(compression_ratio=0.9)          # or LaProxPress.from_spec("laprox:floor=0.2", 0.9)

@@ -1,7 +1,7 @@
 """How much memory a model needs to prefill, score and compress one prompt of n tokens.
 
-    python memory.py --model llama-3.1-8b --length 131072 --dtype bfloat16
-    python memory.py --table                    # every known model at 8k, 32k, 128k (up to its context)
+    python -m lab.memory --model llama-3.1-8b --length 131072 --dtype bfloat16
+    python -m lab.memory --table                    # every known model at 8k, 32k, 128k (up to its context)
 
 The estimate follows what this repository's code holds (model.Model.prefill, cache.Prefill,
 laprox.laprox_scorer, cache.select), batch size 1:
@@ -27,7 +27,7 @@ first (layer_memory), so that contiguous layer ranges can be placed on several G
 (model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)): plan_layers chooses the
 ranges (model.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
 
-    python memory.py --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
+    python -m lab.memory --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
 
 Shapes: any object with the fields of model.Config that matter here (dim, n_layers, n_heads,
 n_kv_heads, head_dim, hidden_dim, vocab_size, tie_embeddings, qkv_bias, qk_norm), e.g. a

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
-import memory  # noqa: E402
-from harness import write_rows  # noqa: E402
+from lab import distributed  # noqa: E402
+from lab import memory  # noqa: E402
+from lab.harness import write_rows  # noqa: E402
 from cache import KVCache  # noqa: E402
 from methods import compress, select  # noqa: E402
 from model import Config, Model, decode_greedy  # noqa: E402

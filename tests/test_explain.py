@@ -4,7 +4,7 @@ import torch
 
 import explain
 from cache import KVCache
-from decode import Decoding, decode_batch
+from lab.decode import Decoding, decode_batch
 from methods import select
 from model import decode_greedy, load_model
 from test_model import BASE, make_checkpoint
@@ -103,7 +103,7 @@ def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path,
     import json
 
     import eval_niah as N
-    import harness
+    from lab import harness
     from methods import parse_method, resolved_flags
     d = N.build_parser().parse_args([])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]

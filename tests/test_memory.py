@@ -9,7 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import memory  # noqa: E402
+from lab import memory  # noqa: E402
 from model import Config, Model, check_ranges  # noqa: E402
 
 
@@ -100,10 +100,10 @@ def test_bad_arguments_are_refused():
 
 
 def test_command_prints_the_breakdown_and_refuses_unknown_models():
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-8b", "--length", "131072",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-8b", "--length", "131072",
                         "--dtype", "bfloat16"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "meta-llama/Llama-3.1-8B-Instruct" in r.stdout and "total" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "gpt-5"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "gpt-5"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode != 0 and "unknown model 'gpt-5'" in r.stderr and "Traceback" not in r.stderr
 
@@ -195,9 +195,9 @@ def test_bad_layer_ranges_are_refused(ranges):
 
 def test_cpu_devices_have_no_capacity_and_the_command_prints_the_split():
     assert memory.device_capacities(["cpu", "cpu"]) is None
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "32768",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-70b", "--length", "32768",
                         "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "device 0: layers  0-39" in r.stdout and "device 1: layers 40-79" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "131072",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-70b", "--length", "131072",
                         "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "does not fit" in r.stderr and "Traceback" not in r.stderr

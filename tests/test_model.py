@@ -452,7 +452,7 @@ def test_low_precision_loading(tmp_path, dtype):
 def test_a_cache_answers_once_and_local_paths_are_not_hub_ids(tmp_path):
     _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=12)
     model, _ = load_model(str(folder))
-    from decode import Decoding, Sequence, decode_case
+    from lab.decode import Decoding, Sequence, decode_case
     seq = Sequence.of(model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
     decode_case(model, seq, Decoding(3))
     with pytest.raises(ValueError, match="decoded from already"):
@@ -494,7 +494,7 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
     and every Prefill field (with and without past) equal the one-device model's within float tolerance
     (the placed copy may take other BLAS paths), and the kept sets and greedy tokens are identical."""
     import copy
-    import memory
+    from lab import memory
     from methods import METHODS, compress, select
     _, folder = make_checkpoint(tmp_path, family, seed=14)
     one, _ = load_model(str(folder))

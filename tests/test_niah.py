@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import eval_niah as E
-from decode import Sequence
+from lab.decode import Sequence
 
 
 class WordTok:
@@ -164,7 +164,7 @@ def test_argument_and_length_checks():
 
 
 def test_budgets_below_the_window_are_skipped_for_every_method():
-    from harness import make_cases, parse_methods, skipped_at_lengths
+    from lab.harness import make_cases, parse_methods, skipped_at_lengths
     cases = make_cases(parse_methods("full,laprox,streamingllm"), [0.01, 0.05], ["aware", "agnostic"])
     skipped = skipped_at_lengths(cases, [2000, 4000, 7500], 32)
     assert skipped[2000].keys() == {(0.01, "aware"), (0.01, "agnostic")}  # 20 tokens < 32; 40, 75 fit; 5% always
@@ -261,7 +261,7 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, sma
 def test_resume_after_a_torn_line_and_one_run_per_out(small_model, small_run, capsys, tmp_path):
     import shutil
     from conftest import one_thread
-    from harness import OutputLock
+    from lab.harness import OutputLock
     model, tok, _ = small_model
     argv, _, lines, _ = small_run
     out = tmp_path / "niah"

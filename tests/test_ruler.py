@@ -138,7 +138,7 @@ def test_same_sample_in_another_process():
 # ----------------------------------------------------------------------------- prompt and length
 
 def test_prompt_ids_split_where_the_context_ends(tok):
-    from harness import encode_split
+    from lab.harness import encode_split
     s = R.make_sample(tok, "niah_single_2", 1200, 0)
     text, end = s["text"], s["context_end"]
     assert s["ids"] == tok.encode(text)  # the prompt's own ids, cut in two (harness.encode_split)
