@@ -1,9 +1,9 @@
-"""Triton kernels for the LaProx score (laprox.py, steps (1)-(6)).
+"""Triton kernels for the LaProx score (docs/derivation.md, steps (1)-(6)).
 
 Optimisation 3 of laprox.py: what laprox.reference_scores computes (group="exact" or "sum",
 center=False), within float32 rounding (tests/test_kernels.py holds them to 1e-4 of it in float64),
 without ever materialising the (B, H, w, n) window attention. Read laprox.py first: the step
-numbers (1)-(6) below refer to its docstring. This module imports nothing of the project: the
+numbers (1)-(6) below refer to docs/derivation.md. This module imports nothing of the project: the
 caller passes the value Gram matrices M (laprox.value_gram_pairs, computed once per weight and kept
 on it). laprox.laprox_scores_auto dispatches here on CUDA. The offline compile check of these
 kernels for GPUs that are not here is the lab's: python -m lab.bench_kernels --compile-check.

@@ -78,6 +78,16 @@ def test_kernels_match_float64_across_tile_boundaries(B, H_kv, G, w, n, D, dtype
     assert_rel_close(got, reference64(q, k, v, o, group=group))
 
 
+def test_kernels_compute_the_papers_score():
+    """The Triton path (group "sum", the default) against the paper's score written literally,
+    laprox.paper_scores, in float64: through the kernels directly and through the dispatch."""
+    q, k, v, o = make_layer(seed=31, B=1, H_kv=2, G=3, w=9, n=50, D=64)
+    paper = laprox.paper_scores(q.double(), k.double(), v.double(), o.double())
+    M = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert_rel_close(kernels.laprox_scores_triton(q, k, v, M, plan=plan()), paper)
+    assert_rel_close(laprox.laprox_scores_auto(q, k, v, o, use_triton=True), paper)
+
+
 def test_noncontiguous_keys_and_values_as_the_model_stores_them():
     """model.py's keys and values are (B, n, H_kv, D) buffers seen transposed: read in place."""
     q, k, v, o = make_layer(seed=3, H_kv=2, G=2, w=8, n=30, D=64)
