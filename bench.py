@@ -18,7 +18,7 @@ laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budg
     python bench.py --load --repeats 5
 
 times warm loads of the model (median of --repeats) with and without the NaN / inf check of each
-weight (model.refuse_non_finite), and prints what the check costs in ms and %.
+weight (checkpoint.refuse_non_finite), and prints what the check costs in ms and %.
 
 Timings are medians of --repeats runs; ratios are taken within this run, so a busy machine
 slows both sides alike. The full figures go to --out as JSON; a compact table is printed last.
@@ -41,7 +41,8 @@ from lab.harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, c
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
-from model import decode_greedy, load_model
+from model import decode_greedy
+from checkpoint import load_model
 
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
                     "random", "h2o")

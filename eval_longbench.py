@@ -354,7 +354,7 @@ def build_prompt_ids(tok, sample: dict, task: str, max_length: int, chat: bool =
 
 
 def has_chat_template(tok) -> bool:
-    """Whether the checkpoint ships a chat template (model.Tokenizer.chat_template)."""
+    """Whether the checkpoint ships a chat template (checkpoint.Tokenizer.chat_template)."""
     return bool(getattr(tok, "chat_template", None))
 
 

@@ -478,7 +478,7 @@ def draw_qa(rng: random.Random, n: int, data: QaData, index: int) -> Draft:
 # ----------------------------------------------------------------------------- prompt
 
 def has_chat_template(tok) -> bool:
-    """Whether the tokenizer renders a chat template (model.Tokenizer raises ValueError without one)."""
+    """Whether the tokenizer renders a chat template (checkpoint.Tokenizer raises ValueError without one)."""
     try:
         tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
         return True

@@ -231,7 +231,7 @@ def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> t
 
 
 def placement(args, group: Group = SINGLE) -> tuple[str, list[str] | None]:
-    """(device, devices): where this rank loads the model (model.load_model's device= or devices=),
+    """(device, devices): where this rank loads the model (checkpoint.load_model's device= or devices=),
     checked. --device alone: group.device(--device) ("cuda" is cuda:LOCAL_RANK under torchrun).
     --devices a,b,...: this rank's contiguous slice of the list (group.devices), every name a usable
     device, a GPU named (cuda:N) and in one rank's slice only, and --device left at cpu."""
@@ -288,11 +288,11 @@ def model_label(name_or_path: str | None) -> str:
 
 def load_checkpoint(name_or_path: str | None, device: str, dtype: str, devices: list[str] | None = None,
                     length: int | None = None, check_finite: bool = True):
-    """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` as
+    """(model, tok) of --model (checkpoint.load_model) on `device`, or its layers over `devices` as
     memory.plan_layers balances them for prompts of `length` tokens (default: the model's context;
-    it refuses a model that does not fit). check_finite: model.load_model's. A checkpoint that cannot
+    it refuses a model that does not fit). check_finite: checkpoint.load_model's. A checkpoint that cannot
     be loaded, whatever the library raises, is a ValueError naming it."""
-    from model import load_config, load_model
+    from checkpoint import load_config, load_model
     try:
         torch_dtype, layers = getattr(torch, dtype), None
         if devices is not None:

@@ -25,7 +25,7 @@ laprox.laprox_scorer, cache.select), batch size 1:
 It assumes attention itself runs as a fused kernel (no n x n matrix). Everything is per layer
 first (layer_memory), so that contiguous layer ranges can be placed on several GPUs and balanced
 (model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)): plan_layers chooses the
-ranges (model.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
+ranges (checkpoint.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
 
     python -m lab.memory --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
 
@@ -222,7 +222,7 @@ def plan_layers(shape, n: int, itemsize: int, n_devices: int, *, capacities: lis
     capacities: bytes per device (device_capacities); the plan then balances the fraction used and
     a model that does not fit is a ValueError naming what each device would need. Without them the
     devices count as equal and nothing is checked (a CPU). Deterministic: the same arguments give
-    the same plan on every rank. Returns a list of n_devices ranges (model.check_ranges).
+    the same plan on every rank. Returns a list of n_devices ranges (checkpoint.check_ranges).
     """
     _check(n, itemsize, window)
     per = layer_memory(shape, n, itemsize, window=window, path=path)

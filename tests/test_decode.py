@@ -7,7 +7,7 @@ import torch
 from lab import harness as Hn
 from lab.decode import CacheBatch, Decoding, Sequence, batch_groups, decode_batch, decode_case, padded_entries
 from methods import compress
-from model import load_model
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 

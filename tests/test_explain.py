@@ -6,7 +6,8 @@ import explain
 from cache import KVCache
 from lab.decode import Decoding, decode_batch
 from methods import select
-from model import decode_greedy, load_model
+from model import decode_greedy
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 PLANTED = (1, 0)  # (layer, KV head) that carries the answer

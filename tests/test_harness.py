@@ -16,7 +16,7 @@ from lab import harness as Hn
 from cache import KVCache
 from methods import compress, select
 from lab.decode import Decoding, Sequence, answer_text, decode_case
-from model import load_model
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 METHODS = ["snapkv", "laprox", "h2o", "tova", "knorm", "adakv", "pyramidkv", "criticalkv", "streamingllm", "random"]

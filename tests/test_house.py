@@ -93,7 +93,7 @@ def test_modules_never_import_scripts():
 def test_the_bottom_of_the_house():
     assert GRAPH["cache"] == set(), "cache.py holds the data and the rules; it imports nothing of the project"
     assert GRAPH["laprox_triton"] == set(), "laprox_triton.py takes what it needs as arguments"
-    assert "model" not in GRAPH["checkpoint"] and "model" not in GRAPH["laprox"]
+    assert "checkpoint" not in GRAPH["model"] and "model" not in GRAPH["laprox"], "model.py is the model only"
 
 
 CORE = {"model", "cache", "laprox", "laprox_triton", "baselines", "methods", "checkpoint"}  # the method, end to end

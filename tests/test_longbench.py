@@ -699,7 +699,7 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
     assert printed.count("has no chat template") == 1
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and {x["max_length"] for x in lines} == {480}
-    from model import load_model
+    from checkpoint import load_model
     _, tok = load_model(str(folder))
     raw = len(tok.encode(lb.DATASET2PROMPT["hotpotqa"].format(**HOTPOT)))
     assert {x["prompt_tokens"] for x in lines if x["task"] == "hotpotqa"} == {raw}

@@ -10,7 +10,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lab import memory  # noqa: E402
-from model import Config, Model, check_ranges  # noqa: E402
+from model import Config, Model  # noqa: E402
+from checkpoint import check_ranges  # noqa: E402
 
 
 def hf_config(s: memory.Shape, model_type="llama") -> dict:

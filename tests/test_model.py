@@ -8,7 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
 from checkpoint import check_config
-from model import Config, decode_greedy, generate, load_model
+from model import Config, decode_greedy, generate
+from checkpoint import load_model
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -495,12 +496,13 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
     (the placed copy may take other BLAS paths), and the kept sets and greedy tokens are identical."""
     import copy
     from lab import memory
+    from checkpoint import place
     from methods import METHODS, compress, select
     _, folder = make_checkpoint(tmp_path, family, seed=14)
     one, _ = load_model(str(folder))
     ranges = memory.plan_layers(one.config, 64, 4, 2)
     assert ranges == [range(0, 2), range(2, 3)]  # 3 layers; the embeddings weigh on the first device
-    two = copy.deepcopy(one).place(["cpu", "cpu"], ranges)
+    two = place(copy.deepcopy(one), ["cpu", "cpu"], ranges)
     assert (two.lm_head.weight is two.embed.weight) == (family == "llama-mha-tied")
     ids = torch.randint(3, BASE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(15))
     with torch.no_grad():
@@ -521,7 +523,7 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
 
 
 def test_load_model_on_devices_places_each_weight(tmp_path):
-    from model import device_map
+    from checkpoint import device_map
     _, folder = make_checkpoint(tmp_path, "qwen2-bias", seed=16)  # tied embeddings
     one, _ = load_model(str(folder))
     two, _ = load_model(str(folder), devices=["cpu", "cpu"])  # equal numbers of layers

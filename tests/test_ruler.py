@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class WordTok(NiahWordTok):
     """test_niah's stand-in tokenizer (a token is a word with the whitespace before it, a chat
-    template) with a bos id first when add_special_tokens, as model.Tokenizer has."""
+    template) with a bos id first when add_special_tokens, as checkpoint.Tokenizer has."""
     BOS = -1
 
     def encode(self, text, add_special_tokens=True):
@@ -27,7 +27,7 @@ class WordTok(NiahWordTok):
 
 
 class RawTok(WordTok):
-    """A checkpoint without a chat template (model.Tokenizer raises ValueError)."""
+    """A checkpoint without a chat template (checkpoint.Tokenizer raises ValueError)."""
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         raise ValueError("this checkpoint has no chat template")
