@@ -483,8 +483,7 @@ def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = 
         return select_model(scores, k, window, sinks=sinks, floor=floor)
     if selection == "layer":
         return select_adakv(scores, k, window, sinks=sinks, alpha=floor)
-    if selection == "head":
-        check_number("floor", floor, 0, 1)
+    if selection == "head":   # floor (checked by select_model and methods.check_flags) changes nothing here
         return select_uniform(scores, k, window, sinks=sinks)
     raise ValueError(f"selection must be one of {SCOPES}, got {selection!r}")
 

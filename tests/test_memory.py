@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lab import memory  # noqa: E402
 from model import Config, Model  # noqa: E402
-from checkpoint import check_ranges  # noqa: E402
+from checkpoint import check_ranges, config_from_hf  # noqa: E402
 
 
 def hf_config(s: memory.Shape, model_type="llama") -> dict:
-    """A config.json dict with the shape's numbers (the fields model.Config.from_hf reads)."""
+    """A config.json dict with the shape's numbers (the fields checkpoint.config_from_hf reads)."""
     return {"model_type": model_type, "vocab_size": s.vocab_size, "hidden_size": s.dim,
             "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
             "num_key_value_heads": s.n_kv_heads, "head_dim": s.head_dim, "intermediate_size": s.hidden_dim,
@@ -27,7 +27,7 @@ def hf_config(s: memory.Shape, model_type="llama") -> dict:
 def test_model_config_fields_map_onto_memory(name, model_type):
     """model.Config carries every field memory reads, under the same names, with the same values."""
     known = memory.KNOWN[name]
-    cfg = Config.from_hf(hf_config(known, model_type))
+    cfg = config_from_hf(hf_config(known, model_type))
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
                   "tie_embeddings", "qkv_bias", "qk_norm"):
         assert getattr(cfg, field) == getattr(known, field), field
@@ -39,7 +39,7 @@ def test_weights_are_the_parameters_of_a_built_model(model_type, tie):
     """A small model of each family built by model.py: its parameter bytes are memory's weights."""
     s = memory.Shape(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, vocab_size=300,
                      tie_embeddings=tie, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", context=512)
-    model = Model(Config.from_hf(hf_config(s, model_type)))
+    model = Model(config_from_hf(hf_config(s, model_type)))
     if tie:
         model.lm_head.weight = model.embed.weight
     params = sum(p.numel() for p in model.parameters())          # a tied matrix is listed once

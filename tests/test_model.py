@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
-from checkpoint import check_config
+from checkpoint import check_config, config_from_hf
 from model import Config, decode_greedy, generate
 from checkpoint import load_model
 
@@ -144,7 +144,7 @@ def test_unsupported_model_type_names_supported():
 
 def test_bias_fields_reach_the_right_projections(tmp_path):
     """The biases the checkpoints of test_logits_and_greedy_match_transformers carry, per family."""
-    cfg = lambda mt, **kw: Config.from_hf(dict(BASE, model_type=mt, **kw))  # noqa: E731
+    cfg = lambda mt, **kw: config_from_hf(dict(BASE, model_type=mt, **kw))  # noqa: E731
     biases = lambda c: (c.qkv_bias, c.o_bias, c.mlp_bias)  # noqa: E731
     assert biases(cfg("llama", attention_bias=True, mlp_bias=True)) == (True, True, True)
     assert biases(cfg("qwen3", attention_bias=True, mlp_bias=True)) == (True, True, False)
@@ -184,14 +184,14 @@ def test_config_fields_that_would_be_ignored_are_refused(case):
     assert words in str(err.value)
     fine = dict(BASE, model_type="llama", hidden_act="swish", partial_rotary_factor=1.0)  # both SiLU, whole head
     check_config(fine)
-    Config.from_hf(fine)
+    config_from_hf(fine)
 
 
 def test_llama3_scaling_defaults_its_pretraining_length_as_transformers_does():
     """Without original_max_position_embeddings, transformers takes max_position_embeddings."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from model import rope_frequencies
-    ours = Config.from_hf(dict(BASE, model_type="llama", rope_scaling=dict(LLAMA3)))
+    ours = config_from_hf(dict(BASE, model_type="llama", rope_scaling=dict(LLAMA3)))
     ref_cfg = transformers.LlamaConfig(**BASE, rope_scaling=dict(LLAMA3))
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](ref_cfg, "cpu")
     assert ours.rope_scaling["original_max_position_embeddings"] == BASE["max_position_embeddings"]
