@@ -40,7 +40,8 @@ import torch
 
 from cache import KVCache, Prefill
 from lab.decode import Decoding, Sequence, answer_text, decode_in_groups
-from methods import parse_method, select
+from lab.harness import parse_method
+from methods import select
 
 
 @dataclass

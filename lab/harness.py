@@ -80,7 +80,8 @@ from cache import KVCache
 from lab.decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
 from lab import distributed
 from lab.distributed import Group, unit_cost
-from methods import Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key
+from methods import (Scored, budget_fits, check_flag_name, check_flags, compress, flag_defaults, resolved_flags, score,
+                     score_key, type_name)
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -135,8 +136,47 @@ def parse_list(text: str, kind, name: str) -> list:
     return list(dict.fromkeys(items))
 
 
+def _parse_flag_value(text: str, default):
+    """A flag's value as written in a method spec, read by the type of its default. Raises ValueError."""
+    if default is None or isinstance(default, bool):
+        words = {"true": True, "false": False, **({"none": None} if default is None else {})}
+        if text.lower() not in words:
+            raise ValueError(f"write {' or '.join(words)}")
+        return words[text.lower()]
+    if isinstance(default, (int, float)):
+        return type(default)(text)  # int("2.5") and float("abc") raise
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec, as the eval scripts' --methods take it: a name from METHODS, optionally with
+    flags, "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0}).
+
+    Each value is read by the type of the flag's default (pool=0 an int, center=false a bool,
+    alpha=0.5 a float) and the whole spec is checked as select would check it (check_flags), so
+    that a bad spec fails before any model is loaded.
+    """
+    name, *pairs = spec.strip().split(":")
+    defaults = flag_defaults(name)
+    flags = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: flags are written key=value, e.g. laprox:selection=layer")
+        if key in flags:
+            raise ValueError(f"method {spec!r}: flag {key} is given twice")
+        check_flag_name(name, key, defaults)
+        try:
+            flags[key] = _parse_flag_value(text, defaults[key])
+        except ValueError:
+            raise ValueError(f"method {spec!r}: flag {key} takes {type_name(defaults[key])} "
+                             f"(default {defaults[key]!r}), got {text!r}") from None
+    check_flags(name, flags)
+    return name, flags
+
+
 def parse_methods(text: str) -> dict[str, tuple[str, dict]]:
-    """--methods: a comma list of method specs -> {spec: (name, flags)} (methods.parse_method:
+    """--methods: a comma list of method specs -> {spec: (name, flags)} (parse_method:
     "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0})), every name,
     flag and value checked, so that a bad spec fails before any model loads."""
     return {spec: parse_method(spec) for spec in parse_list(text, str, "methods")}

@@ -188,7 +188,8 @@ class LaProxPress(BasePress):
     @classmethod
     def from_spec(cls, spec: str, compression_ratio: float = 0.0, window_size: int = 32) -> "LaProxPress":
         """A press from a method spec as the eval scripts take it, e.g. "laprox:floor=0.2:pooling=max"."""
-        name, flags = methods.parse_method(spec)
+        from lab.harness import parse_method   # the eval scripts' spec reader
+        name, flags = parse_method(spec)
         if name != "laprox":
             raise ValueError(f"LaProxPress runs the method 'laprox', not {name!r}; write e.g. 'laprox:floor=0.2'")
         return cls(compression_ratio, window_size, **flags)

@@ -105,7 +105,8 @@ def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path,
 
     import eval_niah as N
     from lab import harness
-    from methods import parse_method, resolved_flags
+    from lab.harness import parse_method
+    from methods import resolved_flags
     d = N.build_parser().parse_args([])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]
     flags = resolved_flags(*parse_method("laprox"))

@@ -23,7 +23,8 @@ from checkpoint import default_checkpoint_dir
 from lab.decode import Decoding, answer_text, decode_case
 from eval_niah import insert_needle, read_haystack
 from lab.kvpress_laprox import LaProxPress, kept_per_head, masked_key_indices
-from methods import parse_method, score, select
+from lab.harness import parse_method
+from methods import score, select
 from test_model import make_checkpoint
 
 RATIOS = (0.5, 0.8)            # kvpress's compression_ratio: half, then four fifths of the context removed

@@ -242,7 +242,8 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, sma
     """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
     import torch
     from conftest import one_thread
-    from methods import compress, parse_method
+    from lab.harness import parse_method
+    from methods import compress
     model, tok, _ = small_model
     _, _, lines, _ = small_run
     hay = E.haystack_ids(tok, E.read_haystack(), 600)
