@@ -1,6 +1,8 @@
 """The house rules: imports point one way (no cycles, modules never import scripts), and the
 guide docs/add-a-method.md runs exactly as written."""
 import ast
+import importlib
+import inspect
 import json
 import re
 import subprocess
@@ -233,3 +235,23 @@ def test_the_readme_reading_order_lists_every_module_with_its_length():
         actual = len(MODULES[name].read_text().splitlines())
         assert abs(int(lines) - actual) <= 0.1 * actual, f"{name}.py has {actual} lines, the README says {lines}"
     assert set(listed[:len(CORE) - 1]) == CORE - {"checkpoint"}, "the core comes first (checkpoint is plumbing)"
+
+
+PATH_STEPS = ("model", "score", "selection", "compressed cache", "decoding")
+
+
+def test_the_methods_path_reads_in_an_evening():
+    """The README's method path names, step by step, the core functions a student follows (the
+    paper's method among them); each step's line count is within 10% of their source
+    (inspect.getsourcelines, docstrings included), and the whole path is at most 900 lines."""
+    rows = re.findall(r"^\| (%s) \| (.*) \| (\d+) \|$" % "|".join(PATH_STEPS), (ROOT / "README.md").read_text(), re.M)
+    assert [step for step, _, _ in rows] == list(PATH_STEPS), "the README's method path, one row per step"
+    total, named = 0, set()
+    for step, functions, claimed in rows:
+        names = re.findall(r"`(\w+)\.(\w+)`", functions)
+        assert names and {module for module, _ in names} <= CORE, f"{step}: core functions, as module.name"
+        lines = sum(len(inspect.getsourcelines(getattr(importlib.import_module(m), f))[0]) for m, f in names)
+        assert abs(lines - int(claimed)) <= 0.1 * lines, f"{step}: {lines} lines, the README says {claimed}"
+        total, named = total + lines, named | set(names)
+    assert {("laprox", "paper_method"), ("laprox", "paper_scores"), ("methods", "compress")} <= named
+    assert total <= 900, f"the method's path is {total} lines; at most 900 read in an evening"
