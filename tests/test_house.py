@@ -18,8 +18,22 @@ from cache import Prefill
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = "lab"   # the folder of what the scripts share; the core sits at the root
-MODULES = {p.stem: p for p in ROOT.glob("*.py")} | {
-    f"{LAB}.{p.stem}": p for p in (ROOT / LAB).glob("*.py") if p.stem != "__init__"}
+
+
+def project_modules(root: Path) -> dict[str, Path]:
+    """The project's modules by import name (`cache`, `lab.harness`): the .py files at the root and
+    in lab/ that git tracks (`git ls-files`), not a scratch file saved in the folder; without .git
+    (an unpacked archive), those the README's reading order lists."""
+    if (root / ".git").exists():
+        names = subprocess.run(["git", "ls-files", "--", "*.py"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.split()
+    else:
+        names = [f"{m}.py" for m in re.findall(r"^\| \d+ \| `([\w/]+)\.py` \|", (root / "README.md").read_text(), re.M)]
+    names = [n for n in names if n.count("/") == 0 or (n.startswith(f"{LAB}/") and n.count("/") == 1)]
+    return {n[:-3].replace("/", "."): root / n for n in names if not n.endswith("__init__.py")}
+
+
+MODULES = project_modules(ROOT)
 SCRIPTS = ({m for m in MODULES if m.split(".")[-1].startswith(("eval_", "bench"))}
            | {"explain"})  # explain.py: a script over the evals
 
@@ -46,13 +60,17 @@ def imported_modules(path: Path) -> set[str]:
     return deps
 
 
-def project_imports(path: Path) -> set[str]:
+def project_imports(path: Path, modules: dict[str, Path] = MODULES) -> set[str]:
     """Project modules (`cache`, `lab.harness`) that `path` imports anywhere (also inside functions)."""
-    me = path.stem if path.parent == ROOT else f"{LAB}.{path.stem}"
-    return {d for d in imported_modules(path) if d in MODULES and d != me}
+    me = {p: m for m, p in modules.items()}.get(path)
+    return {d for d in imported_modules(path) if d in modules and d != me}
 
 
-GRAPH = {m: project_imports(p) for m, p in MODULES.items()}
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    return {m: project_imports(p, modules) for m, p in modules.items()}
+
+
+GRAPH = import_graph(MODULES)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
