@@ -18,7 +18,7 @@ laprox.eviction_error) with LaProx's kept set and with SnapKV's at the same budg
     python bench.py --load --repeats 5
 
 times warm loads of the model (median of --repeats) with and without the NaN / inf check of each
-weight (model.refuse_non_finite), and prints what the check costs in ms and %.
+weight (checkpoint.refuse_non_finite), and prints what the check costs in ms and %.
 
     OMP_NUM_THREADS=1 python bench.py --dtypes --model qwen2.5-coder-1.5b --length 2000 [--budget 0.05]
 
@@ -42,12 +42,13 @@ import torch
 
 from cache import kept_counts
 from eval_niah import build_parser, decoding, build_prompt, haystack_ids, read_haystack
-from harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
+from lab.harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
                      parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
-from model import decode_greedy, load_model
+from model import decode_greedy
+from checkpoint import load_model
 
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
                     "random", "h2o")
@@ -243,8 +244,8 @@ def bench_ruler(model, tok, length: int, window: int, device, tasks=RULER_TASKS,
     batches: the wall time of each path, their ratio, where each path's time goes (the rows' stage
     seconds; prefill_s counted once per unit) and which generated texts differ."""
     import eval_ruler as R
-    from decode import Decoding
-    from harness import PROTOCOLS
+    from lab.decode import Decoding
+    from lab.harness import PROTOCOLS
     cases = make_cases(NIAH_METHODS, list(budgets), list(PROTOCOLS))
     samples = [R.make_sample(tok, task, length, 0, 0, R.has_chat_template(tok)) for task in tasks]
 
@@ -285,7 +286,7 @@ def ruler_table(r: dict) -> str:
 
 def bench_kernel(ns, repeats) -> list[dict]:
     """Triton vs PyTorch LaProx scoring for one Llama-3.1-8B-shaped layer (random bf16), x 32 layers."""
-    from bench_kernels import compare_on_gpu
+    from lab.bench_kernels import compare_on_gpu
     shape = dict(H=32, H_kv=8, D=128, w=32, d=4096)
     rows = []
     for n in ns:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -321,29 +320,29 @@ def forced_mask(n: int, window: int, sinks: int = 0, device: torch.device | str 
     return mask
 
 
-def _check_k(k: int, n: int, window: int, sinks: int) -> None:
+def check_k(k: int, n: int, window: int, sinks: int) -> None:
     f = n_forced(n, window, sinks)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not f <= k <= n:
         raise ValueError(f"k={k!r} tokens per head must be an int in [n_forced, n] = [{f}, {n}]; "
                          f"get it from resolve_budget(budget, n, window)")
 
 
-def _top(key: Tensor, count: int) -> Tensor:
+def top_indices(key: Tensor, count: int) -> Tensor:
     """Indices of the `count` largest entries along the last axis, ties to the lower index.
     key: (..., m) -> (..., count) int64."""
     return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
-def _mask_to_kept(mask: Tensor) -> list[list[Tensor]]:
+def mask_to_kept(mask: Tensor) -> list[list[Tensor]]:
     """(L, H_kv, n) bool -> per layer, a list over KV heads of sorted int64 index tensors."""
     return [[row.nonzero().squeeze(1) for row in layer] for layer in mask]
 
 
-def _uniform_mask(s: Tensor, k: int, forced: Tensor) -> Tensor:
+def uniform_mask(s: Tensor, k: int, forced: Tensor) -> Tensor:
     """Per-head top-k with forced entries first. s: (L, H_kv, n); forced: (n,) bool -> (L, H_kv, n) bool."""
     key = s.masked_fill(forced, math.inf)
     mask = torch.zeros_like(s, dtype=torch.bool)
-    return mask.scatter_(-1, _top(key, k), True)
+    return mask.scatter_(-1, top_indices(key, k), True)
 
 
 def select_uniform(scores: list[Tensor], k: int, window: int, *, sinks: int = 0) -> list[list[Tensor]]:
@@ -353,58 +352,8 @@ def select_uniform(scores: list[Tensor], k: int, window: int, *, sinks: int = 0)
     Returns per layer a list over H_kv heads of sorted int64 indices, each of length k.
     """
     s = stack_scores(scores)
-    _check_k(k, s.shape[-1], window, sinks)
-    return _mask_to_kept(_uniform_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device)))
-
-
-def pyramid_budgets(free: int, n_layers: int, room: int, beta: float = 20) -> list[int]:
-    """PyramidKV's per-layer budgets (Cai et al. 2024, "PyramidKV: Dynamic KV Cache Compression
-    based on Pyramidal Information Funneling"), for the entries beyond the forced ones.
-
-    free: entries per head a uniform rule would choose (k - window - sinks). room: n - window - sinks,
-    the most a head can choose. As in the reference code (KVCache-Factory, pyramidkv_utils.py,
-    PyramidKVCluster.update_kv):
-        min = free / beta,  max = 2 * free - min;   if max >= room: max = room, min = 2 * free - max
-        budget(l) = max - l * (max - min) / (L - 1),  l = 0 (first layer, largest) .. L - 1.
-    The reference code floors min and the step, which makes the layers sum to slightly more than
-    L * free; here the schedule is exact (rational arithmetic) and rounded by largest remainder
-    (ties to the shallower layer), so the layers sum to exactly L * free and each layer stays in [0, room].
-    Returns a list of L ints.
-    """
-    check_number("pyramid beta", beta, 1)
-    if not 0 <= free <= room or n_layers < 1:
-        raise ValueError(f"need 0 <= free <= room and n_layers >= 1; got free={free}, room={room}, n_layers={n_layers}")
-    if n_layers == 1:
-        return [free]
-    lo = Fraction(free) / Fraction(beta)
-    hi = 2 * free - lo
-    if hi >= room:
-        hi = Fraction(room)
-        lo = 2 * free - hi
-    step = (hi - lo) / (n_layers - 1)
-    exact = [hi - l * step for l in range(n_layers)]
-    out = [math.floor(x) for x in exact]
-    extra = n_layers * free - sum(out)  # = sum of the fractional parts, an int < n_layers
-    by_remainder = sorted(range(n_layers), key=lambda l: (-(exact[l] - out[l]), l))
-    for l in by_remainder[:extra]:
-        out[l] += 1
-    return out
-
-
-def select_pyramid(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, beta: float = 20) -> list[list[Tensor]]:
-    """PyramidKV (Cai et al. 2024): per-head top-k with a per-layer budget that falls linearly with
-    depth (see pyramid_budgets), averaging k; layer l's heads each keep the forced tokens + budget(l).
-
-    scores: per layer (1, H_kv, n). Returns per layer a list over H_kv heads of sorted int64 indices.
-    Total kept: exactly L * H_kv * k.
-    """
-    s = stack_scores(scores)
-    L, _, n = s.shape
-    _check_k(k, n, window, sinks)
-    f = n_forced(n, window, sinks)
-    forced = forced_mask(n, window, sinks, s.device)
-    budgets = pyramid_budgets(k - f, L, n - f, beta)
-    return [_mask_to_kept(_uniform_mask(s[l:l + 1], f + b, forced))[0] for l, b in enumerate(budgets)]
+    check_k(k, s.shape[-1], window, sinks)
+    return mask_to_kept(uniform_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device)))
 
 
 def safeguard(k: int, forced: int, alpha: float) -> int:
@@ -419,17 +368,17 @@ def _guarded_key(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     f = int(forced.sum())
     key = s.masked_fill(forced, math.inf)
     if alpha > 0:
-        key.scatter_(-1, _top(key, f + safeguard(k, f, alpha)), math.inf)
+        key.scatter_(-1, top_indices(key, f + safeguard(k, f, alpha)), math.inf)
     return key
 
 
-def _adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
+def adakv_mask(s: Tensor, k: int, forced: Tensor, alpha: float) -> Tensor:
     """AdaKV allocation (Feng et al. 2024): each head first keeps its forced entries and its top
     floor(alpha * (k - forced)) other entries (the safeguard), then the rest of the layer's
     H_kv * k entries go to the highest scores over all heads of the layer.
     s: (L, H_kv, n); forced: (n,) bool. Returns (L, H_kv, n) bool, H_kv * k True per layer."""
     L, H, n = s.shape
-    flat = _top(_guarded_key(s, k, forced, alpha).reshape(L, H * n), H * k)
+    flat = top_indices(_guarded_key(s, k, forced, alpha).reshape(L, H * n), H * k)
     return torch.zeros(L, H * n, dtype=torch.bool, device=s.device).scatter_(-1, flat, True).reshape(L, H, n)
 
 
@@ -445,8 +394,8 @@ def select_adakv(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, a
     """
     check_number("alpha", alpha, 0, 1)
     s = stack_scores(scores)
-    _check_k(k, s.shape[-1], window, sinks)
-    return _mask_to_kept(_adakv_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device), alpha))
+    check_k(k, s.shape[-1], window, sinks)
+    return mask_to_kept(adakv_mask(s, k, forced_mask(s.shape[-1], window, sinks, s.device), alpha))
 
 
 def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, floor: float = 0.0) -> list[list[Tensor]]:
@@ -464,10 +413,10 @@ def select_model(scores: list[Tensor], k: int, window: int, *, sinks: int = 0, f
     check_number("floor", floor, 0, 1)
     s = stack_scores(scores)
     L, H, n = s.shape
-    _check_k(k, n, window, sinks)
+    check_k(k, n, window, sinks)
     key = _guarded_key(s, k, forced_mask(n, window, sinks, s.device), floor).reshape(-1)
-    mask = torch.zeros(L * H * n, dtype=torch.bool, device=s.device).scatter_(0, _top(key, L * H * k), True)
-    return _mask_to_kept(mask.reshape(L, H, n))
+    mask = torch.zeros(L * H * n, dtype=torch.bool, device=s.device).scatter_(0, top_indices(key, L * H * k), True)
+    return mask_to_kept(mask.reshape(L, H, n))
 
 
 SCOPES = ("model", "layer", "head")
@@ -483,61 +432,9 @@ def select_scope(scores: list[Tensor], k: int, window: int, *, selection: str = 
         return select_model(scores, k, window, sinks=sinks, floor=floor)
     if selection == "layer":
         return select_adakv(scores, k, window, sinks=sinks, alpha=floor)
-    if selection == "head":
-        check_number("floor", floor, 0, 1)
+    if selection == "head":   # floor (checked by select_model and methods.check_flags) changes nothing here
         return select_uniform(scores, k, window, sinks=sinks)
     raise ValueError(f"selection must be one of {SCOPES}, got {selection!r}")
-
-
-def select_criticalkv(scores: list[Tensor], k: int, window: int, *, weights: list[Tensor], sinks: int = 0,
-                      alpha: float = 0.2, eps: float = 1e-4, first_stage: float = 0.5) -> list[list[Tensor]]:
-    """CriticalKV with AdaKV allocation (Feng et al. 2025, "Identify Critical KV Cache in LLM
-    Inference from an Output Perturbation Perspective"; the authors' CriticalAdaKVPress, in
-    github.com/FFY0/AdaKV-in-NVIDIA-kvpress and NVIDIA/kvpress, presses/criticalkv_press.py).
-
-    scores: per layer (1, H_kv, n), SnapKV scores a: window attention SUMMED over the `window`
-    queries (pooled). weights: per layer (1, H_kv, n), ||v_j W_O^h||_1 averaged over the GQA group
-    (baselines.projected_value_l1). f = n_forced(n, window, sinks) forced entries per head.
-    Per layer:
-      1. allocation: AdaKV on a (safeguard alpha) gives each head g a count c_g (layer total H_kv * k).
-      2. stage 1: head g keeps its forced entries and its top max(safe, floor(first_stage * (c_g - f)))
-         other entries by a, safe = floor(alpha * (k - f)) (cache.safeguard).
-      3. stage 2: head g fills up to c_g entries by (a / window + eps) * weights.
-    Stage 2 uses the window MEAN a / window, as the authors' SnapKV score is a mean: eps = 1e-4 is
-    calibrated against it (with the sum, eps would weigh `window` times less). Allocation, safeguard
-    and stage 1 only rank a within a layer, where sum and mean give the same order.
-    Where this differs from CriticalAdaKVPress, which counts the observation window inside every
-    budget (its SnapKV gives the window the top score): its safeguard is int(alpha * k) entries
-    including the window (ours: floor(alpha * (k - f)) beyond the forced ones, AdaKV's own code);
-    its stage 1 keeps int(first_stage * c_g) entries including the window, and at least its
-    safeguard (ours: f + max(safe, floor(first_stage * (c_g - f)))).
-    Returns per layer a list over H_kv heads of sorted int64 indices; total L * H_kv * k.
-    """
-    check_number("alpha", alpha, 0, 1)
-    check_number("first_stage", first_stage, 0, 1)
-    check_number("eps", eps, 0)
-    check_int("window", window, 1)  # the scores are sums over `window` queries
-    s, wts = stack_scores(scores), stack_scores(weights)
-    if wts.shape != s.shape:
-        raise ValueError(f"weights {tuple(wts.shape)} and scores {tuple(s.shape)} must have the same (L, H_kv, n)")
-    L, H, n = s.shape
-    _check_k(k, n, window, sinks)
-    forced = forced_mask(n, window, sinks, s.device)
-    f = int(forced.sum())
-    counts = _adakv_mask(s, k, forced, alpha).sum(-1)  # (L, H_kv), c_g
-    safe = safeguard(k, f, alpha)
-    stage2 = (s / window + eps) * wts
-    mask = torch.zeros(L, H, n, dtype=torch.bool, device=s.device)
-    key1 = s.masked_fill(forced, math.inf)
-    order1 = torch.sort(key1, dim=-1, descending=True, stable=True).indices
-    for l in range(L):
-        for g in range(H):
-            c = int(counts[l, g])
-            sure = order1[l, g, : f + max(safe, int(first_stage * (c - f)))]  # forced + safeguard + stage 1
-            key2 = stage2[l, g].clone()
-            key2[sure] = math.inf
-            mask[l, g, _top(key2, c)] = True
-    return _mask_to_kept(mask)
 
 
 def kept_counts(kept: list[list[Tensor]]) -> Tensor:

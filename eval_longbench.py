@@ -36,9 +36,9 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from decode import Decoding, answer_text, decode_case
-from distributed import Group
-from harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+from lab.decode import Decoding, answer_text, decode_case
+from lab.distributed import Group
+from lab.harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, read_rows, run_eval, run_main,
                      stats_report)
 
@@ -354,7 +354,7 @@ def build_prompt_ids(tok, sample: dict, task: str, max_length: int, chat: bool =
 
 
 def has_chat_template(tok) -> bool:
-    """Whether the checkpoint ships a chat template (model.Tokenizer.chat_template)."""
+    """Whether the checkpoint ships a chat template (checkpoint.Tokenizer.chat_template)."""
     return bool(getattr(tok, "chat_template", None))
 
 
@@ -617,7 +617,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
         return todo
 
     def sizes(tok):  # each sample's exact prompt and context tokens, before the weights load
-        from model import load_config
+        from checkpoint import load_config
         max_length = args.max_length or official_max_length(load_config(args.model).max_position)
         chat = has_chat_template(tok)
 

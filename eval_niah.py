@@ -39,12 +39,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from decode import Decoding, answer_text, decode_case
-from distributed import Group
-from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+from lab.decode import Decoding, answer_text, decode_case
+from lab.distributed import Group
+from lab.harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
                      run_main, stats_report)
-from stats import markdown_table
+from lab.stats import markdown_table
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"

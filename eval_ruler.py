@@ -105,11 +105,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import stats
+from lab import stats
 from eval_niah import SENTENCE_END, check_lengths, read_haystack
-from decode import Decoding
-from distributed import Group
-from harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
+from lab.decode import Decoding
+from lab.distributed import Group
+from lab.harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
                      run_main, stats_report)
 
@@ -478,7 +478,7 @@ def draw_qa(rng: random.Random, n: int, data: QaData, index: int) -> Draft:
 # ----------------------------------------------------------------------------- prompt
 
 def has_chat_template(tok) -> bool:
-    """Whether the tokenizer renders a chat template (model.Tokenizer raises ValueError without one)."""
+    """Whether the tokenizer renders a chat template (checkpoint.Tokenizer raises ValueError without one)."""
     try:
         tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
         return True

@@ -40,8 +40,9 @@ from typing import Callable
 import torch
 
 from cache import KVCache, Prefill
-from decode import Decoding, Sequence, answer_text, decode_in_groups
-from methods import parse_method, select
+from lab.decode import Decoding, Sequence, answer_text, decode_in_groups
+from lab.harness import parse_method
+from methods import select
 
 
 @dataclass
@@ -303,7 +304,7 @@ def run_failures(args) -> list[dict]:
     explain rebuilds (eval_configs) are read; each record keeps both (method_flags, config), and a
     rerun takes a record as done only if both are today's. explain.md shows every record of today's
     definitions, the ones today's rule does not pick marked. Returns the records of the cases picked now."""
-    from harness import load_checkpoint, read_rows, same_definitions
+    from lab.harness import load_checkpoint, read_rows, same_definitions
     from methods import resolved_flags
     folder = Path(args.failures)
     results = folder / "results.jsonl"
@@ -379,13 +380,13 @@ def run(args):
     if args.failures:
         return run_failures(args)
     check_case(args)
-    from harness import load_checkpoint
+    from lab.harness import load_checkpoint
     model, tok = load_checkpoint(args.model, "cpu", "float32")
     return diagnose(model, tok, args, log=lambda line: print(line, flush=True))[1]
 
 
 def main(argv=None):
-    from harness import run_main
+    from lab.harness import run_main
     return run_main(build_parser(), run, argv)
 
 

@@ -1,148 +1,48 @@
-"""LaProx: score each cached KV entry by how much the layer's output would move without it.
+"""LaProx: keep the KV entries whose eviction would move each layer's output least, model-wide.
 
-Reference implementation of LaProx (Mai and Kim, "Reformulating KV Cache Eviction Problem for
-Long-Context LLM Inference", arXiv 2605.07234).
+Mai and Kim, "Reformulating KV Cache Eviction Problem for Long-Context LLM Inference", arXiv
+2605.07234. This file reads top-down: the paper's method first (this derivation; its score written
+literally, paper_scores; the whole method as one function, paper_method), then, below a marked
+line, our variants and the fast paths, each tested against paper_scores. The derivations of our
+variants, and the algebra of the fast paths, are in docs/derivation.md.
 
-Reading order: this docstring derives the score in numbered steps; reference_scores, right after
-it, computes them line by line (full G x G Grams, no caches). The optimisations follow, each
-labelled and tested against the reference: M computed once per weight (value_gram_pairs), the
-chunked pair GEMM (laprox_scores, the PyTorch path) and the Triton kernels (kernels.py, reached
-through laprox_scores_auto). Then the across-layer normalisation and the Prefill scorer.
+Setting. One decoder layer after the prefill of n prompt tokens. H query heads share H_kv KV heads,
+G = H / H_kv query heads per KV head; query head h reads KV head g(h) = h // G. Head dim D, model
+dim d. The observation window is the last w = 32 prompt tokens: their queries stand in for the
+queries decoding will issue.
 
-The paper's method, and the default of `methods.select(prefill, "laprox", budget)`:
-  * Algorithm 1, per query head h and key j: p_{h,j} = ||A_h[:, j]||_2 * ||W_O^h v_j||_2, with A_h
-    the attention of the last w = 32 (window) queries; steps (1)-(6) below.
-  * GQA (its Appendix A, "mean attention weight within each query group"): the per-head products
-    averaged over the group; we sum them (group="sum"), which ranks the same under every
-    normalisation, since G is the same in every layer.
-  * Pooling (Appendix A): average pooling, kernel 7, of each KV head's row over its candidates
-    (the tokens before the window), zero padding counted (cache.pool_scores, mode "avg").
-  * Algorithm 2: per layer, divide every score by the sum of that layer's pooled candidate scores
-    over all its KV heads (normalize="mass", step (7)), then one top-K over the whole model's
-    candidates, K = L * H_kv * (k - w), k = round(budget * n); the window is always kept and
-    counts toward the budget (cache.select_model). Its ablations: selection within each layer
-    (Table 5, selection="layer"), a uniform per-head budget (Table 6, selection="head"), and the
-    "raw layer-flatten" variant without the normalisation (normalize="none").
-Ours, each a flag whose default is the paper's, kept to be ablated and reported beside it:
-  * group="exact": the exact Frobenius norm of the group's term (5), where the paper's sum is its
-    upper bound; it is what the bound (4) asks for when G > 1.
-  * normalize="residual" / "output": divide a layer by the norm of the stream it perturbs / of its
-    own output, step (7); the derivation's first-order view of RMSNorm. Measured on the default
-    model: "residual" hands layers 0-1 a quarter to a third of the model's budget.
-  * pooling="max": KVCache-Factory's SnapKV pooling; pool=0 turns smoothing off.
-  * center=True: the softmax renormalisation to first order, step (9).
-  * floor=alpha: a per-head floor in the model-wide selection, step (8).
-The previous default of this repository is the spec "laprox:group=exact:normalize=residual:pooling=max".
+1. Window attention. A_h (w x n) is the softmax of q_t . k_j / sqrt(D) over the keys, causal:
+   window row t (position n-w+t) sees keys 0 .. n-w+t. Column j, A_h[:, j], says how much each
+   window query reads key j.
+2. The layer's output splits into one term per entry. With W_O^h the D x d block of the output
+   projection that head h writes through,
+       Y = sum_h A_h V_{g(h)} W_O^h = sum_h sum_j A_h[:, j] (v_j W_O^h)        (w x d),
+   a sum of rank-1 terms, one per query head h and key j (v_j is row j of V_{g(h)}).
+3. Evicting an entry removes its terms (ignoring the softmax's renormalisation), and by the
+   triangle inequality the output moves by at most the sum of the evicted terms' norms. A rank-1
+   term's Frobenius norm is the product of its factors' norms, so the score of key j for query
+   head h is (Algorithm 1)
+       p_{h,j} = ||A_h[:, j]||_2 * ||W_O^h v_j||_2,
+   and keeping the largest scores minimises the bound.
+4. GQA (Appendix A). The G query heads of a KV head share its entries; the paper averages their
+   p_{h,j} over the group. We sum them: G is the same in every layer, so the sum ranks exactly
+   as the mean once step 6 divides each layer by its total.
+5. Pooling (Appendix A). Each KV head's scores are smoothed by average pooling, kernel 7, over
+   the candidates (the n - w tokens before the window; zero padding counted), so that the tokens
+   around an important one are kept with it.
+6. Across layers (Algorithm 2). Scores of different layers are in units of different outputs,
+   whose norms differ by orders of magnitude. Each layer's pooled scores are divided by their sum
+   over that layer's candidates and KV heads: a score becomes the entry's share of its layer's
+   bound, and keeping the largest shares model-wide minimises the sum over layers of each
+   layer's bound relative to its size.
+7. Selection (Algorithm 2). The budget is k = round(budget * n) entries per KV head on average,
+   the window included: the window is always kept, and one top-K over the whole model's
+   candidates, K = L * H_kv * (k - w), picks the rest. Layers and heads keep unequal shares: a
+   layer whose mass sits on a few entries gives the rest of its budget to the others.
 
-The derivation, one step per numbered line; the code below cites these numbers.
--------------------------------------------------------------------------------
-
-Setting. One decoder layer after prefill of n prompt tokens. H query heads share H_kv
-key/value heads, G = H / H_kv query heads per KV head (G = 1 is MHA). Query head h
-reads KV head g(h) = h // G. Head dim D, model dim d. The observation window is the
-last w prompt tokens; their queries stand in for the queries decoding will issue.
-
-(1) Window attention. For query head h, A_h (w x n) is the softmax over keys of
-    q_t . k_j / sqrt(D), where window row t sits at absolute position n-w+t and sees
-    keys 0 .. n-w+t only (causal). Column j of A_h is a_{h,j} (length w).
-
-(2) Output projection per head. o_proj.weight is (d, H*D); head h writes through the
-    D columns W_h = o_proj.weight[:, h*D:(h+1)*D] (d x D), i.e. W_O^h = W_h^T (D x d).
-    Value j of KV head g, seen by head h, lands in model space as u_{h,j} = W_h v_{g,j}.
-
-(3) Y splits by head: o_proj takes the heads' outputs side by side, [head_1 | ... | head_H]
-    (w x H*D, head_h = A_h V_{g(h)}), and its weight is the columns [W_1 | ... | W_H], so
-        Y = [head_1 | ... | head_H] o_proj.weight^T = sum_h head_h W_h^T.
-    Writing out head_h, the attention output on the window is a sum of column-row products:
-        Y = sum_h A_h V_{g(h)} W_O^h = sum_g sum_j T_{g,j},
-        T_{g,j} = sum_{h in group g} a_{h,j} u_{h,j}^T            (a w x d matrix).
-    Each KV entry (g, j) contributes exactly one term T_{g,j}: a sum of G rank-1 matrices, so
-    of rank up to G (rank 1 only for MHA).
-
-(4) Evicting a set of entries removes their terms (we ignore the softmax
-    renormalisation, see (9)). With Y_S the sum over the kept set S, the triangle
-    inequality gives
-        || Y - Y_S ||_F = || sum_{(g,j) not in S} T_{g,j} ||_F
-                        <= sum_{(g,j) not in S} || T_{g,j} ||_F.
-    So the score of entry (g, j) is s_{g,j} = ||T_{g,j}||_F, and keeping the largest
-    scores minimises the bound. The bound is loose when evicted terms cancel (point in
-    opposite directions), so the error itself is measured too: eviction_error below.
-
-(5) Expand the squared norm of the group term. Since <x y^T, x' y'^T>_F = (x.x')(y.y'),
-        ||T_{g,j}||_F^2 = sum_{h,h' in group g} (a_{h,j} . a_{h',j}) (u_{h,j} . u_{h',j}).
-    Both factors are G x G Gram matrices: one of attention columns (length w), one of
-    projected values (length d). Their elementwise product, summed, is the score^2
-    (group="exact"). For G = 1 this is ||a_j|| ||u_j||: column norm times row norm.
-    The paper scores each query head alone and averages over the group; group="sum" takes the
-    sum, the triangle-inequality upper bound of the exact group norm,
-        s^sum_{g,j} = sum_h ||a_{h,j}|| ||u_{h,j}||  >=  s_{g,j},
-    which needs only the diagonal (h = h') terms of both Grams.
-
-(6) The projected values never need to be formed in d dimensions:
-        u_{h,j} . u_{h',j} = v_j^T W_h^T W_{h'} v_j = v_j^T M_{hh'} v_j,
-        M_{hh'} = W_h^T W_{h'} = W_O^h (W_O^{h'})^T          (D x D, once per weight).
-    M_{h'h} = M_{hh'}^T, so the value Gram is symmetric and only h <= h' is computed.
-    Cost per key: G D^2 multiply-adds for group="sum" (the G diagonal forms v^T M_hh v),
-    G(G+1)/2 D^2 for "exact", instead of G D d for the projections themselves. Both modes also
-    pay for the window attention (G w D per key, its logits) and the attention Gram (G w per key
-    for "sum", G(G+1)/2 w for "exact"). M itself is formed once per weight, G^2 D^2 d per KV head
-    (every pair, so that both modes share it), and reused by every prompt.
-
-(7) Across layers (the paper's Algorithm 2). Within a layer every s_{g,j} is in units of
-    the same Y, so heads compare directly; across layers they do not: output norms differ by
-    orders of magnitude between layers. normalize="mass" (the paper's) divides layer l's pooled
-    scores by B_l, the sum of that layer's pooled candidate scores over all its KV heads (the
-    candidates are the tokens before the window, which is kept anyway). Each score becomes the
-    entry's share of its own layer's bound, and the shares of a layer sum to 1. A model-wide
-    top-k over shares keeps the set that maximises sum_l (kept share of B_l), i.e. minimises
-        sum_l  (sum over evicted (g, j) of layer l of s_{l,g,j}) / B_l,
-    the sum over layers of each layer's bound (4) relative to its size: every layer's relative
-    error counts the same, whatever its output's scale. Layers whose mass is spread thin lose
-    entries to layers whose mass is concentrated on few entries.
-    Ours, as flags: "residual" divides layer l by ||x_l + Y_l||_F over the window rows, the
-    stream that the same block's MLP RMSNorm reads (model.py's mlp_norm, post_attention_layernorm
-    in the checkpoints; cache.Prefill.resid_norm). RMSNorm(x) = sqrt(d) x / ||x|| times a gain:
-    its Jacobian scales each row by sqrt(d) / ||x_row||, so a perturbation matters in proportion
-    to 1 / ||x_row||; one Frobenius norm instead of a weight per row is our simplification.
-    "output" divides by ||Y_l||_F; "none" leaves the raw scores (the paper's raw layer-flatten).
-
-(8) Selection (cache.py): pooling, the budget and one top-k across the model. A known failure
-    mode of any global cut: a retrieval head whose scores are concentrated (a few large, a tiny
-    tail) loses its tail to the model-wide threshold, e.g. the last digits of a needle's value;
-    no normalisation fixes it (measured on the default model, RULER niah_single_1). floor=alpha
-    (ours, default 0) guarantees every head its top floor(alpha * (k - w)) candidates first
-    (AdaKV's safeguard, alpha times its uniform share beyond the window); the rest of the budget
-    is still one model-wide top-k, and alpha = 1 is the uniform per-head budget.
-
-(9) Research flag center=True: renormalisation to first order. Write p_{h,t,j} for the
-    entries of A_h and let obar_{h,t} = sum_j p_{h,t,j} v_j (D-dim head output before
-    W_O), so row t of head h's output is o_{h,t} = W_h obar_{h,t} = sum_i p_{h,t,i} u_{h,i}.
-    Evicting key j and renormalising the rest gives (o_{h,t} - p_{h,t,j} u_{h,j}) / (1 - p_{h,t,j}),
-    so the row changes by exactly
-        p_{h,t,j} / (1 - p_{h,t,j}) * (o_{h,t} - u_{h,j}),
-    whose first-order part is -p_{h,t,j} (u_{h,j} - o_{h,t}): the value centred on the
-    output it feeds (the sign does not change the norm). The centred term is
-        T^c_{g,j} = sum_{h in group g} sum_t p_{h,t,j} e_t (u_{h,j} - o_{h,t})^T,
-    and, with u_{h,j} - o_{h,t} = W_h (v_j - obar_{h,t}),
-        ||T^c_{g,j}||_F^2 = sum_{h,h'} C_{hh',j},
-        C_{hh',j} = sum_t p_{h,t,j} p_{h',t,j} (v_j - obar_{h,t})^T M_{hh'} (v_j - obar_{h',t})
-                  = (a_{h,j} . a_{h',j}) v_j^T M_{hh'} v_j                         [as (5)]
-                    - R_{hh',j} - R_{h'h,j}
-                    + sum_t p_{h,t,j} p_{h',t,j} obar_{h,t}^T M_{hh'} obar_{h',t},
-        R_{hh',j} = sum_t p_{h,t,j} p_{h',t,j} v_j^T M_{hh'} obar_{h',t}.
-    (The middle term uses obar_h^T M_{hh'} v = v^T M_{h'h} obar_h.) group="sum" takes
-    sum_h sqrt(C_{hh,j}), each query head's own centred term, as in (5): it needs only the
-    diagonal pairs h = h'. Only D x D products appear, as in (6), and everything but v_j and
-    p_{.,.,j} is independent of the key:
-        R_{hh',j} + R_{h'h,j} = sum_t p_{h,t,j} p_{h',t,j} Z_{hh',t} . v_j,
-        Z_{hh',t} = M_{hh'} obar_{h',t} + M_{hh'}^T obar_{h,t}          (D, per head pair and row),
-    so the centred score is formed a chunk of keys at a time like the plain one, for w D more
-    multiply-adds per key and head pair.
-
-Shapes used throughout: queries (B, H, w, D), keys and values (B, H_kv, n, D),
-o_proj_weight (d, H*D); scores come out as (B, H_kv, n) float32. Everything is
-computed in float32 whatever the input dtype, except that reference_scores keeps float64 inputs
-in float64 (the tests check it against loops in float64).
+Shapes: queries (B, H, w, D), keys and values (B, H_kv, n, D), the o_proj weight (d, H*D) as
+nn.Linear stores it (head h writes through its columns h*D:(h+1)*D: W_O^h is their transpose);
+scores (B, H_kv, n), higher = keep, float32 (float64 for float64 inputs, as the tests use).
 """
 
 from __future__ import annotations
@@ -153,11 +53,145 @@ import math
 
 import torch
 
+from cache import pool_scores, resolve_budget, select_model
+
+
+# ===================================================================== the paper's method
+
+def window_attention(queries, keys, dtype=torch.float32):
+    """Softmax attention of the window queries over all keys, step (1).
+
+    queries: (B, H, w, D) post-RoPE queries of the last w prompt tokens.
+    keys:    (B, H_kv, n, D) post-RoPE keys of the whole prompt.
+    Returns  (B, H, w, n) in `dtype` (float32; the reference passes float64 for float64 inputs).
+    Window row i (absolute position n-w+i) sees keys 0 .. n-w+i; scale 1/sqrt(D); query head h
+    reads KV head h // G. This is the one place the window attention is computed (baselines reuse it).
+    """
+    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, keys)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the window attention is computed in float32 or float64, not {dtype}")
+    q = queries.to(dtype).reshape(B, H_kv, G * w, D) / math.sqrt(D)  # the group's rows side by side
+    logits = torch.matmul(q, keys.to(dtype).transpose(-1, -2))       # (B, H_kv, G*w, n)
+    logits = logits.view(B, H_kv, G, w, n)
+    # causal inside the window: row i (position n-w+i) must not see the window keys after it;
+    # only the last w columns can be in the future, so only they are masked
+    future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., n - w:].masked_fill_(future, float("-inf"))
+    return torch.softmax(logits, dim=-1).reshape(B, H, w, n)
+
+
+def paper_scores(queries, keys, values, o_proj_weight):
+    """Steps 3-4 as written: p_{h,j} = ||A_h[:, j]||_2 * ||W_O^h v_j||_2 per query head, summed over
+    the G query heads of each KV head. The reference every fast path is tested against; it forms
+    the projected values (B, H, n, d), so it is meant for small inputs.
+
+    queries: (B, H, w, D); keys, values: (B, H_kv, n, D); o_proj_weight: (d, H*D). Returns (B, H_kv, n).
+    """
+    B, H, w, D = queries.shape
+    G = H // keys.shape[1]
+    dtype = _compute_dtype(queries, keys, values, o_proj_weight)
+    A = window_attention(queries, keys, dtype)                        # (B, H, w, n)      step 1
+    W_O = o_proj_weight.to(dtype).T.reshape(H, D, -1)                 # W_O[h] = W_O^h    (H, D, d)
+    V = values.to(dtype).repeat_interleave(G, dim=1)                  # v_j as head h reads it (B, H, n, D)
+    p = A.norm(dim=2) * (V @ W_O).norm(dim=-1)                        # p_{h,j}  (B, H, n) step 3
+    return p.view(B, H // G, G, -1).sum(2)                            # over the group   step 4
+
+
+def normalize_mass(scores_per_layer, window):
+    """Step 6: each layer's scores divided by their sum over its candidates (the n - window tokens
+    before the window) and KV heads; a layer whose candidates sum to 0 is left as it is.
+
+    scores_per_layer: list over layers of (B, H_kv, n), pooled. Returns a new list, float32.
+    """
+    out = []
+    for s in scores_per_layer:
+        mass = s[..., : s.shape[-1] - window].float().sum(dim=(-2, -1), keepdim=True)   # (B, 1, 1)
+        out.append(s.float() / torch.where(mass > 0, mass, torch.ones_like(mass)))
+    return out
+
+
+def paper_method(prefill, budget=0.05):
+    """The paper's LaProx end to end, steps 1-7: which prompt tokens each (layer, KV head) keeps.
+
+    prefill: a cache.Prefill (per layer keys, values (1, H_kv, n, D), window queries (1, H, w, D),
+    o_proj (d, H*D); window w). budget: a fraction of the prompt, or an entry count, per KV head
+    on average, the window included (cache.resolve_budget). Returns per layer a list over H_kv
+    heads of sorted int64 indices: what methods.select(prefill, "laprox", budget) returns.
+    """
+    w = prefill.window
+    k = resolve_budget(budget, prefill.n, w)                        # step 7: entries per head
+    scores = laprox_scorer(prefill)                                 # steps 1-4, per layer (1, H_kv, n)
+    scores = [pool_scores(s, 7, window=w, mode="avg") for s in scores]   # step 5
+    scores = normalize_mass(scores, w)                              # step 6
+    return select_model(scores, k, w)                               # step 7: one top-K, window kept
+
+
+# ##################################################################################################
+# Below this line: our variants and the fast paths. Each computes what paper_scores computes (or,
+# for a variant, what docs/derivation.md derives; the numbers (1)-(9) cite its steps), and is
+# tested against it in tests/test_laprox.py and tests/test_kernels.py.
+# ##################################################################################################
+
 GROUP_MODES = ("sum", "exact")                           # the paper's first
 NORMALIZE_MODES = ("mass", "residual", "output", "none")  # the paper's first
 
 
-# ----------------------------------------------------------------------------- checks
+# ===================================================================== the Prefill scorer
+
+def laprox_scorer(prefill, *, group="sum", center=False, use_triton=None):
+    """LaProx scores s_{g,j} of step (4)-(5) for every layer of a Prefill (cache.Prefill), before
+    pooling and the across-layer normalisation (paper_method and methods.method_scores apply
+    both, in the paper's order: pool, then normalise).
+
+    prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)) and
+    o_proj (per layer (d, H*D), the model's own weights: M is kept on them). Returns a list over
+    layers of (1, H_kv, n) float32 scores (higher = keep). Triton on CUDA, PyTorch otherwise (see
+    laprox_scores_auto).
+    """
+    return [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
+            for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]
+
+
+# ------------------------------------------- the dispatch: optimisation 3, Triton on a GPU
+
+log = logging.getLogger(__name__)
+_FALLBACKS_LOGGED = set()   # reasons already logged by laprox_scores_auto
+
+
+def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", center=False,
+                       use_triton=None):
+    """laprox_scores on the best available path; same arguments and result.
+
+    use_triton=None: the Triton kernels (laprox_triton.py) when the tensors are on CUDA, center=False
+    and triton is installed; the PyTorch path otherwise. True forces the kernels (on a CPU they
+    then need TRITON_INTERPRET=1 set before triton is imported); False forces PyTorch. When no
+    tiling of the kernels fits the device (laprox_triton.KernelDoesNotFit), the PyTorch path runs
+    instead, and one line says why (logged once per reason).
+    """
+    if use_triton not in (None, True, False):
+        raise ValueError(f"use_triton must be None, True or False, got {use_triton!r}")
+    if use_triton is None:
+        use_triton = keys.is_cuda and not center
+        if use_triton:
+            import laprox_triton   # lazy: triton is optional on a CPU
+            use_triton = laprox_triton.triton_available()
+    if use_triton:
+        if center:
+            raise ValueError("center=True is only implemented in the PyTorch path; pass use_triton=False")
+        import laprox_triton
+        B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
+        M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)
+        try:  # Triton launches on the current CUDA device; a model placed on several has layers elsewhere
+            with torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext():
+                return laprox_triton.laprox_scores_triton(queries, keys, values, M, group=group)
+        except laprox_triton.KernelDoesNotFit as why:
+            if str(why) not in _FALLBACKS_LOGGED:
+                _FALLBACKS_LOGGED.add(str(why))
+                log.warning("LaProx score: the Triton kernels do not fit (%s); using the PyTorch path", why)
+    return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
+
+
+# ===================================================================== checks
 
 def check_qkv(queries, keys, values, o_proj_weight=None):
     """Validate the shapes shared by every scorer; return (B, H, H_kv, G, w, n, D).
@@ -197,33 +231,11 @@ def _compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-# ===================================================================== the reference scorer
+# ===================================================================== the reference of the variants
 #
-# The derivation above, step by step, for reading and for checking the fast paths: the full
-# G x G Grams of every key, no pair layout, no chunks, no caches. It holds (B, H_kv, G, G, n)
-# tensors (and, with center, a (B, H_kv, G, w, n, D) one): meant for small inputs.
-
-def window_attention(queries, keys, dtype=torch.float32):
-    """Softmax attention of the window queries over all keys, step (1).
-
-    queries: (B, H, w, D) post-RoPE queries of the last w prompt tokens.
-    keys:    (B, H_kv, n, D) post-RoPE keys of the whole prompt.
-    Returns  (B, H, w, n) in `dtype` (float32; the reference passes float64 for float64 inputs).
-    Window row i (absolute position n-w+i) sees keys 0 .. n-w+i; scale 1/sqrt(D); query head h
-    reads KV head h // G. This is the one place the window attention is computed (baselines reuse it).
-    """
-    B, H, H_kv, G, w, n, D = check_qkv(queries, keys, keys)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the window attention is computed in float32 or float64, not {dtype}")
-    q = queries.to(dtype).reshape(B, H_kv, G * w, D) / math.sqrt(D)  # the group's rows side by side
-    logits = torch.matmul(q, keys.to(dtype).transpose(-1, -2))       # (B, H_kv, G*w, n)
-    logits = logits.view(B, H_kv, G, w, n)
-    # causal inside the window: row i (position n-w+i) must not see the window keys after it;
-    # only the last w columns can be in the future, so only they are masked
-    future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., n - w:].masked_fill_(future, float("-inf"))
-    return torch.softmax(logits, dim=-1).reshape(B, H, w, n)
-
+# docs/derivation.md step by step, for reading and for checking the fast paths: the full G x G
+# Grams of every key (group="exact" needs them), no pair layout, no chunks, no caches. It holds
+# (B, H_kv, G, G, n) tensors (and, with center, a (B, H_kv, G, w, n, D) one): for small inputs.
 
 def value_gram_matrices(o_proj_weight, n_heads, head_dim, n_kv_heads):
     """M_{hh'} = W_h^T W_{h'} for every pair of query heads in a GQA group, step (6).
@@ -320,7 +332,8 @@ def eviction_error(queries, keys, values, o_proj_weight, keep):
 #   2. The pair layout and the chunked pair GEMM (laprox_scores): only the head pairs a <= b the
 #      mode needs (the G diagonal pairs for "sum"), the keys a chunk at a time, so that the window
 #      attention is the one layer-sized tensor held.
-#   3. The Triton kernels (kernels.py), which never hold the window attention (laprox_scores_auto).
+#   3. The Triton kernels (laprox_triton.py), which never hold the window attention
+#      (laprox_scores_auto, above).
 
 # --------------------------------------------------- optimisation 1: M once per weight
 
@@ -494,49 +507,10 @@ def laprox_scores(queries, keys, values, o_proj_weight, *, group="sum", center=F
     return scores
 
 
-# ------------------------------------------------- optimisation 3: the Triton kernels on a GPU
-
-log = logging.getLogger(__name__)
-_FALLBACKS_LOGGED = set()   # reasons already logged by laprox_scores_auto
-
-
-def laprox_scores_auto(queries, keys, values, o_proj_weight, *, group="sum", center=False,
-                       use_triton=None):
-    """laprox_scores on the best available path; same arguments and result.
-
-    use_triton=None: the Triton kernels (kernels.py) when the tensors are on CUDA, center=False
-    and triton is installed; the PyTorch path otherwise. True forces the kernels (on a CPU they
-    then need TRITON_INTERPRET=1 set before triton is imported); False forces PyTorch. When no
-    tiling of the kernels fits the device (kernels.KernelDoesNotFit), the PyTorch path runs
-    instead, and one line says why (logged once per reason).
-    """
-    if use_triton not in (None, True, False):
-        raise ValueError(f"use_triton must be None, True or False, got {use_triton!r}")
-    if use_triton is None:
-        use_triton = keys.is_cuda and not center
-        if use_triton:
-            import kernels   # lazy: triton is optional on a CPU
-            use_triton = kernels.triton_available()
-    if use_triton:
-        if center:
-            raise ValueError("center=True is only implemented in the PyTorch path; pass use_triton=False")
-        import kernels
-        B, H, H_kv, G, w, n, D = check_qkv(queries, keys, values, o_proj_weight)
-        M = value_gram_pairs(o_proj_weight, H, D, H_kv).to(keys.device)
-        try:  # Triton launches on the current CUDA device; a model placed on several has layers elsewhere
-            with torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext():
-                return kernels.laprox_scores_triton(queries, keys, values, M, group=group)
-        except kernels.KernelDoesNotFit as why:
-            if str(why) not in _FALLBACKS_LOGGED:
-                _FALLBACKS_LOGGED.add(str(why))
-                log.warning("LaProx score: the Triton kernels do not fit (%s); using the PyTorch path", why)
-    return laprox_scores(queries, keys, values, o_proj_weight, group=group, center=center)
-
-
-# ===================================================================== (7) across-layer scaling
+# ===================================================================== (7) across-layer scaling, ours beside the paper's
 
 def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window=0):
-    """Make scores of different layers comparable, step (7).
+    """Make scores of different layers comparable, step (7): the paper's normalize_mass or ours.
 
     scores_per_layer: list over L layers of (B, H_kv, n) tensors, pooled already (the paper
         normalises the pooled scores).
@@ -553,13 +527,10 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window
     if mode == "none":
         return [s.float() for s in scores_per_layer]
     if mode == "mass":
-        out = []
         for s in scores_per_layer:
             if not 0 <= window <= s.shape[-1]:
                 raise ValueError(f"window {window} must be in [0, n={s.shape[-1]}]")
-            mass = s[..., : s.shape[-1] - window].float().sum(dim=(-2, -1), keepdim=True)   # (B, 1, 1)
-            out.append(s.float() / torch.where(mass > 0, mass, torch.ones_like(mass)))
-        return out
+        return normalize_mass(scores_per_layer, window)
     norms = resid_norm if mode == "residual" else out_norm
     norms = torch.as_tensor(norms, dtype=torch.float32).reshape(-1)
     if norms.numel() != L:
@@ -567,20 +538,3 @@ def normalize_scores(scores_per_layer, resid_norm, out_norm, mode="mass", window
     if not (torch.isfinite(norms).all() and (norms > 0).all()):
         raise ValueError(f"{mode} norms must be finite and > 0 to divide by, got {norms.tolist()}")
     return [s.float() / norms[l].to(s.device) for l, s in enumerate(scores_per_layer)]
-
-
-# ===================================================================== the Prefill scorer
-
-def laprox_scorer(prefill, *, group="sum", center=False, use_triton=None):
-    """LaProx scores s_{g,j} of step (4)-(5) for every layer of a Prefill (cache.Prefill), before
-    pooling and the across-layer normalisation (methods.method_scores applies both, in the
-    paper's order: pool, then normalize_scores).
-
-    prefill: has keys, values (per layer (1, H_kv, n, D)), queries (per layer (1, H, w, D)) and
-    o_proj (per layer (d, H*D), the model's own weights: M is kept on them). Returns a list over
-    layers of (1, H_kv, n) float32 scores (higher = keep). Triton on CUDA, PyTorch otherwise (see
-    laprox_scores_auto).
-    """
-    _check_group(group)
-    return [laprox_scores_auto(q, k, v, o, group=group, center=center, use_triton=use_triton)
-            for q, k, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj)]

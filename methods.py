@@ -15,7 +15,8 @@ three lines do not depend on the budget: `score` computes them once (a `Scored`)
 budget and selection flag selects from it (cases with equal `score_key` share it).
 The scorers live in laprox.py (ours) and baselines.py (prior work); the rules, the budget and
 the cache in cache.py. METHODS is a plain dict: a new method is one scorer and one line here
-(docs/add-a-method.md).
+(docs/add-a-method.md). Method specs as the eval scripts write them ("laprox:floor=0.2") are read
+by lab/harness.py's parse_method.
 
 Where the defaults come from: pooling (average, kernel 7, for SnapKV, PyramidKV, AdaKV,
 CriticalKV and LaProx) and w = 32 follow the LaProx paper's Appendix A, so that our tables
@@ -34,8 +35,9 @@ from torch import Tensor
 
 import baselines
 import laprox
+from baselines import select_criticalkv, select_pyramid
 from cache import (POOLING_MODES, SCOPES, KVCache, Prefill, check_budget, check_int, check_number, check_pool_kernel,
-                   pool_scores, resolve_budget, select_adakv, select_criticalkv, select_pyramid, select_scope, select_uniform)
+                   pool_scores, resolve_budget, select_adakv, select_scope, select_uniform)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def resolved_flags(method: str, flags: dict) -> dict:
     return {**defaults, **{key: float(v) if type(defaults[key]) is float else v for key, v in flags.items()}}
 
 
-def _type_name(default) -> str:
+def type_name(default) -> str:
     """What a flag with this default accepts, in words."""
     if default is None:
         return "true, false or none"
@@ -129,7 +131,7 @@ def _type_name(default) -> str:
     return {int: "an int", float: "a number"}.get(type(default), f"a {type(default).__name__}")
 
 
-def _check_flag_name(method: str, name: str, defaults: dict) -> None:
+def check_flag_name(method: str, name: str, defaults: dict) -> None:
     if name == "window":
         raise ValueError("window is fixed by the prefill (its captured queries); prefill with window=... instead")
     if name not in defaults:
@@ -144,7 +146,7 @@ def check_flags(method: str, flags: dict) -> None:
     Needs no prefill: the eval scripts check every --methods entry before loading a model."""
     defaults = flag_defaults(method)
     for name, value in flags.items():
-        _check_flag_name(method, name, defaults)
+        check_flag_name(method, name, defaults)
         default = defaults[name]
         if default is None:
             ok = value is None or isinstance(value, bool)
@@ -156,7 +158,7 @@ def check_flags(method: str, flags: dict) -> None:
         else:
             ok = isinstance(value, type(default))
         if not ok:
-            raise ValueError(f"method {method!r}, flag {name} takes {_type_name(default)} (default {default!r}), "
+            raise ValueError(f"method {method!r}, flag {name} takes {type_name(default)} (default {default!r}), "
                              f"got {value!r}")
         if name in FLAG_CHOICES and value not in FLAG_CHOICES[name]:
             raise ValueError(f"method {method!r}, flag {name} must be one of {', '.join(FLAG_CHOICES[name])}; "
@@ -165,45 +167,6 @@ def check_flags(method: str, flags: dict) -> None:
             FLAG_RANGES.get(name, lambda v: None)(value)
         except ValueError as e:
             raise ValueError(f"method {method!r}, flag {name}: {e}") from None
-
-
-def _parse_flag_value(text: str, default):
-    """A flag's value as written in a method spec, read by the type of its default. Raises ValueError."""
-    if default is None or isinstance(default, bool):
-        words = {"true": True, "false": False, **({"none": None} if default is None else {})}
-        if text.lower() not in words:
-            raise ValueError(f"write {' or '.join(words)}")
-        return words[text.lower()]
-    if isinstance(default, (int, float)):
-        return type(default)(text)  # int("2.5") and float("abc") raise
-    return text
-
-
-def parse_method(spec: str) -> tuple[str, dict]:
-    """A method spec, as the eval scripts' --methods take it: a name from METHODS, optionally with
-    flags, "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0}).
-
-    Each value is read by the type of the flag's default (pool=0 an int, center=false a bool,
-    alpha=0.5 a float) and the whole spec is checked as select would check it (check_flags), so
-    that a bad spec fails before any model is loaded.
-    """
-    name, *pairs = spec.strip().split(":")
-    defaults = flag_defaults(name)
-    flags = {}
-    for pair in pairs:
-        key, eq, text = pair.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method {spec!r}: flags are written key=value, e.g. laprox:selection=layer")
-        if key in flags:
-            raise ValueError(f"method {spec!r}: flag {key} is given twice")
-        _check_flag_name(name, key, defaults)
-        try:
-            flags[key] = _parse_flag_value(text, defaults[key])
-        except ValueError:
-            raise ValueError(f"method {spec!r}: flag {key} takes {_type_name(defaults[key])} "
-                             f"(default {defaults[key]!r}), got {text!r}") from None
-    check_flags(name, flags)
-    return name, flags
 
 
 def split_flags(method: str, flags: dict) -> tuple[dict, dict, dict]:

@@ -53,7 +53,7 @@ def one_line_error(capsys):
 def default_model():
     """(model, tok) of the embedded default checkpoint, loaded once for the whole run: the tests
     that use it only read it (M, cached on its o_proj weights, is computed once too)."""
-    from model import load_model
+    from checkpoint import load_model
     return load_model()
 
 
@@ -76,7 +76,7 @@ def small_model(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
     from checkpoint import default_checkpoint_dir
-    from model import load_model
+    from checkpoint import load_model
     default = default_checkpoint_dir()
     folder = tmp_path_factory.mktemp("small") / "small-llama"
     folder.mkdir()

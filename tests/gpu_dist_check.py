@@ -33,12 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
-import memory  # noqa: E402
-from harness import write_rows  # noqa: E402
+from lab import distributed  # noqa: E402
+from lab import memory  # noqa: E402
+from lab.harness import write_rows  # noqa: E402
 from cache import KVCache  # noqa: E402
 from methods import compress, select  # noqa: E402
 from model import Config, Model, decode_greedy  # noqa: E402
+from checkpoint import place  # noqa: E402
 
 METHODS = ("full", "laprox", "snapkv", "adakv", "pyramidkv", "criticalkv", "streamingllm", "knorm", "tova", "h2o",
            "random")
@@ -123,7 +124,7 @@ def check_placement(device: str) -> bool:
     ids = torch.randint(0, 2000, (1, 1500), generator=torch.Generator().manual_seed(1))
     for dtype in (torch.bfloat16, torch.float32):
         one = copy.deepcopy(base).to(dtype)
-        one.place([device], [range(6)])
+        place(one, [device], [range(6)])
         want = run_model(one, ids.to(device))
         # the control: the same model on one device, run twice. If greedy tokens already differ here,
         # the device's kernels are not run-to-run deterministic (a random model's logits are near ties),
@@ -134,7 +135,7 @@ def check_placement(device: str) -> bool:
         for devices in placements:
             ranges = memory.plan_layers(one.config, 1500, dtype.itemsize, 2,
                                         capacities=memory.device_capacities(devices))
-            two = copy.deepcopy(base).to(dtype).place(devices, ranges)
+            two = place(copy.deepcopy(base).to(dtype), devices, ranges)
             where = {str(p.device) for p in two.layers[ranges[1].start].parameters()}
             assert where == {str(torch.device(devices[1]))}, where
             got = run_model(two, ids)
@@ -159,7 +160,7 @@ def niah_toy(out: Path, device: str) -> None:
         if group.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.jsonl").unlink(missing_ok=True)
-        model = random_model().place([dev], [range(6)])
+        model = place(random_model(), [dev], [range(6)])
         units = niah_units()
         mine = [units[i] for i in group.share([distributed.unit_cost(n) for n, _ in units])]
 

@@ -7,7 +7,7 @@ import torch
 
 from cache import KVCache
 from test_model import BASE, make_checkpoint
-from model import load_model
+from checkpoint import load_model
 
 
 def random_kept(n, n_layers, n_kv, window, gen):

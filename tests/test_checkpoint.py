@@ -20,7 +20,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from checkpoint import MANIFEST, VERIFIED, ensure_folder, find_default_gguf, manifest_problem, write_folder
-from model import generate, load_model
+from model import generate
+from checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(ckpt, loaded, transformer
     text = real_text()
     ids = ours.encode(text, add_special_tokens=False).ids
     _, our_tok = loaded
-    assert our_tok.encode(text) == ids  # model.Tokenizer adds nothing: SmolLM2 has no bos to add
+    assert our_tok.encode(text) == ids  # checkpoint.Tokenizer adds nothing: SmolLM2 has no bos to add
     assert ids == ref(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 500 and ours.token_to_id("<|im_end|>") in ids  # special tokens stay whole
     assert ours.decode(ids, skip_special_tokens=False) == text  # byte-level: lossless round trip

@@ -4,10 +4,10 @@ that is never read, cases that leave the batch, and batches bounded by memory.""
 import pytest
 import torch
 
-import harness as Hn
-from decode import CacheBatch, Decoding, Sequence, batch_groups, decode_batch, decode_case, padded_entries
+from lab import harness as Hn
+from lab.decode import CacheBatch, Decoding, Sequence, batch_groups, decode_batch, decode_case, padded_entries
 from methods import compress
-from model import load_model
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import eval_niah as E
-from distributed import Group, assign, describe_shares, unit_cost
-from harness import OutputLock, placement
+from lab.distributed import Group, assign, describe_shares, unit_cost
+from lab.harness import OutputLock, placement
 from conftest import NIAH_GRID
 from test_distributed import ROOT, launch
 

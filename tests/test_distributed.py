@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import distributed
-from distributed import Group, assign, describe_shares, unit_cost
-from harness import OutputLock, rank_file
+from lab import distributed
+from lab.distributed import Group, assign, describe_shares, unit_cost
+from lab.harness import OutputLock, rank_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = Path(__file__).resolve().parent / "toy_eval.py"

@@ -4,9 +4,10 @@ import torch
 
 import explain
 from cache import KVCache
-from decode import Decoding, decode_batch
+from lab.decode import Decoding, decode_batch
 from methods import select
-from model import decode_greedy, load_model
+from model import decode_greedy
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 PLANTED = (1, 0)  # (layer, KV head) that carries the answer
@@ -111,8 +112,9 @@ def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path,
     import json
 
     import eval_niah as N
-    import harness
-    from methods import parse_method, resolved_flags
+    from lab import harness
+    from lab.harness import parse_method
+    from methods import resolved_flags
     d = N.build_parser().parse_args([])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]
     flags = resolved_flags(*parse_method("laprox"))
@@ -156,7 +158,7 @@ def test_failures_report_every_record_of_todays_definitions(tmp_path, monkeypatc
     import json
 
     import eval_niah as N
-    import harness
+    from lab import harness
     from methods import parse_method, resolved_flags
     d = N.build_parser().parse_args([])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import eval_niah as E
-import harness as Hn
+from lab import harness as Hn
 from cache import KVCache
 from methods import compress, select
-from decode import Decoding, Sequence, answer_text, decode_case
-from model import load_model
+from lab.decode import Decoding, Sequence, answer_text, decode_case
+from checkpoint import load_model
 from test_model import BASE, make_checkpoint
 
 METHODS = ["snapkv", "laprox", "h2o", "tova", "knorm", "adakv", "pyramidkv", "criticalkv", "streamingllm", "random"]
@@ -418,9 +418,9 @@ def test_output_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, cap
             Hn.OutputLock(out).__enter__()
     with Hn.OutputLock(out):  # released on exit
         pass
-    code = ("import sys, time, harness; lock = harness.OutputLock(sys.argv[1]).__enter__(); "
+    code = ("import sys, time; from lab import harness; lock = harness.OutputLock(sys.argv[1]).__enter__(); "
             "print('locked', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=Path(Hn.__file__).parent,
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=Path(Hn.__file__).parent.parent,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

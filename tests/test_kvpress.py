@@ -17,13 +17,14 @@ from kvpress.utils import compute_n_kept
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
 from transformers.utils import logging as hf_logging
 
-import harness
+from lab import harness
 from cache import resolve_budget, stack_scores
 from checkpoint import default_checkpoint_dir
-from decode import Decoding, answer_text, decode_case
+from lab.decode import Decoding, answer_text, decode_case
 from eval_niah import insert_needle, read_haystack
-from kvpress_laprox import LaProxPress, kept_per_head, masked_key_indices
-from methods import parse_method, score, select
+from lab.kvpress_laprox import LaProxPress, kept_per_head, masked_key_indices
+from lab.harness import parse_method
+from methods import score, select
 from test_model import make_checkpoint
 
 RATIOS = (0.5, 0.8)            # kvpress's compression_ratio: half, then four fifths of the context removed

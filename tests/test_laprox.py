@@ -1,7 +1,8 @@
-"""laprox.py: the reference scorer against naive float64 loops, the fast paths against the reference.
+"""laprox.py: the paper's score (paper_scores) and the variants' reference against naive float64 loops,
+the paper's method against the registry, the fast paths against both.
 
 The naive references never call laprox: attention is a per-row softmax loop, T_{g,j} is built
-from outer products, and its Frobenius norm is taken directly (laprox.py, steps (3)-(5)).
+from outer products, and its Frobenius norm is taken directly (docs/derivation.md, steps (3)-(5)).
 laprox.reference_scores is checked against them in float64; each optimisation (M kept on the
 weight, the chunked pair GEMM; the Triton kernels in test_kernels.py) against the reference.
 """
@@ -127,6 +128,80 @@ SHAPES = [  # (G, H_kv, D, n, w, B)
     (7, 1, 128, 67, 5, 1),
     (7, 2, 64, 41, 16, 1),
 ]
+
+
+# ------------------------------------------------------------- the paper's method, literally
+
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", SHAPES)
+def test_paper_scores_match_naive_loops_in_float64(G, H_kv, D, n, w, B):
+    """The literal score (per head ||A_h[:, j]|| ||W_O^h v_j||, summed over the group) against the
+    per-head outer products of naive_scores, and the variants' reference (group="sum") against it."""
+    q, k, v, o = make_layer(seed=G * 31 + D + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    got = laprox.paper_scores(q.double(), k.double(), v.double(), o.double())
+    ref = naive_scores(q, k, v, o, group="sum")
+    assert got.dtype == F64 and got.shape == ref.shape and ref.min() > 0
+    assert (got - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert (reference64(q, k, v, o, group="sum") - got).abs().max() <= 1e-10 * got.abs().max()
+
+
+@pytest.mark.parametrize("G,H_kv,D,n,w,B", [SHAPES[0], SHAPES[3], SHAPES[6]])
+def test_fast_paths_match_paper_scores(G, H_kv, D, n, w, B):
+    """What runs (the chunked pair GEMM, through the dispatch and the Prefill scorer) is the paper's
+    score in float32; group="exact" equals it for MHA and stays under it for GQA (the triangle
+    inequality of derivation.md (5)); center moves it."""
+    q, k, v, o = make_layer(seed=G * 7 + n, B=B, H_kv=H_kv, G=G, w=w, n=n, D=D)
+    paper = laprox.paper_scores(q.double(), k.double(), v.double(), o.double())
+    for chunk in (5, None):
+        assert_scores_close(laprox.laprox_scores(q, k, v, o, key_chunk=chunk), paper)
+    assert_scores_close(laprox.laprox_scores_auto(q, k, v, o), paper)
+    if B == 1:
+        prefill = SimpleNamespace(queries=[q], keys=[k], values=[v], o_proj=[o])
+        assert_scores_close(laprox.laprox_scorer(prefill)[0], paper)
+    exact = laprox.laprox_scores(q, k, v, o, group="exact").double()
+    assert (exact <= paper * (1 + 1e-5)).all() and (G > 1 or (exact - paper).abs().max() <= 1e-4 * paper.max())
+    assert not torch.allclose(laprox.laprox_scores(q, k, v, o, center=True).double(), paper, rtol=1e-2)
+
+
+def random_prefill(seed, L=3, H_kv=2, G=3, n=90, w=8, D=16, d=40):
+    """A cache.Prefill of random layers (fresh inputs, no model)."""
+    from cache import Prefill
+    gen = torch.Generator().manual_seed(seed)
+    H = H_kv * G
+    return Prefill(keys=[torch.randn(1, H_kv, n, D, generator=gen) for _ in range(L)],
+                   values=[torch.randn(1, H_kv, n, D, generator=gen) + 0.3 for _ in range(L)],
+                   queries=[torch.randn(1, H, w, D, generator=gen) * 1.5 for _ in range(L)],
+                   o_proj=[torch.randn(d, H * D, generator=gen) * (0.3 + l) for l in range(L)],
+                   resid_norm=torch.rand(L, generator=gen) + 1, out_norm=torch.rand(L, generator=gen) + 1,
+                   h2o=None, logits=torch.randn(1, 10, generator=gen), window=w)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 40])
+def test_paper_method_is_what_the_registry_runs_and_reads_as_written(budget):
+    """paper_method keeps exactly what methods.select(prefill, "laprox") keeps, and the same as a
+    naive run of steps 1-7 on paper_scores: per-row average pooling, shares, one sort of the model."""
+    import methods
+    prefill = random_prefill(seed=int(budget * 10))
+    got = laprox.paper_method(prefill, budget)
+    registry = methods.select(prefill, "laprox", budget)
+    assert [len(layer) for layer in got] == [len(layer) for layer in registry]
+    assert all(torch.equal(a, b) for la, lb in zip(got, registry) for a, b in zip(la, lb))
+    n, w = prefill.n, prefill.window
+    k = round(budget * n) if isinstance(budget, float) else budget
+    shares = []
+    for q, key, v, o in zip(prefill.queries, prefill.keys, prefill.values, prefill.o_proj):
+        s = laprox.paper_scores(q.double(), key.double(), v.double(), o.double())[0]   # (H_kv, n)
+        pooled = s.clone()
+        for j in range(n - w):   # kernel 7, zero padding counted, over the candidates only
+            pooled[:, j] = s[:, max(0, j - 3):min(n - w, j + 4)].sum(-1) / 7
+        shares.append(pooled / pooled[:, :n - w].sum())
+    L, H_kv = len(shares), shares[0].shape[0]
+    entries = sorted(((shares[l][g, j].item(), l, g, j) for l in range(L) for g in range(H_kv)
+                      for j in range(n - w)), reverse=True)[:L * H_kv * (k - w)]
+    want = {(l, g, j) for _, l, g, j in entries} | {(l, g, j) for l in range(L) for g in range(H_kv)
+                                                     for j in range(n - w, n)}
+    kept = {(l, g, j) for l in range(L) for g in range(H_kv) for j in got[l][g].tolist()}
+    assert len(kept ^ want) <= 2, "the top-K may differ by a near-tie at its edge (float32 vs float64)"
+    assert len(kept) == L * H_kv * k
 
 
 @pytest.mark.parametrize("center", [False, True])

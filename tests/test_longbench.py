@@ -13,7 +13,7 @@ import pytest
 import methods
 
 import eval_longbench as lb
-from decode import Sequence
+from lab.decode import Sequence
 
 
 # ---- a tiny fixture folder in the official format ----
@@ -418,7 +418,7 @@ def test_unloadable_checkpoint_is_a_one_line_error(data_dir, tmp_path, model, me
 
 
 def test_budgets_parse():
-    from harness import parse_budgets
+    from lab.harness import parse_budgets
     assert parse_budgets("0.05, 0.2,1.0,128", tokens=True) == [0.05, 0.2, 1.0, 128]
 
 
@@ -461,7 +461,7 @@ def test_category_averages_over_tasks_then_categories():
 
 
 def test_case_keys_and_lines_written_before_the_protocols():
-    from harness import make_cases, parse_methods
+    from lab.harness import make_cases, parse_methods
     cases = make_cases(parse_methods("full,snapkv"), [0.05], ["aware", "agnostic"])
     keys = {lb.case_key("trec", {"index": 3}, c) for c in cases}
     assert keys == {("trec", 3, m, b, p) for m, b in [("full", None), ("snapkv", 0.05)] for p in ("aware", "agnostic")}
@@ -502,7 +502,7 @@ def test_end_to_end_both_protocols(small_model, tmp_path):
     what the path before the protocols gave (one prefill of the official prompt's ids, compress,
     decode as pred.py); agnostic keeps 20% of the context."""
     import torch
-    from harness import encode_split
+    from lab.harness import encode_split
     from methods import compress
     data_dir, out = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
@@ -701,7 +701,7 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
     assert printed.count("has no chat template") == 1
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and {x["max_length"] for x in lines} == {480}
-    from model import load_model
+    from checkpoint import load_model
     _, tok = load_model(str(folder))
     raw = len(tok.encode(lb.DATASET2PROMPT["hotpotqa"].format(**HOTPOT)))
     assert {x["prompt_tokens"] for x in lines if x["task"] == "hotpotqa"} == {raw}
@@ -710,7 +710,7 @@ def test_checkpoint_without_chat_template_end_to_end(tmp_path, data_dir, capsys)
 
 def test_a_budget_that_fits_no_sample_is_refused_before_the_weights_load(data_dir, tmp_path, capsys, monkeypatch):
     """The samples' exact sizes come from the tokenizer alone (harness.fitting_units): the weights never load."""
-    import harness
+    from lab import harness
     monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
     for budget, words in (("0.001", "no compressed method fits any case"), ("8", "8 tokens a head are fewer than the 36")):
         assert words in fails(capsys, ["--budget", budget, "--tasks", "trec", "--data-dir", str(data_dir),

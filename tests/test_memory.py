@@ -9,12 +9,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import memory  # noqa: E402
-from model import Config, Model, check_ranges  # noqa: E402
+from lab import memory  # noqa: E402
+from model import Config, Model  # noqa: E402
+from checkpoint import check_ranges, config_from_hf  # noqa: E402
 
 
 def hf_config(s: memory.Shape, model_type="llama") -> dict:
-    """A config.json dict with the shape's numbers (the fields model.Config.from_hf reads)."""
+    """A config.json dict with the shape's numbers (the fields checkpoint.config_from_hf reads)."""
     return {"model_type": model_type, "vocab_size": s.vocab_size, "hidden_size": s.dim,
             "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
             "num_key_value_heads": s.n_kv_heads, "head_dim": s.head_dim, "intermediate_size": s.hidden_dim,
@@ -26,7 +27,7 @@ def hf_config(s: memory.Shape, model_type="llama") -> dict:
 def test_model_config_fields_map_onto_memory(name, model_type):
     """model.Config carries every field memory reads, under the same names, with the same values."""
     known = memory.KNOWN[name]
-    cfg = Config.from_hf(hf_config(known, model_type))
+    cfg = config_from_hf(hf_config(known, model_type))
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
                   "tie_embeddings", "qkv_bias", "qk_norm"):
         assert getattr(cfg, field) == getattr(known, field), field
@@ -38,7 +39,7 @@ def test_weights_are_the_parameters_of_a_built_model(model_type, tie):
     """A small model of each family built by model.py: its parameter bytes are memory's weights."""
     s = memory.Shape(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=96, vocab_size=300,
                      tie_embeddings=tie, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", context=512)
-    model = Model(Config.from_hf(hf_config(s, model_type)))
+    model = Model(config_from_hf(hf_config(s, model_type)))
     if tie:
         model.lm_head.weight = model.embed.weight
     params = sum(p.numel() for p in model.parameters())          # a tied matrix is listed once
@@ -100,10 +101,10 @@ def test_bad_arguments_are_refused():
 
 
 def test_command_prints_the_breakdown_and_refuses_unknown_models():
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-8b", "--length", "131072",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-8b", "--length", "131072",
                         "--dtype", "bfloat16"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "meta-llama/Llama-3.1-8B-Instruct" in r.stdout and "total" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "gpt-5"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "gpt-5"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode != 0 and "unknown model 'gpt-5'" in r.stderr and "Traceback" not in r.stderr
 
@@ -195,9 +196,9 @@ def test_bad_layer_ranges_are_refused(ranges):
 
 def test_cpu_devices_have_no_capacity_and_the_command_prints_the_split():
     assert memory.device_capacities(["cpu", "cpu"]) is None
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "32768",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-70b", "--length", "32768",
                         "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "device 0: layers  0-39" in r.stdout and "device 1: layers 40-79" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "memory.py"), "--model", "llama-3.1-70b", "--length", "131072",
+    r = subprocess.run([sys.executable, "-m", "lab.memory", "--model", "llama-3.1-70b", "--length", "131072",
                         "--devices", "2", "--capacity", "80"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "does not fit" in r.stderr and "Traceback" not in r.stderr

@@ -8,7 +8,8 @@ import pytest
 
 import methods
 from cache import resolve_budget
-from methods import budget_fits, check_flags, compress, method_scores, parse_method, select
+from lab.harness import parse_method
+from methods import budget_fits, check_flags, compress, method_scores, select
 from test_selection import make_prefill
 
 EVICTING = [m for m in methods.METHODS if m != "full"]

@@ -7,8 +7,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
-from checkpoint import check_config
-from model import Config, decode_greedy, generate, load_model
+from checkpoint import check_config, config_from_hf
+from model import Config, decode_greedy, generate
+from checkpoint import load_model
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -143,7 +144,7 @@ def test_unsupported_model_type_names_supported():
 
 def test_bias_fields_reach_the_right_projections(tmp_path):
     """The biases the checkpoints of test_logits_and_greedy_match_transformers carry, per family."""
-    cfg = lambda mt, **kw: Config.from_hf(dict(BASE, model_type=mt, **kw))  # noqa: E731
+    cfg = lambda mt, **kw: config_from_hf(dict(BASE, model_type=mt, **kw))  # noqa: E731
     biases = lambda c: (c.qkv_bias, c.o_bias, c.mlp_bias)  # noqa: E731
     assert biases(cfg("llama", attention_bias=True, mlp_bias=True)) == (True, True, True)
     assert biases(cfg("qwen3", attention_bias=True, mlp_bias=True)) == (True, True, False)
@@ -183,14 +184,14 @@ def test_config_fields_that_would_be_ignored_are_refused(case):
     assert words in str(err.value)
     fine = dict(BASE, model_type="llama", hidden_act="swish", partial_rotary_factor=1.0)  # both SiLU, whole head
     check_config(fine)
-    Config.from_hf(fine)
+    config_from_hf(fine)
 
 
 def test_llama3_scaling_defaults_its_pretraining_length_as_transformers_does():
     """Without original_max_position_embeddings, transformers takes max_position_embeddings."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from model import rope_frequencies
-    ours = Config.from_hf(dict(BASE, model_type="llama", rope_scaling=dict(LLAMA3)))
+    ours = config_from_hf(dict(BASE, model_type="llama", rope_scaling=dict(LLAMA3)))
     ref_cfg = transformers.LlamaConfig(**BASE, rope_scaling=dict(LLAMA3))
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](ref_cfg, "cpu")
     assert ours.rope_scaling["original_max_position_embeddings"] == BASE["max_position_embeddings"]
@@ -452,7 +453,7 @@ def test_low_precision_loading(tmp_path, dtype):
 def test_a_cache_answers_once_and_local_paths_are_not_hub_ids(tmp_path):
     _, folder = make_checkpoint(tmp_path, "llama-gqa", seed=12)
     model, _ = load_model(str(folder))
-    from decode import Decoding, Sequence, decode_case
+    from lab.decode import Decoding, Sequence, decode_case
     seq = Sequence.of(model.prefill(torch.randint(0, BASE["vocab_size"], (1, 16))))
     decode_case(model, seq, Decoding(3))
     with pytest.raises(ValueError, match="decoded from already"):
@@ -494,13 +495,14 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
     and every Prefill field (with and without past) equal the one-device model's within float tolerance
     (the placed copy may take other BLAS paths), and the kept sets and greedy tokens are identical."""
     import copy
-    import memory
+    from lab import memory
+    from checkpoint import place
     from methods import METHODS, compress, select
     _, folder = make_checkpoint(tmp_path, family, seed=14)
     one, _ = load_model(str(folder))
     ranges = memory.plan_layers(one.config, 64, 4, 2)
     assert ranges == [range(0, 2), range(2, 3)]  # 3 layers; the embeddings weigh on the first device
-    two = copy.deepcopy(one).place(["cpu", "cpu"], ranges)
+    two = place(copy.deepcopy(one), ["cpu", "cpu"], ranges)
     assert (two.lm_head.weight is two.embed.weight) == (family == "llama-mha-tied")
     ids = torch.randint(3, BASE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(15))
     with torch.no_grad():
@@ -521,7 +523,7 @@ def test_placement_over_cpu_cpu_is_the_single_device_model(tmp_path, family):
 
 
 def test_load_model_on_devices_places_each_weight(tmp_path):
-    from model import device_map
+    from checkpoint import device_map
     _, folder = make_checkpoint(tmp_path, "qwen2-bias", seed=16)  # tied embeddings
     one, _ = load_model(str(folder))
     two, _ = load_model(str(folder), devices=["cpu", "cpu"])  # equal numbers of layers

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import eval_niah as E
-from decode import Sequence
-from harness import check_eval_arguments
+from lab.decode import Sequence
+from lab.harness import check_eval_arguments
 
 
 class WordTok:
@@ -174,7 +174,7 @@ def test_argument_and_length_checks():
 def test_a_budget_that_fits_no_cell_is_refused_before_the_weights_load(argv, words, tmp_path, one_line_error,
                                                                         monkeypatch):
     """The exact prompt and context sizes come from the tokenizer alone: the weights never load."""
-    import harness
+    from lab import harness
     monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
     err = one_line_error(E.main, argv + ["--out", str(tmp_path / "out")], words)
     assert "observation window plus 4 sinks for streamingllm" in err or "laprox" in argv[-1]
@@ -253,7 +253,8 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, sma
     """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
     import torch
     from conftest import one_thread
-    from methods import compress, parse_method
+    from lab.harness import parse_method
+    from methods import compress
     model, tok, _ = small_model
     _, _, lines, _ = small_run
     hay = E.haystack_ids(tok, E.read_haystack(), 600)
@@ -272,7 +273,7 @@ def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, sma
 def test_resume_after_a_torn_line_and_one_run_per_out(small_model, small_run, capsys, tmp_path):
     import shutil
     from conftest import one_thread
-    from harness import OutputLock
+    from lab.harness import OutputLock
     model, tok, _ = small_model
     argv, _, lines, _ = small_run
     out = tmp_path / "niah"

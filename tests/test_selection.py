@@ -8,8 +8,9 @@ import torch
 
 import baselines
 import methods
-from cache import (Prefill, kept_counts, pool_scores, pyramid_budgets, resolve_budget,
-                   select_adakv, select_criticalkv, select_model, select_pyramid, select_scope, select_uniform)
+from baselines import pyramid_budgets, select_criticalkv, select_pyramid
+from cache import (Prefill, kept_counts, pool_scores, resolve_budget,
+                   select_adakv, select_model, select_scope, select_uniform)
 from methods import method_scores, select
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-import stats
+from lab import stats
 
 R = 1000  # the smallest resample count allowed: keeps the naive loops quick
 

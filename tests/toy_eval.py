@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import distributed  # noqa: E402
-from harness import finished, lock_output, read_rows, write_rows  # noqa: E402
+from lab import distributed  # noqa: E402
+from lab.harness import finished, lock_output, read_rows, write_rows  # noqa: E402
 
 CASES = ("a", "b")
 

@@ -77,14 +77,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-import memory
-import stats
+from lab import memory
+from lab import stats
 from cache import KVCache
 from checkpoint import EMBEDDED, choose_dtype
-from decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
-import distributed
-from distributed import Group, unit_cost
-from methods import METHODS, Scored, budget_fits, compress, parse_method, resolved_flags, score, score_key, split_flags
+from lab.decode import Decoding, Sequence, answer_text, decode_case, decode_in_groups
+from lab import distributed
+from lab.distributed import Group, unit_cost
+from methods import (METHODS, Scored, budget_fits, check_flag_name, check_flags, compress, flag_defaults, resolved_flags,
+                     score, score_key, split_flags, type_name)
 
 PROTOCOLS = ("aware", "agnostic")
 DEFAULT_METHODS = "full,laprox,snapkv,pyramidkv,adakv,criticalkv,streamingllm"
@@ -139,8 +140,47 @@ def parse_list(text: str, kind, name: str) -> list:
     return list(dict.fromkeys(items))
 
 
+def _parse_flag_value(text: str, default):
+    """A flag's value as written in a method spec, read by the type of its default. Raises ValueError."""
+    if default is None or isinstance(default, bool):
+        words = {"true": True, "false": False, **({"none": None} if default is None else {})}
+        if text.lower() not in words:
+            raise ValueError(f"write {' or '.join(words)}")
+        return words[text.lower()]
+    if isinstance(default, (int, float)):
+        return type(default)(text)  # int("2.5") and float("abc") raise
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec, as the eval scripts' --methods take it: a name from METHODS, optionally with
+    flags, "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0}).
+
+    Each value is read by the type of the flag's default (pool=0 an int, center=false a bool,
+    alpha=0.5 a float) and the whole spec is checked as select would check it (check_flags), so
+    that a bad spec fails before any model is loaded.
+    """
+    name, *pairs = spec.strip().split(":")
+    defaults = flag_defaults(name)
+    flags = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: flags are written key=value, e.g. laprox:selection=layer")
+        if key in flags:
+            raise ValueError(f"method {spec!r}: flag {key} is given twice")
+        check_flag_name(name, key, defaults)
+        try:
+            flags[key] = _parse_flag_value(text, defaults[key])
+        except ValueError:
+            raise ValueError(f"method {spec!r}: flag {key} takes {type_name(defaults[key])} "
+                             f"(default {defaults[key]!r}), got {text!r}") from None
+    check_flags(name, flags)
+    return name, flags
+
+
 def parse_methods(text: str) -> dict[str, tuple[str, dict]]:
-    """--methods: a comma list of method specs -> {spec: (name, flags)} (methods.parse_method:
+    """--methods: a comma list of method specs -> {spec: (name, flags)} (parse_method:
     "laprox:selection=layer:pool=0" -> ("laprox", {"selection": "layer", "pool": 0})), every name,
     flag and value checked, so that a bad spec fails before any model loads."""
     return {spec: parse_method(spec) for spec in parse_list(text, str, "methods")}
@@ -254,7 +294,7 @@ def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> t
 
 
 def placement(args, group: Group = SINGLE) -> tuple[str, list[str] | None]:
-    """(device, devices): where this rank loads the model (model.load_model's device= or devices=),
+    """(device, devices): where this rank loads the model (checkpoint.load_model's device= or devices=),
     checked. --device alone: group.device(--device) ("cuda" is cuda:LOCAL_RANK under torchrun).
     --devices a,b,...: this rank's contiguous slice of the list (group.devices), every name a usable
     device, a GPU named (cuda:N) and in one rank's slice only, and --device left at cpu."""
@@ -306,7 +346,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torch
 
 def load_eval_tokenizer(args):
     """The tokenizer of an eval's --model without its weights (cheap: what fitting_units needs)."""
-    from model import Tokenizer, load_config
+    from checkpoint import Tokenizer, load_config
     from checkpoint import resolve_checkpoint
     try:
         return Tokenizer(resolve_checkpoint(args.model), load_config(args.model))
@@ -327,12 +367,12 @@ def model_label(name_or_path: str | None) -> str:
 
 def load_checkpoint(name_or_path: str | None, device: str, dtype: str | None, devices: list[str] | None = None,
                     length: int | None = None, check_finite: bool = True):
-    """(model, tok) of --model (model.load_model) on `device`, or its layers over `devices` as
+    """(model, tok) of --model (checkpoint.load_model) on `device`, or its layers over `devices` as
     memory.plan_layers balances them for prompts of `length` tokens (default: the model's context;
-    it refuses a model that does not fit). check_finite: model.load_model's. A checkpoint that cannot
+    it refuses a model that does not fit). check_finite: checkpoint.load_model's. A checkpoint that cannot
     be loaded, whatever the library raises, is a ValueError naming it. dtype None: the model's own
     (checkpoint.choose_dtype)."""
-    from model import load_config, load_model
+    from checkpoint import load_config, load_model
     try:
         dtype = dtype or choose_dtype(name_or_path, devices[0] if devices else device)[0]
         torch_dtype, layers = getattr(torch, dtype), None

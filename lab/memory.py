@@ -1,7 +1,7 @@
 """How much memory a model needs to prefill, score and compress one prompt of n tokens.
 
-    python memory.py --model llama-3.1-8b --length 131072 --dtype bfloat16
-    python memory.py --table                    # every known model at 8k, 32k, 128k (up to its context)
+    python -m lab.memory --model llama-3.1-8b --length 131072 --dtype bfloat16
+    python -m lab.memory --table                    # every known model at 8k, 32k, 128k (up to its context)
 
 The estimate follows what this repository's code holds (model.Model.prefill, cache.Prefill,
 laprox.laprox_scorer, cache.select), batch size 1:
@@ -25,9 +25,9 @@ laprox.laprox_scorer, cache.select), batch size 1:
 It assumes attention itself runs as a fused kernel (no n x n matrix). Everything is per layer
 first (layer_memory), so that contiguous layer ranges can be placed on several GPUs and balanced
 (model_memory(shape, n, dtype, layers=range(a, b), embed=..., head=...)): plan_layers chooses the
-ranges (model.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
+ranges (checkpoint.load_model(devices=..., layers=...) places them; harness.load_checkpoint asks plan_layers), e.g. Llama-3.1-70B on two or three GPUs:
 
-    python memory.py --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
+    python -m lab.memory --model llama-3.1-70b --length 32768 --devices 2 --capacity 80
 
 Shapes: any object with the fields of model.Config that matter here (dim, n_layers, n_heads,
 n_kv_heads, head_dim, hidden_dim, vocab_size, tie_embeddings, qkv_bias, qk_norm), e.g. a
@@ -226,7 +226,7 @@ def plan_layers(shape, n: int, itemsize: int, n_devices: int, *, capacities: lis
     capacities: bytes per device (device_capacities); the plan then balances the fraction used and
     a model that does not fit is a ValueError naming what each device would need. Without them the
     devices count as equal and nothing is checked (a CPU). Deterministic: the same arguments give
-    the same plan on every rank. Returns a list of n_devices ranges (model.check_ranges).
+    the same plan on every rank. Returns a list of n_devices ranges (checkpoint.check_ranges).
     """
     _check(n, itemsize, window)
     per = layer_memory(shape, n, itemsize, window=window, path=path)

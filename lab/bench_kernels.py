@@ -1,10 +1,10 @@
 """The LaProx score's Triton kernels: do they fit every GPU, are they right, are they faster?
 
-    python bench_kernels.py                  # CPU: the PyTorch path at the Llama-3.1-8B shape, and the
+    python -m lab.bench_kernels                  # CPU: the PyTorch path at the Llama-3.1-8B shape, and the
                                              #   interpreted kernels' agreement at a small n
-    python bench_kernels.py --compile-check  # no GPU needed: compile every kernel for sm_80/86/89/90
+    python -m lab.bench_kernels --compile-check  # no GPU needed: compile every kernel for sm_80/86/89/90
                                              #   (--quick: a subset; exit status 1 if one would not launch)
-    python bench_kernels.py --gpu-check --out DIR   # on a GPU: correctness of every kernel config,
+    python -m lab.bench_kernels --gpu-check --out DIR   # on a GPU: correctness of every kernel config,
                                              #   timing and memory table, candidate sweep (~4 min)
 
 The shape is one Llama-3.1-8B layer (H 32, H_kv 8, D 128, w 32, d 4096), batch 1, random inputs,
@@ -79,7 +79,7 @@ def compare_on_gpu(n, dtype, shape, group="exact", repeats=5, device="cuda") -> 
     """One layer of `shape` (H, H_kv, D, w, d) with n keys on CUDA: median ms and peak MiB of the
     PyTorch and Triton paths, and their largest relative difference. M is computed (and cached)
     before either is timed."""
-    import kernels
+    import laprox_triton as kernels
     q, k, v, o = make_inputs(n, dtype=dtype, device=device, **shape)
     M = laprox.value_gram_pairs(o, shape["H"], shape["D"], shape["H_kv"])
     t_ref, m_ref = time_cuda(lambda: laprox.laprox_scores(q, k, v, o, group=group), repeats)
@@ -125,7 +125,7 @@ def time_cpu(fn, repeats):
 def _kernel_signature(name: str, dtype: torch.dtype):
     """(jit function, {arg: Triton type}) of one kernel for inputs of `dtype`, as a launch would
     specialise it (pointers and strides 16-divisible)."""
-    import kernels
+    import laprox_triton as kernels
     ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     m_ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     fn = {"stats": kernels._softmax_stats, "quad": kernels._value_quadratic_forms,
@@ -147,7 +147,7 @@ def compile_offline(name: str, cfg, G: int, D: int, dtype: torch.dtype, group: s
     import subprocess
     import tempfile
     import triton
-    import kernels
+    import laprox_triton as kernels
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
@@ -193,7 +193,7 @@ def compile_table(shapes=None, windows=WINDOWS, targets=TARGETS, dtype=torch.bfl
     registers x threads within 64K."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    import kernels
+    import laprox_triton as kernels
     shapes = REAL_MODELS if shapes is None else shapes
     cells, todo = [], {}   # cells: (cap, model, w, plan or why); todo: unique kernel -> compile_offline args
     for cap in targets:
@@ -229,7 +229,7 @@ def print_compile_table(rows, dtype):
     """One line per (target, model, w): each kernel's config (BLOCK_T,BLOCK_N,BLOCK_E/warps/stages),
     shared memory (bytes), registers per thread and spill stores (bytes); then the worst per target."""
     import triton
-    import kernels
+    import laprox_triton as kernels
     print(f"triton {triton.__version__}, {dtype} inputs, group=exact; opt-in shared memory per block: "
           + ", ".join(f"sm_{c} {kernels.SMEM_LIMITS[c]} B" for c in TARGETS))
     print(f"{'target':6s} {'model':13s} {'w':>3s}  " + "  ".join(f"{k + ': config':24s} {'smem':>6s} {'regs':>4s} {'spill':>5s}"
@@ -279,7 +279,7 @@ def gpu_check(out_dir, repeats, time_limit, device="cuda", cases=CHECK_CASES, ti
     error and goes on; the steps left when time_limit seconds have passed are skipped. (device and
     the sizes are parameters only so that the script itself can be dry-run small.)"""
     import triton
-    import kernels
+    import laprox_triton as kernels
     t_start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "smem_limit": kernels.device_smem_limit(device), "correctness": [], "timing": [], "sweep": [],
@@ -441,7 +441,7 @@ def cpu_figures(ns, repeats, budget, group):
         print("(triton was imported before TRITON_INTERPRET=1 could be set: no interpreted check)")
         return
     os.environ["TRITON_INTERPRET"] = "1"
-    import kernels
+    import laprox_triton as kernels
     if not kernels.triton_available():
         print("(triton is not installed: no interpreted check)")
         return

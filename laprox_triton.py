@@ -1,12 +1,12 @@
-"""Triton kernels for the LaProx score (laprox.py, steps (1)-(6)).
+"""Triton kernels for the LaProx score (docs/derivation.md, steps (1)-(6)).
 
 Optimisation 3 of laprox.py: what laprox.reference_scores computes (group="exact" or "sum",
 center=False), within float32 rounding (tests/test_kernels.py holds them to 1e-4 of it in float64),
 without ever materialising the (B, H, w, n) window attention. Read laprox.py first: the step
-numbers (1)-(6) below refer to its docstring. This module imports nothing of the project: the
+numbers (1)-(6) below refer to docs/derivation.md. This module imports nothing of the project: the
 caller passes the value Gram matrices M (laprox.value_gram_pairs, computed once per weight and kept
 on it). laprox.laprox_scores_auto dispatches here on CUDA. The offline compile check of these
-kernels for GPUs that are not here is the lab's: bench_kernels.py --compile-check.
+kernels for GPUs that are not here is the lab's: python -m lab.bench_kernels --compile-check.
 
 Three kernels per layer, each parallel over (block of keys, batch x KV head):
 
@@ -91,7 +91,7 @@ class Config:
     """Launch parameters of one kernel. block_t: window rows per tile (0 where unused); block_n:
     keys per program block; block_e: columns of M per GEMM tile (0 where unused); smem: the
     estimated shared memory in bytes (checked against Triton's compiler by
-    `python bench_kernels.py --compile-check`)."""
+    `python -m lab.bench_kernels --compile-check`)."""
     block_t: int
     block_n: int
     block_e: int
@@ -363,7 +363,7 @@ if triton is not None:
 def _require_triton(tensor):
     if triton is None:
         raise ImportError(
-            f"kernels.laprox_scores_triton needs triton ({_TRITON_IMPORT_ERROR}); install triton, "
+            f"laprox_triton.laprox_scores_triton needs triton ({_TRITON_IMPORT_ERROR}); install triton, "
             f"or use the PyTorch path laprox.laprox_scores") from _TRITON_IMPORT_ERROR
     if not tensor.is_cuda and not INTERPRET:
         raise RuntimeError(

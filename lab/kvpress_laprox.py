@@ -5,7 +5,7 @@ this module; the core (model.py, cache.py, laprox.py, methods.py, ...) never imp
 transformers. How to run kvpress's evaluate.py with it, and what it cannot do: docs/kvpress.md.
 
     from transformers import pipeline
-    from kvpress_laprox import LaProxPress
+    from lab.kvpress_laprox import LaProxPress
 
     pipe = pipeline("kv-press-text-generation", model="Qwen/Qwen3-8B", device="cuda", dtype="auto")
     press = LaProxPress(compression_ratio=0.9)          # or LaProxPress.from_spec("laprox:floor=0.2", 0.9)
@@ -188,7 +188,8 @@ class LaProxPress(BasePress):
     @classmethod
     def from_spec(cls, spec: str, compression_ratio: float = 0.0, window_size: int = 32) -> "LaProxPress":
         """A press from a method spec as the eval scripts take it, e.g. "laprox:floor=0.2:pooling=max"."""
-        name, flags = methods.parse_method(spec)
+        from lab.harness import parse_method   # the eval scripts' spec reader
+        name, flags = parse_method(spec)
         if name != "laprox":
             raise ValueError(f"LaProxPress runs the method 'laprox', not {name!r}; write e.g. 'laprox:floor=0.2'")
         return cls(compression_ratio, window_size, **flags)

@@ -35,7 +35,7 @@ its rows are used at every budget); protocol: "aware" or "agnostic"; score in [0
 
 Usage (e.g. at the end of eval_niah.py, with its result rows):
 
-    import stats
+    from lab import stats
     rows = [dict(unit=(r["length"], r["depth"]), stratum="niah", method=r["method"],
                  budget=r["budget"], protocol="aware", score=r["score"]) for r in results]
     summary = stats.summarize(rows)                    # JSON-serialisable dict, per protocol
