@@ -385,7 +385,7 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
     summary = dict(meta=meta, **tables[protocols[0]], protocols=tables, stats=statistics)
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
-          machine_line(meta["checkpoint"], meta["dtype"]), "",
+          machine_line(meta.get("checkpoint"), meta.get("dtype")), "",
           "## score (recall of the answer's words), with 95% bootstrap CIs over the cells", "", stats_md, ""]
     for p in protocols:
         s, title = summary["protocols"][p], f" ({p})"
