@@ -481,7 +481,7 @@ def write_reports(rows: list[dict], out: Path, lengths, depths, methods, budgets
                    stats_by_metric={m: st for m, (st, _) in by_metric.items()})
     md = [f"# NIAH: {meta['model']}", "",
           f"lengths {lengths}, depths {depths}, window {meta['window']}, config {meta['config']}", "",
-          machine_line(meta["checkpoint"], meta["dtype"]), "",
+          machine_line(meta.get("checkpoint"), meta.get("dtype")), "",
           f"Cells left out of every comparison below, under both protocols (the needle ends inside the "
           f"observation window): {', '.join(f'{l} @ {d:g}' for l, d in cut) or 'none'}. The heatmaps show them.", "",
           "## content-word recall (the primary metric), with 95% bootstrap CIs over the cells", "", stats_md, ""]

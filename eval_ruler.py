@@ -701,7 +701,7 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
     rows: this grid's rows (the latest per case)."""
     md = [f"# RULER: {meta['model']}", "",
           f"tasks {', '.join(tasks)}; lengths {lengths}; window {meta['window']}; seed {meta['seed']}; "
-          f"prompts: {meta['prompts']}", "", machine_line(meta["checkpoint"], meta["dtype"]), "",
+          f"prompts: {meta['prompts']}", "", machine_line(meta.get("checkpoint"), meta.get("dtype")), "",
           "Scores in [0, 1]: RULER's string_match_all (QA: string_match_part). pooled = the mean of the task means. "
           "A budget that leaves some method fewer tokens a head than its window (+ sinks) on a sample is skipped "
           "for every method alike on that sample.", ""]

@@ -102,8 +102,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
         y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, D), k, v, attn_mask=key_mask)
         return y.view(B, H, 1, D)
     if T == 1 and q.dtype != torch.float32:  # one new token, grouped as above: torch's bf16/fp16 CPU kernel with
-        B, H, _, D = q.shape                   # enable_gqa is ~7x slower here (bench.py --attention); float32
-        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v)  # keeps its path, and its bits
+        B, H, _, D = q.shape                   # enable_gqa is 7x slower here (bench.py --dtypes); float32 keeps
+        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v)  # its path, and its bits
         return y.view(B, H, 1, D)
     if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)

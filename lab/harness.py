@@ -282,7 +282,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
 def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> tuple[dict, list, list[str]]:
     """(methods {spec: (name, flags)}, budgets, protocols) of add_eval_arguments' options, each
     checked, and --window and this rank's devices (placement), before any model work; ValueError
-    naming the problem."""
+    naming the problem. args.dtype becomes a dtype name: --dtype, or the model's (checkpoint.choose_dtype)."""
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budget, tokens)
     protocols = parse_protocols(args.protocol)
