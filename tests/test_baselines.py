@@ -10,6 +10,7 @@ import methods
 import test_selection
 import laprox
 from cache import POOLING_MODES, Prefill, check_pool_kernel, kept_counts
+from lab.harness import parse_method
 from methods import compress, select
 
 L, H, D, d = 3, 6, 16, 48
@@ -126,7 +127,7 @@ def test_registry():
     test_house runs this test again after adding the guide's method."""
     assert DOCUMENTED <= set(methods.METHODS), f"missing: {DOCUMENTED - set(methods.METHODS)}"
     for name, m in methods.METHODS.items():
-        assert isinstance(m, methods.Method) and methods.parse_method(name) == (name, {}), name
+        assert isinstance(m, methods.Method) and parse_method(name) == (name, {}), name
         assert (m.scorer is None) == (m.rule is None) == (name == "full"), f"{name}: a scorer needs a rule"
         assert all(isinstance(f, dict) and all(isinstance(k, str) for k in f) for f in (m.score_flags, m.select_flags))
         assert not set(m.score_flags) & set(m.select_flags), f"{name}: a flag goes to the scorer or the rule"

@@ -159,7 +159,8 @@ def test_failures_report_every_record_of_todays_definitions(tmp_path, monkeypatc
 
     import eval_niah as N
     from lab import harness
-    from methods import parse_method, resolved_flags
+    from lab.harness import parse_method
+    from methods import resolved_flags
     d = N.build_parser().parse_args([])
     config = N.run_config(d, N.read_haystack(d.haystack))["config"]
     flags = resolved_flags(*parse_method("laprox"))
