@@ -114,8 +114,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
 def cache_attention(q: Tensor, entries: LayerEntries) -> Tensor:
     """Attention of q (1, H, T, D) over one layer of a KVCache (its newest T entries per head are the
     queries' own), in one pass whatever the per-head lengths: attention over entries.padded(); on
-    CUDA, for one new token, laprox_triton.varlen_decode reads the packed buffers in place instead."""
-    if q.is_cuda and q.shape[2] == 1:
+    CUDA, one new token over an uneven layer, laprox_triton.varlen_decode reads the packed buffers in
+    place instead (an even layer is a view already: torch's attention reads it as it is)."""
+    if q.is_cuda and q.shape[2] == 1 and not entries.even:
         import laprox_triton
         if laprox_triton.triton_available():
             return laprox_triton.varlen_decode(q, entries.keys, entries.values, entries.starts, entries.lengths,
