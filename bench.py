@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,7 +46,6 @@ from lab.harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, c
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
-from model import decode_greedy
 from checkpoint import load_model
 
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
@@ -153,36 +153,46 @@ class PerHeadCache(KVCache):
         self.appended[layer] += T
         self.spare[layer] -= T
         if self.even[layer]:
-            return [self.read(layer, T).padded()[:2]]
+            return [self.read(layer, T).padded()]
         return [tuple(t[None, None] for t in self.head(layer, g)) for g in range(self.n_kv_heads)]
 
 
 DECODE_PATHS = {"one_pass": lambda cache: cache, "per_head": PerHeadCache.of}
 
 
+@torch.no_grad()
 def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> dict:
     """Decode ms/token and KV bytes for `new_tokens` greedy steps after the prompt `ids`: the full
     cache, and laprox (uneven heads) and snapkv (even heads) at each budget, each through the one-pass
-    path (KVCache) and the per-head path it replaced (PerHeadCache), the two alternating within each
-    repeat so that a busy machine slows both alike. Medians of `repeats`."""
+    path (KVCache) and the per-head path it replaced (PerHeadCache). The two paths decode side by
+    side, step by step (the same token fed to both, which goes first alternating), so that a busy
+    machine slows both alike; a path's ms/token is the median over its `repeats` x new_tokens steps
+    (wall time; on the CPU also the process's CPU time, which other processes do not inflate)."""
     prefill = model.prefill(ids, window=window)
     out = {"n": ids.shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads()}
     configs = [("full", "full", None)] + [(f"{m}@{b}", m, b) for b in budgets for m in ("laprox", "snapkv")]
-    times = {(label, path): [] for label, _, _ in configs for path in DECODE_PATHS}
-    for _ in range(repeats):
-        for label, method, budget in configs:
-            for path, wrap in DECODE_PATHS.items():
-                cache = compress(prefill, method, budget) if budget else compress(prefill, "full")
-                out.setdefault(label, {"kv_bytes": cache.nbytes()})
-                cache = wrap(cache)
-                t = clock(device)
-                decode_greedy(model, cache, prefill.n, prefill.logits, new_tokens)  # no stop token: always new_tokens steps
-                times[label, path].append(clock(device) - t)
-                del cache
-    for label, _, _ in configs:
+    for label, method, budget in configs:
+        wall, cpu = {path: [] for path in DECODE_PATHS}, {path: [] for path in DECODE_PATHS}
+        for _ in range(repeats):
+            caches = {path: wrap(compress(prefill, method, budget) if budget else compress(prefill, "full"))
+                      for path, wrap in DECODE_PATHS.items()}
+            out.setdefault(label, {"kv_bytes": caches["one_pass"].nbytes()})
+            logits = prefill.logits
+            for step in range(new_tokens):
+                token = logits.argmax(-1, keepdim=True)  # (1, 1): the one-pass path's greedy token
+                for path in (list(DECODE_PATHS) if step % 2 == 0 else list(DECODE_PATHS)[::-1]):
+                    t, c = clock(device), time.process_time()
+                    step_logits = model(token, caches[path], prefill.n + step)[:, -1]
+                    wall[path].append(clock(device) - t)
+                    cpu[path].append(time.process_time() - c)
+                    if path == "one_pass":
+                        logits = step_logits
+            del caches
         r = out[label]
         for path in DECODE_PATHS:
-            r[f"{path}_ms_per_token"] = 1000 * statistics.median(times[label, path]) / new_tokens
+            r[f"{path}_ms_per_token"] = 1000 * statistics.median(wall[path])
+            if device == "cpu":
+                r[f"{path}_cpu_ms_per_token"] = 1000 * statistics.median(cpu[path])
         r["tok_s"] = 1000 / r["one_pass_ms_per_token"]
         r["per_head_vs_one_pass"] = r["per_head_ms_per_token"] / r["one_pass_ms_per_token"]
     for label, _, budget in configs[1:]:
@@ -199,8 +209,11 @@ def decode_table(d: dict) -> list[str]:
         if isinstance(r, dict):
             extra = (f"  {100 * r['bytes_ratio']:.1f}% of full's bytes, {r['speedup']:.2f}x full's speed"
                      if "speedup" in r else "")
+            cpu = (f"  CPU time {r['one_pass_cpu_ms_per_token']:.2f} / {r['per_head_cpu_ms_per_token']:.2f} ms "
+                   f"({r['per_head_cpu_ms_per_token'] / r['one_pass_cpu_ms_per_token']:.2f}x)"
+                   if "one_pass_cpu_ms_per_token" in r else "")
             lines.append(f"  {label:12s} {r['one_pass_ms_per_token']:7.2f} ms  per head {r['per_head_ms_per_token']:7.2f} ms "
-                         f"({r['per_head_vs_one_pass']:.2f}x)  {r['kv_bytes'] / 2**20:7.1f} MiB{extra}")
+                         f"({r['per_head_vs_one_pass']:.2f}x){cpu}  {r['kv_bytes'] / 2**20:7.1f} MiB{extra}")
     return lines
 
 

@@ -85,28 +85,39 @@ class LayerEntries:
         self.keys, self.values, self.starts, self.lengths = keys, values, starts, lengths
         self.longest, self.T, self.even = longest, T, even
 
-    def padded(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The readable path: the layer as one batch that model.attention reads in a single call.
+    def attention_inputs(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The readable path: what model.attention reads in a single call for the whole layer.
 
-        Returns keys, values (1, H_kv, S, D) with S = longest, and key_mask (1, H_kv, T, S) bool, True
-        where query t of head g may look: entry j < lengths[g] - T + t + 1 (its head's entries, causal
-        over the T new ones); None for an even layer (a view of the buffer, plain causal attention).
-        An uneven layer is gathered into a transient padded copy (padding repeats a head's last entry,
-        finite and never attended): 2 x H_kv x S x D elements, plus an (H_kv, S) int64 index and the
-        (H_kv, T, S) mask. Worst case, one head kept every prompt token (model-wide selection allows it),
-        S = n + T: the size of this layer in the full cache. One layer's copy exists at a time and is
-        freed after its attention; the stored cache stays packed.
+        An even layer: keys, values (1, H_kv, S, D), a view of the buffer, and no mask (plain causal
+        attention). An uneven layer: the packed buffers as they are, keys, values (1, 1, C, D), read by
+        every query head, with key_mask (1, H_kv, T, C) bool, True where query t of KV head g's group
+        may look: its own head's rows up to its causal end, starts[g] <= j <= starts[g] + lengths[g] - T + t.
+        Nothing of the cache is copied; the transient is the mask, H_kv x T x C bools (model.attention
+        widens it to H x T x C, torch's attention may make that float). Every query scores all C rows,
+        H_kv times the dot products of attention head by head, which a CPU does at the cost of a few
+        small calls (bench.py); the rows outside a head are masked to exactly 0 weight (spare rows are
+        zeros, never uninitialised memory, so 0 x a row adds nothing).
         """
         H, D = self.starts.shape[0], self.keys.shape[1]
-        S, T = self.longest, self.T
-        if self.even:  # no copy, no mask
-            k = self.keys.view(H, -1, D)[None, :, :S]
-            return k, self.values.view(H, -1, D)[None, :, :S], None
-        j = torch.arange(S, device=self.keys.device)
-        rows = self.starts[:, None] + torch.minimum(j, self.lengths[:, None] - 1)   # (H_kv, S)
-        last_seen = self.lengths[:, None] - T + torch.arange(T, device=j.device)   # (H_kv, T)
-        key_mask = j <= last_seen[..., None]                                          # (H_kv, T, S)
-        return self.keys[rows][None], self.values[rows][None], key_mask[None]
+        if self.even:  # no mask
+            k = self.keys.view(H, -1, D)[None, :, :self.longest]
+            return k, self.values.view(H, -1, D)[None, :, :self.longest], None
+        j = torch.arange(self.keys.shape[0], device=self.keys.device)
+        first_new = self.starts + self.lengths - self.T                                  # (H_kv,)
+        last_seen = first_new[:, None] + torch.arange(self.T, device=j.device)           # (H_kv, T)
+        key_mask = (j >= self.starts[:, None, None]) & (j <= last_seen[..., None])        # (H_kv, T, C)
+        return self.keys[None, None], self.values[None, None], key_mask[None]
+
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """Every head's entries as one (1, H_kv, longest, D) batch of keys and values, a copy (a view
+        when even): row g holds head g's lengths[g] entries, then repeats of its last one (finite
+        padding for decode.CacheBatch, which masks it)."""
+        H, D = self.starts.shape[0], self.keys.shape[1]
+        if self.even:
+            return self.keys.view(H, -1, D)[None, :, :self.longest], self.values.view(H, -1, D)[None, :, :self.longest]
+        j = torch.arange(self.longest, device=self.keys.device)
+        rows = self.starts[:, None] + torch.minimum(j, self.lengths[:, None] - 1)   # (H_kv, longest)
+        return self.keys[rows][None], self.values[rows][None]
 
 
 class KVCache:
@@ -171,8 +182,8 @@ class KVCache:
         head = torch.bucketize(torch.arange(k.shape[0], device=k.device), starts, right=True) - 1  # (C,) head of row
         rows = torch.arange(k.shape[0], device=k.device) + shift * head
         size = k.shape[0] + shift * self.n_kv_heads
-        self.k[layer] = k.new_empty(size, self.head_dim).index_copy_(0, rows, k)
-        self.v[layer] = v.new_empty(size, self.head_dim).index_copy_(0, rows, v)
+        self.k[layer] = k.new_zeros(size, self.head_dim).index_copy_(0, rows, k)  # spare rows: zeros (see
+        self.v[layer] = v.new_zeros(size, self.head_dim).index_copy_(0, rows, v)  # attention_inputs)
         self.starts[layer] = starts + shift * torch.arange(self.n_kv_heads, device=starts.device)
         self.spare[layer] = extra
 

@@ -508,12 +508,13 @@ def laprox_scores_triton(queries, keys, values, M, *, group="sum", plan=None, ke
 
 # Attention of one new token over one layer of a cache.KVCache as it is stored: head g's entries are
 # rows starts[g] : starts[g] + lengths[g] of packed (C, D) buffers, a different count per head (what
-# model-wide selection leaves). What model.cache_attention computes on the CPU through a padded
-# copy (cache.LayerEntries.padded), without the copy. Split-K ("flash decoding"): program (g, s) reads
-# entries s * chunk .. of head g once for all G query heads of its group (a G_PAD x BLOCK_N tile of
-# scores), keeps an online softmax in float32 and writes its partial (max, sum, output); a few torch
-# ops merge the splits. 16-bit keys and values go to tl.dot as they are (exact products, float32
-# accumulation; the probabilities are rounded to that dtype for p @ v, as flash attention does).
+# model-wide selection leaves). What model.cache_attention computes on the CPU with a key mask over
+# the whole buffer (cache.LayerEntries.attention_inputs), here reading each head's rows only.
+# Split-K ("flash decoding"): program (g, s) reads entries s * chunk .. of head g once for all G
+# query heads of its group (a G_PAD x BLOCK_N tile of scores), keeps an online softmax in float32
+# and writes its partial (max, sum, output); a few torch ops merge the splits. 16-bit keys and
+# values go to tl.dot as they are (exact products, float32 accumulation; the probabilities are
+# rounded to that dtype for p @ v, as flash attention does).
 
 DECODE_BLOCK_N = 64      # entries per inner step of a program
 
@@ -566,7 +567,7 @@ if triton is not None:
 def varlen_decode(q, keys, values, starts, lengths, longest: int, *, chunk: int | None = None,
                   block_n: int = DECODE_BLOCK_N):
     """Attention of one new token over a packed cache layer (see the section comment); the result of
-    model.attention(q, *cache.LayerEntries.padded()) within float rounding.
+    model.attention(q, *cache.LayerEntries.attention_inputs()) within float rounding.
 
     q: (1, H, 1, D); keys, values: (C, D), contiguous rows; starts, lengths: (H_kv,) int64 on their
     device, head g's entries are rows starts[g] : starts[g] + lengths[g] (lengths >= 1); longest:

@@ -94,15 +94,15 @@ class RMSNorm(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """Causal attention of the T newest positions. q: (1|B, h_q, T, D); k, v: (B, h_kv, S, D)
     with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t.
-    key_mask: (B, h_kv, T, S) bool, or (B, h_kv, 1, S) for T = 1, over padded keys (a KVCache's
-    uneven layer, cache.LayerEntries.padded; decode.CacheBatch): a query sees exactly the keys its
-    row marks True."""
+    key_mask: (B, h_m, T, S) bool, a row per group of H / h_m query heads (h_m = h_kv, or more over
+    one packed buffer, h_kv = 1: cache.LayerEntries.attention_inputs), or (B, h_kv, 1, S) for T = 1
+    (decode.CacheBatch's padded caches): a query sees exactly the keys its row marks True."""
     T, S = q.shape[2], k.shape[2]
-    if key_mask is not None:  # the G query heads of a KV head become its G x T queries, so that the
-        B, H, _, D = q.shape    # padded keys are read once per KV head, never copied G times
-        h_kv = k.shape[1]
-        if T > 1:  # row a * T + t of the group is head a's query t: it sees what row t of the mask says
-            key_mask = key_mask[:, :, None].expand(-1, -1, H // h_kv, -1, -1).reshape(B, h_kv, -1, S)
+    if key_mask is not None:  # the query heads of a KV head become its queries, so that its keys are
+        B, H, _, D = q.shape    # read once, never copied per query head; query row h * T + t is head h's t
+        h_kv, h_m = k.shape[1], key_mask.shape[1]
+        if T > 1 or h_m != h_kv:
+            key_mask = key_mask[:, :, None].expand(-1, -1, H // h_m, -1, -1).reshape(B, h_kv, -1, S)
         y = F.scaled_dot_product_attention(q.reshape(B, h_kv, -1, D), k, v, attn_mask=key_mask)
         return y.view(B, H, T, D)
     if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
@@ -113,7 +113,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
 
 def cache_attention(q: Tensor, entries: LayerEntries) -> Tensor:
     """Attention of q (1, H, T, D) over one layer of a KVCache (its newest T entries per head are the
-    queries' own), in one pass whatever the per-head lengths: attention over entries.padded(); on
+    queries' own), in one pass whatever the per-head lengths: attention(q, *entries.attention_inputs()); on
     CUDA, one new token over an uneven layer, laprox_triton.varlen_decode reads the packed buffers in
     place instead (an even layer is a view already: torch's attention reads it as it is)."""
     if q.is_cuda and q.shape[2] == 1 and not entries.even:
@@ -121,7 +121,7 @@ def cache_attention(q: Tensor, entries: LayerEntries) -> Tensor:
         if laprox_triton.triton_available():
             return laprox_triton.varlen_decode(q, entries.keys, entries.values, entries.starts, entries.lengths,
                                                entries.longest)
-    return attention(q, *entries.padded())
+    return attention(q, *entries.attention_inputs())
 
 
 class Attention(nn.Module):

@@ -141,7 +141,7 @@ class CacheBatch:
             k = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
             v = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
             for b, c in enumerate(caches):  # every head at once: the cache's padded view of the layer
-                kb, vb, _ = c.read(l).padded()   # (1, H_kv, its longest head, D)
+                kb, vb = c.read(l).padded()   # (1, H_kv, its longest head, D)
                 k[b, :, :kb.shape[2]], v[b, :, :vb.shape[2]] = kb[0], vb[0]
             self.k.append(k); self.v.append(v)
 

@@ -204,7 +204,7 @@ def packed_layer(lengths, D, spare, dtype, seed):
     ([200], 8, 64, 2, torch.bfloat16, 64),          # MHA-like single KV head, G = 8
 ])
 def test_varlen_decode_matches_the_padded_readable_path(lengths, G, D, spare, dtype, chunk):
-    """laprox_triton.varlen_decode against model.attention over LayerEntries.padded() (the CPU path,
+    """laprox_triton.varlen_decode against model.attention over LayerEntries.attention_inputs() (the CPU path,
     itself tested against float64 per-head attention in test_cache), float32 within 1e-5; bfloat16
     inputs against the same path on their float32 values, within bfloat16's rounding."""
     from model import attention
@@ -213,7 +213,7 @@ def test_varlen_decode_matches_the_padded_readable_path(lengths, G, D, spare, dt
     got = kernels.varlen_decode(q, e.keys, e.values, e.starts, e.lengths, e.longest, chunk=chunk, block_n=16)
     e32 = packed_layer(lengths, D, spare, torch.float32, seed=len(lengths) * 10 + G)
     e32.keys, e32.values = e.keys.float(), e.values.float()
-    want = attention(q.float(), *e32.padded())
+    want = attention(q.float(), *e32.attention_inputs())
     assert got.shape == q.shape and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bfloat16: p and the output rounded to 8 bits
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
