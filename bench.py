@@ -5,9 +5,13 @@
 
 1. load      the default model's load time: first conversion from the GGUF, then cached
 2. overhead  per method, scoring + compression time relative to the prefill of the same prompt
-3. decode    tokens/s and KV bytes, full cache vs compressed, after a long prompt; the ratios
+3. decode    ms/token and KV bytes after a long prompt: the full cache, laprox (uneven heads) and
+             snapkv (even heads), each through one attention pass per layer and through the per-head
+             path it replaced (PerHeadCache); the ratios
 4. shared    one prefill shared by every method (what eval_niah.py does) vs one prefill each
 5. kernel    (cuda) Triton vs PyTorch LaProx scoring on a Llama-3.1-8B-shaped layer x 32 layers
+
+    python bench.py --decode --decode-budgets 0.05     # only figure 3
 
     python bench.py --layers [--length 4000] [--budget 0.05]
 
@@ -36,18 +40,18 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from cache import kept_counts
+from cache import KVCache, kept_counts
 from eval_niah import build_parser, decoding, build_prompt, haystack_ids, read_haystack
 from lab.harness import (DEFAULT_METHODS, DTYPES, OneLineParser, check_device, clock, load_checkpoint, make_cases,
                      parse_list, parse_methods, run_main, run_unit)
 from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
-from model import decode_greedy
 from checkpoint import load_model
 
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
@@ -131,25 +135,92 @@ def bench_overhead(model, ids, budget, window, repeats, device) -> dict:
     return row
 
 
+class PerHeadCache(KVCache):
+    """The decoding path before one attention pass per layer, rebuilt for timing only (bench_decode):
+    appends head by head in a Python loop, and hands an uneven layer to attention as one (keys,
+    values) pair per KV head, so that Model.forward runs H_kv attention calls for it (an even layer:
+    one view, as before). Repacking is KVCache's (every `reserve` tokens)."""
+
+    @classmethod
+    def of(cls, cache: KVCache) -> "PerHeadCache":
+        """The same entries (shared, not copied) behind the old path."""
+        old = cls.__new__(cls)
+        old.__dict__.update(vars(cache))
+        return old
+
+    def update(self, layer, k_new, v_new):
+        T = k_new.shape[2]
+        if self.spare[layer] < T:
+            self._repack(layer, T + self.reserve)
+        for g in range(self.n_kv_heads):
+            a = int(self.starts[layer][g]) + int(self.prompt_lengths[layer, g]) + self.appended[layer]
+            self.k[layer][a: a + T] = k_new[0, g]
+            self.v[layer][a: a + T] = v_new[0, g]
+        self.appended[layer] += T
+        self.spare[layer] -= T
+        if self.even[layer]:
+            return [self.read(layer, T).padded()]
+        return [tuple(t[None, None] for t in self.head(layer, g)) for g in range(self.n_kv_heads)]
+
+
+DECODE_PATHS = {"one_pass": lambda cache: cache, "per_head": PerHeadCache.of}
+
+
+@torch.no_grad()
 def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> dict:
-    """Tokens/s and KV bytes for `new_tokens` greedy steps, full cache vs laprox at each budget."""
+    """Decode ms/token and KV bytes for `new_tokens` greedy steps after the prompt `ids`: the full
+    cache, and laprox (uneven heads) and snapkv (even heads) at each budget, each through the one-pass
+    path (KVCache) and the per-head path it replaced (PerHeadCache). The two paths decode side by
+    side, step by step (the same token fed to both, which goes first alternating), so that a busy
+    machine slows both alike; a path's ms/token is the median over its `repeats` x new_tokens steps
+    (wall time; on the CPU also the process's CPU time, which other processes do not inflate)."""
     prefill = model.prefill(ids, window=window)
-    out = {"n": ids.shape[1], "new_tokens": new_tokens}
-    for label, method, budget in [("full", "full", None)] + [(f"laprox@{b}", "laprox", b) for b in budgets]:
-        def run():
-            cache = compress(prefill, method, budget) if budget else compress(prefill, "full")
-            nbytes = cache.nbytes()
-            t = clock(device)
-            decode_greedy(model, cache, prefill.n, prefill.logits, new_tokens)  # no stop token: always new_tokens steps
-            return nbytes, clock(device) - t
-        runs = [run() for _ in range(repeats)]
-        t = statistics.median(r[1] for r in runs)
-        out[label] = {"kv_bytes": runs[0][0], "tok_s": new_tokens / t}
-    for b in budgets:
-        r = out[f"laprox@{b}"]
+    out = {"n": ids.shape[1], "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    configs = [("full", "full", None)] + [(f"{m}@{b}", m, b) for b in budgets for m in ("laprox", "snapkv")]
+    for label, method, budget in configs:
+        wall, cpu = {path: [] for path in DECODE_PATHS}, {path: [] for path in DECODE_PATHS}
+        for _ in range(repeats):
+            caches = {path: wrap(compress(prefill, method, budget) if budget else compress(prefill, "full"))
+                      for path, wrap in DECODE_PATHS.items()}
+            out.setdefault(label, {"kv_bytes": caches["one_pass"].nbytes()})
+            logits = prefill.logits
+            for step in range(new_tokens):
+                token = logits.argmax(-1, keepdim=True)  # (1, 1): the one-pass path's greedy token
+                for path in (list(DECODE_PATHS) if step % 2 == 0 else list(DECODE_PATHS)[::-1]):
+                    t, c = clock(device), time.process_time()
+                    step_logits = model(token, caches[path], prefill.n + step)[:, -1]
+                    wall[path].append(clock(device) - t)
+                    cpu[path].append(time.process_time() - c)
+                    if path == "one_pass":
+                        logits = step_logits
+            del caches
+        r = out[label]
+        for path in DECODE_PATHS:
+            r[f"{path}_ms_per_token"] = 1000 * statistics.median(wall[path])
+            if device == "cpu":
+                r[f"{path}_cpu_ms_per_token"] = 1000 * statistics.median(cpu[path])
+        r["tok_s"] = 1000 / r["one_pass_ms_per_token"]
+        r["per_head_vs_one_pass"] = r["per_head_ms_per_token"] / r["one_pass_ms_per_token"]
+    for label, _, budget in configs[1:]:
+        r = out[label]
         r["bytes_ratio"] = r["kv_bytes"] / out["full"]["kv_bytes"]
         r["speedup"] = r["tok_s"] / out["full"]["tok_s"]
     return out
+
+
+def decode_table(d: dict) -> list[str]:
+    lines = [f"decode after {d['n']} tokens, {d['new_tokens']} new tokens, {d['threads']} thread(s): ms/token, "
+             "one attention pass per layer vs the per-head path it replaced"]
+    for label, r in d.items():
+        if isinstance(r, dict):
+            extra = (f"  {100 * r['bytes_ratio']:.1f}% of full's bytes, {r['speedup']:.2f}x full's speed"
+                     if "speedup" in r else "")
+            cpu = (f"  CPU time {r['one_pass_cpu_ms_per_token']:.2f} / {r['per_head_cpu_ms_per_token']:.2f} ms "
+                   f"({r['per_head_cpu_ms_per_token'] / r['one_pass_cpu_ms_per_token']:.2f}x)"
+                   if "one_pass_cpu_ms_per_token" in r else "")
+            lines.append(f"  {label:12s} {r['one_pass_ms_per_token']:7.2f} ms  per head {r['per_head_ms_per_token']:7.2f} ms "
+                         f"({r['per_head_vs_one_pass']:.2f}x){cpu}  {r['kv_bytes'] / 2**20:7.1f} MiB{extra}")
+    return lines
 
 
 def bench_shared_prefill(model, tok, prompt: dict, budget, window, device,
@@ -348,13 +419,7 @@ def table(res: dict, budget: float) -> str:
         lines.append(f"  {r['n']:<6d} {r['prefill_s']:6.1f}s ({r['prefill_tok_s']:4.0f})  "
                      + " ".join(f"{100 * r[m]['ratio_to_prefill']:7.2f}%" for m in OVERHEAD_METHODS)
                      + f"  {r['laprox_vs_snapkv']:.2f}x")
-    d = res["decode"]
-    lines.append(f"decode after {d['n']} tokens, {d['new_tokens']} new tokens:")
-    lines.append(f"  full        {d['full']['tok_s']:6.2f} tok/s  {d['full']['kv_bytes'] / 2**20:8.1f} MiB")
-    for k, r in d.items():
-        if k.startswith("laprox@"):
-            lines.append(f"  {k:11s} {r['tok_s']:6.2f} tok/s  {r['kv_bytes'] / 2**20:8.1f} MiB  "
-                         f"speedup {r['speedup']:.2f}x  bytes {100 * r['bytes_ratio']:.1f}% of full")
+    lines += decode_table(res["decode"])
     s = res["shared"]
     lines.append(f"NIAH cell of {s['n']} tokens, {s['methods']} methods: shared prefill {s['shared_s']:.1f}s, "
                  f"a prefill per method {s['per_method_s']:.1f}s: {s['ratio']:.2f}x")
@@ -391,6 +456,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtypes", action="store_true", help="float32 vs bfloat16 instead: prefill, LaProx's and SnapKV's "
                     "share of it, decode over the full cache and at --budget, and one token's attention by the old "
                     "path (enable_gqa) and the new, after a --length-token prompt")
+    ap.add_argument("--decode", action="store_true", help="only the decode figure (3.), after --decode-length tokens")
     return ap
 
 
@@ -438,6 +504,14 @@ def run(a) -> dict:
     if a.load:  # the load above was the warm-up
         return bench_finite_check(a.model, a.device, a.dtype, a.repeats)
     res: dict = {"args": vars(a)}
+    if a.decode:
+        step(f"decode after {a.decode_length} tokens")
+        hay = haystack_ids(tok, read_haystack(), a.decode_length + 100)
+        res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device), decode_budgets,
+                                     a.window, a.new_tokens, a.repeats, a.device)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print("\n".join(decode_table(res["decode"])))
+        return res
     if not a.skip_load:
         step("load time (first conversion, then cached)")
         res["load"] = bench_load(a.model)

@@ -69,18 +69,73 @@ class Prefill:
 
 # ---- KVCache (storage) ----
 
+class LayerEntries:
+    """One layer of a KVCache as attention reads it after an append, without copying anything.
+
+    keys, values: the packed buffers (C, D): head g's entries are rows starts[g] : starts[g] + lengths[g].
+    starts, lengths: (H_kv,) int64 on the buffers' device (lengths count the T new entries, the last T
+    of each head). longest: max(lengths) as a host int, so that no shape waits on the device. T: the
+    new tokens, whose queries read the entries. even: True when every head holds `longest` entries and
+    the buffer is exactly (H_kv, C / H_kv, D), so the layer reads as one view of it.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, starts: Tensor, lengths: Tensor, longest: int, T: int,
+                 even: bool):
+        self.keys, self.values, self.starts, self.lengths = keys, values, starts, lengths
+        self.longest, self.T, self.even = longest, T, even
+
+    def attention_inputs(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The readable path: what model.attention reads in a single call for the whole layer.
+
+        An even layer: keys, values (1, H_kv, S, D), a view of the buffer, and no mask (plain causal
+        attention). An uneven layer: the packed buffers as they are, keys, values (1, 1, C, D), read by
+        every query head, with key_mask (1, H_kv, T, C) bool, True where query t of KV head g's group
+        may look: its own head's rows up to its causal end, starts[g] <= j <= starts[g] + lengths[g] - T + t.
+        Nothing of the cache is copied; the transient is the mask, H_kv x T x C bools (model.attention
+        widens it to H x T x C, torch's attention may make that float). Every query scores all C rows:
+        H_kv times the dot products of attention head by head, for one call instead of H_kv; on this
+        CPU at 5% that costs about what the per-head calls did (bench.py measures both), and less than
+        gathering a padded copy (2 x H_kv x longest x D elements moved every step, up to a whole layer
+        of the full cache). Rows outside a head get exactly 0 weight (spare rows are zeros, never
+        uninitialised memory, so 0 x a row adds nothing).
+        """
+        H, D = self.starts.shape[0], self.keys.shape[1]
+        if self.even:  # no mask
+            k = self.keys.view(H, -1, D)[None, :, :self.longest]
+            return k, self.values.view(H, -1, D)[None, :, :self.longest], None
+        j = torch.arange(self.keys.shape[0], device=self.keys.device)
+        first_new = self.starts + self.lengths - self.T                                  # (H_kv,)
+        last_seen = first_new[:, None] + torch.arange(self.T, device=j.device)           # (H_kv, T)
+        key_mask = (j >= self.starts[:, None, None]) & (j <= last_seen[..., None])        # (H_kv, T, C)
+        return self.keys[None, None], self.values[None, None], key_mask[None]
+
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """Every head's entries as one (1, H_kv, longest, D) batch of keys and values, a copy (a view
+        when even): row g holds head g's lengths[g] entries, then repeats of its last one (finite
+        padding for decode.CacheBatch, which masks it)."""
+        H, D = self.starts.shape[0], self.keys.shape[1]
+        if self.even:
+            return self.keys.view(H, -1, D)[None, :, :self.longest], self.values.view(H, -1, D)[None, :, :self.longest]
+        j = torch.arange(self.longest, device=self.keys.device)
+        rows = self.starts[:, None] + torch.minimum(j, self.lengths[:, None] - 1)   # (H_kv, longest)
+        return self.keys[rows][None], self.values[rows][None]
+
+
 class KVCache:
     """Keys and values of one sequence, a different number of entries per (layer, KV head).
 
     Layout, per layer: one packed buffer `k[l]`, `v[l]` of shape (C_l, D) that holds the
-    heads one after another; head g owns rows offsets[l][g] : offsets[l][g] + capacity[l][g]
-    and uses the first lengths[l, g] of them. Packed rather than padded to the layer's
-    longest head so that the memory held is the sum of what the heads keep (model-wide
-    selection gives uneven heads; padding would hand the savings back). Each head has a
-    spare capacity (`reserve` rows) so that decoding appends in place; when it runs out the
-    layer is repacked with more room. A fresh cache has no spare rows, so `nbytes` right after
-    eviction is exactly what was kept. When all heads of a layer hold the same number of entries the
-    buffer is exactly a (H_kv, capacity, D) tensor, and attention reads it as one batch.
+    heads one after another; head g owns rows starts[l][g] : starts[l][g] + lengths[l, g] +
+    spare[l]. Packed rather than padded to the layer's longest head so that the memory held is
+    the sum of what the heads keep (model-wide selection gives uneven heads; padding would hand
+    the savings back). Every head of a layer has the same number of spare rows (decoding appends
+    one entry to every head), so that decoding appends in place; when they run out the layer is
+    repacked with `reserve` more rows per head. A fresh cache has no spare rows, so `nbytes` right
+    after eviction is exactly what was kept. When all heads of a layer hold the same number of
+    entries the buffer is exactly a (H_kv, capacity, D) tensor, and attention reads it as one view.
+
+    Where decoding stands is host bookkeeping (Python ints), so that a step never reads a number
+    back from the device: every head of layer l holds its kept prompt entries plus appended[l].
 
     Kept entries keep their original positions: keys were cached after RoPE, and a new token
     gets the position its caller gives it (Model.forward's pos).
@@ -92,11 +147,16 @@ class KVCache:
         self.n_layers, self.n_kv_heads = len(keys), len(keys[0])
         self.head_dim = keys[0][0].shape[-1]
         self.reserve, self.prompt_len = reserve, prompt_len
-        self.lengths = torch.tensor([[k.shape[0] for k in layer] for layer in keys], dtype=torch.long)
-        self.prompt_lengths = self.lengths.clone()  # entries of the prompt kept (for kept_fraction)
-        self.k, self.v, self.offsets, self.capacity = [], [], [], []
-        for layer_k, layer_v in zip(keys, values):
-            self._pack(layer_k, layer_v, extra=0)  # room for decoding is made on the first append
+        self.prompt_lengths = torch.tensor([[k.shape[0] for k in layer] for layer in keys], dtype=torch.long)
+        self.appended = [0] * self.n_layers    # entries appended to every head of each layer
+        self.spare = [0] * self.n_layers       # free rows of every head of each layer
+        self.longest_prompt = self.prompt_lengths.amax(1).tolist()
+        self.even = [len(set(row)) == 1 for row in self.prompt_lengths.tolist()]
+        self.k = [torch.cat(layer) for layer in keys]  # room for decoding is made on the first append
+        self.v = [torch.cat(layer) for layer in values]
+        starts = torch.cumsum(self.prompt_lengths, 1) - self.prompt_lengths
+        self.starts = [s.to(k.device) for s, k in zip(starts, self.k)]                   # (H_kv,) per layer
+        self.kept = [n.to(k.device) for n, k in zip(self.prompt_lengths, self.k)]          # (H_kv,) per layer
 
     @classmethod
     def from_prefill(cls, prefill: Prefill, kept: list[list[Tensor]] | None = None) -> "KVCache":
@@ -110,56 +170,49 @@ class KVCache:
             values.append([v[0, g] if i is None else v[0, g, i] for g, i in enumerate(idx)])
         return cls(keys, values, prompt_len=prefill.n)
 
-    def _pack(self, layer_k: list[Tensor], layer_v: list[Tensor], extra: int, layer: int | None = None):
-        """(Re)build one layer's packed buffers from per-head (n_g, D) tensors, with `extra`
-        free rows per head."""
-        lens = [k.shape[0] for k in layer_k]
-        cap = torch.tensor(lens) + extra
-        offsets = torch.cumsum(cap, 0) - cap
-        ref = layer_k[0]
-        kbuf = ref.new_empty(int(cap.sum()), self.head_dim)
-        vbuf = ref.new_empty(int(cap.sum()), self.head_dim)
-        for g, (kg, vg) in enumerate(zip(layer_k, layer_v)):
-            kbuf[offsets[g]: offsets[g] + lens[g]] = kg
-            vbuf[offsets[g]: offsets[g] + lens[g]] = vg
-        if layer is None:
-            self.k.append(kbuf); self.v.append(vbuf); self.offsets.append(offsets); self.capacity.append(cap)
-        else:
-            self.k[layer], self.v[layer], self.offsets[layer], self.capacity[layer] = kbuf, vbuf, offsets, cap
+    @property
+    def lengths(self) -> Tensor:
+        """(L, H_kv) int64 on the CPU: the entries each (layer, KV head) holds."""
+        return self.prompt_lengths + torch.tensor(self.appended)[:, None]
+
+    def _repack(self, layer: int, extra: int):
+        """Give every head of `layer` `extra` spare rows (it has spare[layer] < extra): each head's
+        rows, spare ones included, move to a new buffer, head g shifted by g x (extra - spare) rows."""
+        shift = extra - self.spare[layer]
+        k, v, starts = self.k[layer], self.v[layer], self.starts[layer]
+        head = torch.bucketize(torch.arange(k.shape[0], device=k.device), starts, right=True) - 1  # (C,) head of row
+        rows = torch.arange(k.shape[0], device=k.device) + shift * head
+        size = k.shape[0] + shift * self.n_kv_heads
+        self.k[layer] = k.new_zeros(size, self.head_dim).index_copy_(0, rows, k)  # spare rows: zeros (see
+        self.v[layer] = v.new_zeros(size, self.head_dim).index_copy_(0, rows, v)  # attention_inputs)
+        self.starts[layer] = starts + shift * torch.arange(self.n_kv_heads, device=starts.device)
+        self.spare[layer] = extra
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> LayerEntries:
+        """Append T new entries to every head of `layer` (one indexed copy for all heads) and return
+        the layer as attention reads it. k_new, v_new: (1, H_kv, T, D)."""
+        T = k_new.shape[2]
+        if self.spare[layer] < T:  # out of room: repack with more
+            self._repack(layer, T + self.reserve)
+        lengths = self.kept[layer] + self.appended[layer]                                    # (H_kv,) before
+        rows = (self.starts[layer] + lengths)[:, None] + torch.arange(T, device=lengths.device)  # (H_kv, T)
+        self.k[layer].index_copy_(0, rows.flatten(), k_new[0].reshape(-1, self.head_dim))
+        self.v[layer].index_copy_(0, rows.flatten(), v_new[0].reshape(-1, self.head_dim))
+        self.appended[layer] += T
+        self.spare[layer] -= T
+        return self.read(layer, T)
+
+    def read(self, layer: int, T: int = 0) -> LayerEntries:
+        """The entries of `layer`, the last T of each head being the newest (see LayerEntries)."""
+        a = self.appended[layer]
+        return LayerEntries(self.k[layer], self.v[layer], self.starts[layer], self.kept[layer] + a,
+                            self.longest_prompt[layer] + a, T, self.even[layer])
 
     def head(self, layer: int, g: int) -> tuple[Tensor, Tensor]:
-        """The entries of (layer, KV head g): keys, values (n_g, D), views into the buffer."""
-        a, n = int(self.offsets[layer][g]), int(self.lengths[layer, g])
+        """The entries of (layer, KV head g): keys, values (n_g, D), views into the buffer (reads the
+        head's start from the device: for inspection and tests, never on a decoding step)."""
+        a, n = int(self.starts[layer][g]), int(self.prompt_lengths[layer, g]) + self.appended[layer]
         return self.k[layer][a: a + n], self.v[layer][a: a + n]
-
-    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Append T new entries to every head of `layer` and return what attention reads.
-
-        k_new, v_new: (1, H_kv, T, D). Returns a list of (keys, values) pairs of shape
-        (1, h, S, D): one pair covering all H_kv heads when they hold the same number of
-        entries S, else one pair per head (h = 1), in head order.
-        """
-        T = k_new.shape[2]
-        lens = self.lengths[layer]
-        if bool((lens + T > self.capacity[layer]).any()):  # out of room: repack with more
-            heads = [self.head(layer, g) for g in range(self.n_kv_heads)]
-            self._pack([k for k, _ in heads], [v for _, v in heads], extra=T + self.reserve, layer=layer)
-        for g in range(self.n_kv_heads):
-            a = int(self.offsets[layer][g] + lens[g])
-            self.k[layer][a: a + T] = k_new[0, g]
-            self.v[layer][a: a + T] = v_new[0, g]
-        self.lengths[layer] += T
-        return self.read(layer)
-
-    def read(self, layer: int) -> list[tuple[Tensor, Tensor]]:
-        """See `update`: the layer as one (1, H_kv, S, D) batch when its heads are even, else per head."""
-        lens, cap = self.lengths[layer], self.capacity[layer]
-        if bool((lens == lens[0]).all()) and bool((cap == cap[0]).all()):
-            S, C = int(lens[0]), int(cap[0])
-            k = self.k[layer].view(self.n_kv_heads, C, self.head_dim)[None, :, :S]
-            v = self.v[layer].view(self.n_kv_heads, C, self.head_dim)[None, :, :S]
-            return [(k, v)]
-        return [tuple(t[None, None] for t in self.head(layer, g)) for g in range(self.n_kv_heads)]
 
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers (spare decode capacity included)."""

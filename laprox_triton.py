@@ -42,6 +42,10 @@ values are not bfloat16-exact, so they take the float32 route). float32 inputs u
 3xTF32 (input_precision="tf32x3": each operand split into a TF32 high and low part, three TF32
 products), which is float32-accurate. The softmax and all reductions run in float32.
 
+A fourth kernel, at the end of the file, is not LaProx's: _varlen_decode, attention of one new token
+over a packed cache.KVCache layer whose heads hold different numbers of entries (model.cache_attention
+dispatches there on CUDA).
+
 Running on a CPU: set TRITON_INTERPRET=1 in the environment *before* triton is imported (i.e.
 before importing this module); the kernels then run in Triton's interpreter (slow, for tests).
 Without it, CPU tensors are refused with a clear error.
@@ -498,3 +502,102 @@ def laprox_scores_triton(queries, keys, values, M, *, group="sum", plan=None, ke
 
     _first_that_fits("_attention_gram_scores", plan.gram, gram)
     return out.view(B, H_kv, n)
+
+
+# ------------------------------------------------------------------------------ decoding over a packed cache
+
+# Attention of one new token over one layer of a cache.KVCache as it is stored: head g's entries are
+# rows starts[g] : starts[g] + lengths[g] of packed (C, D) buffers, a different count per head (what
+# model-wide selection leaves). What model.cache_attention computes on the CPU with a key mask over
+# the whole buffer (cache.LayerEntries.attention_inputs), here reading each head's rows only.
+# Split-K ("flash decoding"): program (g, s) reads entries s * chunk .. of head g once for all G
+# query heads of its group (a G_PAD x BLOCK_N tile of scores), keeps an online softmax in float32
+# and writes its partial (max, sum, output); a few torch ops merge the splits. 16-bit keys and
+# values go to tl.dot as they are (exact products, float32 accumulation; the probabilities are
+# rounded to that dtype for p @ v, as flash attention does).
+
+DECODE_BLOCK_N = 64      # entries per inner step of a program
+
+
+if triton is not None:
+
+    @triton.jit
+    def _varlen_decode(Q, K, V, Starts, Lengths, Acc, Mx, Sm, sq_h, sk_n, sv_n, G, chunk, n_splits, scale,
+                       D: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Partial attention of the G query heads of KV head g over entries split * chunk .. of g."""
+        g = tl.program_id(0)
+        split = tl.program_id(1)
+        start = tl.load(Starts + g)
+        n = tl.load(Lengths + g)
+        a = tl.arange(0, G_PAD)
+        dd = tl.arange(0, D_PAD)
+        d_ok = dd < D
+        q = tl.load(Q + (g * G + a).to(tl.int64)[:, None] * sq_h + dd[None, :],
+                    mask=(a < G)[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n)
+        for j0 in range(lo, hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            ok = j < hi
+            rows = (start + j).to(tl.int64)
+            k = tl.load(K + rows[:, None] * sk_n + dd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + rows[:, None] * sv_n + dd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale        # (G_PAD, BLOCK_N)
+            s = tl.where(ok[None, :], s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        row = (g * n_splits + split).to(tl.int64) * G_PAD + a                    # (g, split, a)
+        tl.store(Mx + row, m_i)
+        tl.store(Sm + row, l_i)
+        tl.store(Acc + row[:, None] * D_PAD + dd[None, :], acc)
+
+
+def varlen_decode(q, keys, values, starts, lengths, longest: int, *, chunk: int | None = None,
+                  block_n: int = DECODE_BLOCK_N):
+    """Attention of one new token over a packed cache layer (see the section comment); the result of
+    model.attention(q, *cache.LayerEntries.attention_inputs()) within float rounding.
+
+    q: (1, H, 1, D); keys, values: (C, D), contiguous rows; starts, lengths: (H_kv,) int64 on their
+    device, head g's entries are rows starts[g] : starts[g] + lengths[g] (lengths >= 1); longest:
+    max(lengths), a host int (the grid; nothing is read back). chunk: entries one program reads
+    (default: enough programs to fill the GPU), a multiple of block_n. Returns (1, H, 1, D) in q's dtype.
+    """
+    _require_triton(keys)
+    H_kv, (_, H, T, D) = starts.shape[0], q.shape
+    if q.shape[0] != 1 or T != 1 or keys.dim() != 2 or keys.shape != values.shape or keys.shape[1] != D or H % H_kv:
+        raise ValueError(f"varlen_decode takes q (1, H, 1, D) and keys, values (C, D) with H a multiple of H_kv; got "
+                         f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, H_kv {H_kv}")
+    if lengths.shape != starts.shape:
+        raise ValueError(f"starts and lengths must both be (H_kv,), got {tuple(starts.shape)}, {tuple(lengths.shape)}")
+    dtype = keys.dtype if q.dtype == keys.dtype == values.dtype else torch.float32
+    q, k, v = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (q, keys, values))
+    G = H // H_kv
+    G_PAD, D_PAD = max(16, _next_pow2(G)), max(16, _next_pow2(D))   # tl.dot's smallest tile is 16
+    if chunk is None:
+        sms = torch.cuda.get_device_properties(k.device).multi_processor_count if k.is_cuda else 1
+        per = triton.cdiv(longest, max(1, 4 * sms // H_kv))
+        chunk = block_n * triton.cdiv(per, block_n)
+    n_splits = triton.cdiv(longest, chunk)
+    dev = k.device
+    m = torch.empty(H_kv, n_splits, G_PAD, device=dev, dtype=torch.float32)
+    s = torch.empty_like(m)
+    acc = torch.empty(H_kv, n_splits, G_PAD, D_PAD, device=dev, dtype=torch.float32)
+    _varlen_decode[(H_kv, n_splits)](
+        q, k, v, starts, lengths, acc, m, s, q.stride(1), k.stride(0), v.stride(0), G, chunk, n_splits,
+        1.0 / math.sqrt(D), D=D, D_PAD=D_PAD, G_PAD=G_PAD, BLOCK_N=block_n,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=INTERPRET and dtype != torch.float32)
+    weight = torch.exp(m - m.amax(1, keepdim=True))                         # splits past a head's end weigh 0
+    out = (acc * weight[..., None]).sum(1) / (s * weight).sum(1)[..., None]   # (H_kv, G_PAD, D_PAD)
+    return out[:, :G, :D].reshape(1, H, 1, D).to(q.dtype)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cache import KVCache, Prefill, check_int
+from cache import KVCache, LayerEntries, Prefill, check_int
 
 
 # ----------------------------------------------------------------------------- config
@@ -94,13 +94,17 @@ class RMSNorm(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """Causal attention of the T newest positions. q: (1|B, h_q, T, D); k, v: (B, h_kv, S, D)
     with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t.
-    key_mask: (B, h_kv, 1, S) bool, for one new token per sequence over padded caches
-    (decode.CacheBatch): a query sees exactly the keys its row marks True."""
+    key_mask: (B, h_m, T, S) bool, a row per group of H / h_m query heads (h_m = h_kv, or more over
+    one packed buffer, h_kv = 1: cache.LayerEntries.attention_inputs), or (B, h_kv, 1, S) for T = 1
+    (decode.CacheBatch's padded caches): a query sees exactly the keys its row marks True."""
     T, S = q.shape[2], k.shape[2]
-    if key_mask is not None:  # T = 1: the G query heads of a KV head become its G queries, so that the
-        B, H, _, D = q.shape    # padded keys are read once per KV head, never copied G times
-        y = F.scaled_dot_product_attention(q.view(B, k.shape[1], -1, D), k, v, attn_mask=key_mask)
-        return y.view(B, H, 1, D)
+    if key_mask is not None:  # the query heads of a KV head become its queries, so that its keys are
+        B, H, _, D = q.shape    # read once, never copied per query head; query row h * T + t is head h's t
+        h_kv, h_m = k.shape[1], key_mask.shape[1]
+        if T > 1 or h_m != h_kv:
+            key_mask = key_mask[:, :, None].expand(-1, -1, H // h_m, -1, -1).reshape(B, h_kv, -1, S)
+        y = F.scaled_dot_product_attention(q.reshape(B, h_kv, -1, D), k, v, attn_mask=key_mask)
+        return y.view(B, H, T, D)
     if T == 1 and q.dtype != torch.float32:  # one new token, grouped as above: torch's bf16/fp16 CPU kernel with
         B, H, _, D = q.shape                   # enable_gqa is 7x slower here (bench.py --dtypes); float32 keeps
         y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v)  # its path, and its bits
@@ -109,6 +113,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def cache_attention(q: Tensor, entries: LayerEntries) -> Tensor:
+    """Attention of q (1, H, T, D) over one layer of a KVCache (its newest T entries per head are the
+    queries' own), in one pass whatever the per-head lengths: attention(q, *entries.attention_inputs()); on
+    CUDA, one new token over an uneven layer, laprox_triton.varlen_decode reads the packed buffers in
+    place instead (an even layer is a view already: torch's attention reads it as it is)."""
+    if q.is_cuda and q.shape[2] == 1 and not entries.even:
+        import laprox_triton
+        if laprox_triton.triton_available():
+            return laprox_triton.varlen_decode(q, entries.keys, entries.values, entries.starts, entries.lengths,
+                                               entries.longest)
+    return attention(q, *entries.attention_inputs())
 
 
 class Attention(nn.Module):
@@ -134,11 +151,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def attend(self, q: Tensor, parts: list[tuple]) -> Tensor:
-        """q: (B, H, T, D) over parts, the keys and values it reads: one (keys, values[, key_mask]) per
-        group of KV heads, in head order (see Block.forward) -> the attention output (B, T, d), after o_proj."""
+    def attend(self, q: Tensor, parts: LayerEntries | list[tuple]) -> Tensor:
+        """q: (B, H, T, D) over parts, the keys and values it reads: a KVCache's layer (one pass,
+        cache_attention), or one (keys, values[, key_mask]) per group of KV heads, in head order (see
+        Block.forward) -> the attention output (B, T, d), after o_proj."""
         B, _, T, _ = q.shape
-        y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
+        if isinstance(parts, LayerEntries):
+            y = cache_attention(q, parts)
+        else:
+            y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -173,8 +194,8 @@ class Block(nn.Module):
         """x: (B, T, d) -> (B, T, d) and its Activations; positions: (T,) or (B, T). Attention reads the
         T new keys and values (B, H_kv, T, D): alone (a whole sequence), after past_kv (a prefill
         continued), or, with a cache, all that cache.update(layer, k, v) holds once it appended them:
-        (keys, values[, key_mask]) per group of KV heads (per head after eviction; a decode.CacheBatch
-        pads them into one batch with a key mask)."""
+        a KVCache's cache.LayerEntries (every head, whatever its length), or a decode.CacheBatch's
+        [(keys, values, key_mask)], its caches padded into one batch."""
         q, k, v = self.attn.qkv(self.attn_norm(x), positions, inv_freq)
         if cache is not None:
             kv = cache.update(layer, k, v)
@@ -233,7 +254,7 @@ class Model(nn.Module):
             self.check_ids(input_ids)
         pos = 0 if pos is None else pos
         B, T = input_ids.shape
-        self.check_length(int(torch.as_tensor(pos).max()) + T)
+        self.check_length((pos if isinstance(pos, int) else int(torch.as_tensor(pos).max())) + T)  # no read-back for an int
         x = self.embed(input_ids.to(self.embed.weight.device))
         positions = torch.as_tensor(pos, device=x.device) + torch.arange(T, device=x.device)  # (T,) | (B, T)
         for i, blk in enumerate(self.layers):

@@ -13,9 +13,9 @@ Batched decoding (why: a step of a small model costs about the same for one sequ
 since reading the weights dominates). The B caches stay ragged: each (case, layer, KV head) keeps
 its own entries at their own positions. A step reads, per layer, one (B, H_kv, S_l, D) buffer (S_l:
 the longest head of that layer in the batch, plus room for the new tokens) whose rows hold each
-head's entries first and zero padding after them, with a key mask so that padding is never
-attended (the padding is finite, so 0 x padding adds exactly nothing). RoPE positions are each
-case's own. A case that stops leaves the batch, and the buffers shrink to what the others need.
+head's entries first and finite padding after them, with a key mask so that padding is never
+attended (a masked key's weight is exactly 0, and 0 x a finite value adds nothing). RoPE positions
+are each case's own. A case that stops leaves the batch, and the buffers shrink to what the others need.
 `batch_groups` bounds the memory: a batch's buffers never hold more entries than the unit's full
 cache (L x H_kv x (n + new tokens)), so batching costs at most about one more full cache.
 """
@@ -118,7 +118,7 @@ class CacheBatch:
     (Model.forward(tokens (B, 1), batch, batch.pos)).
 
     k[l], v[l]: (B, H_kv, S_l, D) on layer l's device; row (b, g) holds lengths[b, l, g] entries, then
-    zeros. pos: (B, 1), each case's next position. room: new tokens each row can still take.
+    finite padding. pos: (B, 1), each case's next position. room: new tokens each row can still take.
     update() has KVCache.update's interface, plus the key mask it returns with the buffers.
     """
 
@@ -140,10 +140,9 @@ class CacheBatch:
             ref = first.k[l]
             k = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
             v = ref.new_zeros(len(caches), self.n_kv_heads, S, self.head_dim)
-            for b, c in enumerate(caches):
-                for g in range(self.n_kv_heads):
-                    kg, vg = c.head(l, g)
-                    k[b, g, :kg.shape[0]], v[b, g, :vg.shape[0]] = kg, vg
+            for b, c in enumerate(caches):  # every head at once: the cache's padded view of the layer
+                kb, vb = c.read(l).padded()   # (1, H_kv, its longest head, D)
+                k[b, :, :kb.shape[2]], v[b, :, :vb.shape[2]] = kb[0], vb[0]
             self.k.append(k); self.v.append(v)
 
     def __len__(self) -> int:

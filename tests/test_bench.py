@@ -24,6 +24,10 @@ def test_bench_writes_every_figure(tmp_path, small_model):
     assert d["full"]["tok_s"] > 0
     for b in ("0.2", "0.5"):
         assert 0 < d[f"laprox@{b}"]["bytes_ratio"] < 1 and d[f"laprox@{b}"]["speedup"] > 0
+        assert 0 < d[f"snapkv@{b}"]["bytes_ratio"] < 1
+    for label in ("full", "laprox@0.2", "snapkv@0.5"):  # both decoding paths timed, each row
+        assert d[label]["one_pass_ms_per_token"] > 0 and d[label]["per_head_ms_per_token"] > 0
+    assert d["threads"] >= 1 and "thread(s)" in res["table"]
     assert res["shared"]["ratio"] > 0 and res["shared"]["methods"] == 7
     assert "kernel" not in res and "decode after 300 tokens" in res["table"]
 
@@ -92,3 +96,18 @@ def test_load_check_cost_is_measured(tmp_path, capsys):
     _, folder = make_checkpoint(tmp_path, "llama-gqa")
     res = bench.main(["--load", "--model", str(folder), "--repeats", "2", "--out", str(tmp_path / "b.json")])
     assert res["with_ms"] > 0 and res["without_ms"] > 0 and "finiteness check" in capsys.readouterr().out
+
+
+def test_per_head_path_decodes_the_tokens_of_the_one_pass_path(small_model):
+    """bench's PerHeadCache (the path before one pass per layer, kept for timing) decodes the same
+    greedy tokens as KVCache over an uneven laprox cache, so the two timings compare like with like."""
+    import torch
+    from methods import compress
+    from model import decode_greedy
+    model = small_model[0]
+    ids = torch.randint(3, 1000, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefill = model.prefill(ids, window=8)
+        new, old = compress(prefill, "laprox", 0.2), bench.PerHeadCache.of(compress(prefill, "laprox", 0.2))
+        assert not all(new.even)
+        assert decode_greedy(model, old, 300, prefill.logits, 8) == decode_greedy(model, new, 300, prefill.logits, 8)

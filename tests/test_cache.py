@@ -117,3 +117,80 @@ def test_default_model_memory_at_5_percent_and_full_decodes_as_no_eviction(defau
         for cache in (compress(prefill, "laprox", 1.0), compress(prefill, "snapkv", 1.0), full):
             assert cache.kept_fraction() == 1.0
             assert decode_greedy(model, cache, prefill.n, prefill.logits, 12) == reference
+
+
+# ---------------------------------------------------------------- one pass per layer, no host waits
+
+def tiny_model(n_kv_heads, seed=0):
+    """A random 2-layer Llama with H_kv KV heads of G = 2 query heads each."""
+    from model import Config, Model
+    torch.manual_seed(seed)
+    cfg = Config(model_type="llama", vocab_size=50, dim=32, n_layers=2, n_heads=2 * n_kv_heads,
+                 n_kv_heads=n_kv_heads, head_dim=8, hidden_dim=48, max_position=512)
+    return Model(cfg).eval()
+
+
+def uneven_cache(model, n, gen):
+    """A KVCache of random entries, a different random count per (layer, KV head) (1 .. n)."""
+    c = model.config
+    lengths = torch.randint(1, n + 1, (c.n_layers, c.n_kv_heads), generator=gen)
+    lengths[:, 0] = n  # one head kept everything: the padded view's worst case
+    keys = [[torch.randn(int(m), c.head_dim, generator=gen) for m in row] for row in lengths]
+    values = [[torch.randn(int(m), c.head_dim, generator=gen) for m in row] for row in lengths]
+    return KVCache(keys, values, prompt_len=n, reserve=4)
+
+
+class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched while active, and records those that read a number back to the host."""
+    def __init__(self):
+        super().__init__()
+        self.count, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def test_a_decode_step_does_not_grow_with_the_kv_heads_and_never_reads_back():
+    """One decode step over uneven caches, tiny models with H_kv = 1, 2, 4, 8: the aten ops of
+    Model.forward do not grow with H_kv (H_kv = 1 is an even layer: no padded view, fewer ops), and
+    none reads a number back (aten._local_scalar_dense, aten.is_nonzero). Every step is counted:
+    steps 0 and 5 repack (a fresh cache has no spare rows; then the reserve of 4 runs out), the
+    others append in place. Greedy's argmax read-back is decode_greedy's, outside Model.forward."""
+    counts = {}
+    for h_kv in (1, 2, 4, 8):
+        model = tiny_model(h_kv)
+        gen = torch.Generator().manual_seed(h_kv)
+        cache = uneven_cache(model, 30, gen)
+        assert h_kv == 1 or not any(cache.even)
+        per_step = []
+        for step in range(6):  # appends in place, and repacks at steps 0 and 5 (reserve 4)
+            with AtenOps() as ops:
+                model(torch.randint(0, 50, (1, 1), generator=gen), cache, 30 + step)
+            assert ops.syncs == [], (h_kv, step, ops.syncs)
+            per_step.append(ops.count)
+        counts[h_kv] = per_step
+    assert counts[2] == counts[4] == counts[8], counts
+    assert all(a <= b for a, b in zip(counts[1], counts[2])), counts
+    assert counts[2][0] > counts[2][1]  # the repack is in the counted steps
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_kv_heads", [1, 3])
+def test_extending_by_t_tokens_equals_t_single_steps(n_kv_heads):
+    """The agnostic protocol's question, T tokens prefilled onto an uneven cache in one pass per layer,
+    gives the logits of feeding them one at a time (each step checked against float64 above)."""
+    model = tiny_model(n_kv_heads, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 50, (1, 7), generator=gen)
+    one_pass, stepwise = (uneven_cache(model, 40, torch.Generator().manual_seed(7)) for _ in range(2))
+    got = model(ids, one_pass, 40)[0]                                                   # (7, vocab)
+    want = torch.cat([model(ids[:, t:t + 1], stepwise, 40 + t)[0] for t in range(7)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(one_pass.lengths, stepwise.lengths)
+    for l in range(2):
+        for g in range(n_kv_heads):
+            torch.testing.assert_close(one_pass.head(l, g)[0], stepwise.head(l, g)[0])

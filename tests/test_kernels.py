@@ -178,3 +178,42 @@ def test_compile_check_every_target_launches_a_representative_subset():
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "0 kernels that would not launch" in r.stdout and "sm_86" in r.stdout and "sm_90" in r.stdout
+
+
+# ------------------------------------------------------------------ decoding over a packed cache layer
+# Budget: the 4 cases below take a few seconds in the interpreter (tiny shapes, at most 8 programs).
+
+def packed_layer(lengths, D, spare, dtype, seed):
+    """A cache.LayerEntries of random entries, lengths[g] per head and `spare` rows after each head
+    filled with huge values (never to be read), for one new token (T = 1)."""
+    from cache import LayerEntries
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    cap = lengths + spare
+    starts = torch.cumsum(cap, 0) - cap
+    k, v = torch.randn(int(cap.sum()), D, generator=g), torch.randn(int(cap.sum()), D, generator=g)
+    for s, n, c in zip(starts.tolist(), lengths.tolist(), cap.tolist()):
+        k[s + n: s + c], v[s + n: s + c] = 1e4, 1e6
+    return LayerEntries(k.to(dtype), v.to(dtype), starts, lengths, int(lengths.max()), 1, False)
+
+
+@pytest.mark.parametrize("lengths,G,D,spare,dtype,chunk", [
+    ([70, 1, 33], 3, 16, 5, torch.float32, 32),    # a head past 2 splits and 2 blocks, a head of one entry
+    ([5, 130], 4, 24, 0, torch.float32, None),      # D padded to 32; the default split
+    ([40, 90, 17, 64], 2, 16, 3, torch.bfloat16, 64),
+    ([200], 8, 64, 2, torch.bfloat16, 64),          # MHA-like single KV head, G = 8
+])
+def test_varlen_decode_matches_the_padded_readable_path(lengths, G, D, spare, dtype, chunk):
+    """laprox_triton.varlen_decode against model.attention over LayerEntries.attention_inputs() (the CPU path,
+    itself tested against float64 per-head attention in test_cache), float32 within 1e-5; bfloat16
+    inputs against the same path on their float32 values, within bfloat16's rounding."""
+    from model import attention
+    e = packed_layer(lengths, D, spare, dtype, seed=len(lengths) * 10 + G)
+    q = torch.randn(1, len(lengths) * G, 1, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = kernels.varlen_decode(q, e.keys, e.values, e.starts, e.lengths, e.longest, chunk=chunk, block_n=16)
+    e32 = packed_layer(lengths, D, spare, torch.float32, seed=len(lengths) * 10 + G)
+    e32.keys, e32.values = e.keys.float(), e.values.float()
+    want = attention(q.float(), *e32.attention_inputs())
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bfloat16: p and the output rounded to 8 bits
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
