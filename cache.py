@@ -121,6 +121,21 @@ class LayerEntries:
         return self.keys[rows][None], self.values[rows][None]
 
 
+def attention_column_sums(q: Tensor, k: Tensor, chunk: int) -> Tensor:
+    """The causal attention each key receives, summed over the queries q (1, H, t, D) of the last t
+    of the S positions of k (1, H_kv, S, D) -> (1, H, S) float32, `chunk` queries at a time. H2O's
+    score divides the sums over all queries by the S - j queries that see key j (Model.prefill)."""
+    (_, H, t, D), S = q.shape, k.shape[2]
+    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, S, D)
+    total = torch.zeros(1, H, S, device=q.device)
+    for a in range(0, t, chunk):
+        see = S - t + min(a + chunk, t)  # queries a.. see keys 0..see-1 at most: the rest is never computed
+        s = q[:, :, a:a + chunk].float() @ kf[:, :, :see].transpose(-1, -2) / math.sqrt(D)  # (1, H, chunk, see)
+        causal = torch.arange(see, device=q.device)[None, :] <= torch.arange(S - t + a, see, device=q.device)[:, None]
+        total[..., :see] += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
+    return total
+
+
 class KVCache:
     """Keys and values of one sequence, a different number of entries per (layer, KV head).
 

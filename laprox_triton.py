@@ -43,7 +43,7 @@ values are not bfloat16-exact, so they take the float32 route). float32 inputs u
 products), which is float32-accurate. The softmax and all reductions run in float32.
 
 A fourth kernel, at the end of the file, is not LaProx's: _varlen_decode, attention of one new token
-over a packed cache.KVCache layer whose heads hold different numbers of entries (model.cache_attention
+over a packed cache.KVCache layer whose heads hold different numbers of entries (model.Attention.attend
 dispatches there on CUDA).
 
 Running on a CPU: set TRITON_INTERPRET=1 in the environment *before* triton is imported (i.e.
@@ -508,7 +508,7 @@ def laprox_scores_triton(queries, keys, values, M, *, group="sum", plan=None, ke
 
 # Attention of one new token over one layer of a cache.KVCache as it is stored: head g's entries are
 # rows starts[g] : starts[g] + lengths[g] of packed (C, D) buffers, a different count per head (what
-# model-wide selection leaves). What model.cache_attention computes on the CPU with a key mask over
+# model-wide selection leaves). What model.Attention.attend computes on the CPU with a key mask over
 # the whole buffer (cache.LayerEntries.attention_inputs), here reading each head's rows only.
 # Split-K ("flash decoding"): program (g, s) reads entries s * chunk .. of head g once for all G
 # query heads of its group (a G_PAD x BLOCK_N tile of scores), keeps an online softmax in float32

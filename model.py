@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cache import KVCache, LayerEntries, Prefill, check_int
+from cache import KVCache, LayerEntries, Prefill, attention_column_sums, check_int
 
 
 # ----------------------------------------------------------------------------- config
@@ -96,36 +96,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -
     with S >= T, the last T keys being the queries' own: query t sees keys 0 .. S - T + t.
     key_mask: (B, h_m, T, S) bool, a row per group of H / h_m query heads (h_m = h_kv, or more over
     one packed buffer, h_kv = 1: cache.LayerEntries.attention_inputs), or (B, h_kv, 1, S) for T = 1
-    (decode.CacheBatch's padded caches): a query sees exactly the keys its row marks True."""
+    (decode.CacheBatch's padded caches): a query sees exactly the keys its row marks True. With a mask,
+    and for one bf16 token (torch's CPU enable_gqa kernel is 7x slower there: bench.py --dtypes), the G
+    query heads of a KV head are its G queries (row h * T + t is head h's t): its keys are read once."""
     T, S = q.shape[2], k.shape[2]
-    if key_mask is not None:  # the query heads of a KV head become its queries, so that its keys are
-        B, H, _, D = q.shape    # read once, never copied per query head; query row h * T + t is head h's t
-        h_kv, h_m = k.shape[1], key_mask.shape[1]
-        if T > 1 or h_m != h_kv:
-            key_mask = key_mask[:, :, None].expand(-1, -1, H // h_m, -1, -1).reshape(B, h_kv, -1, S)
+    if key_mask is not None or (T == 1 and q.dtype != torch.float32):
+        B, H, _, D = q.shape
+        h_kv = k.shape[1]
+        if key_mask is not None and (T > 1 or key_mask.shape[1] != h_kv):  # one row per query head
+            key_mask = key_mask[:, :, None].expand(-1, -1, H // key_mask.shape[1], -1, -1).reshape(B, h_kv, -1, S)
         y = F.scaled_dot_product_attention(q.reshape(B, h_kv, -1, D), k, v, attn_mask=key_mask)
         return y.view(B, H, T, D)
-    if T == 1 and q.dtype != torch.float32:  # one new token, grouped as above: torch's bf16/fp16 CPU kernel with
-        B, H, _, D = q.shape                   # enable_gqa is 7x slower here (bench.py --dtypes); float32 keeps
-        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v)  # its path, and its bits
-        return y.view(B, H, 1, D)
     if T == 1 or T == S:  # a new token, or a whole prompt: no mask tensor (n x n would be 16 GiB at 128k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-def cache_attention(q: Tensor, entries: LayerEntries) -> Tensor:
-    """Attention of q (1, H, T, D) over one layer of a KVCache (its newest T entries per head are the
-    queries' own), in one pass whatever the per-head lengths: attention(q, *entries.attention_inputs()); on
-    CUDA, one new token over an uneven layer, laprox_triton.varlen_decode reads the packed buffers in
-    place instead (an even layer is a view already: torch's attention reads it as it is)."""
-    if q.is_cuda and q.shape[2] == 1 and not entries.even:
-        import laprox_triton
-        if laprox_triton.triton_available():
-            return laprox_triton.varlen_decode(q, entries.keys, entries.values, entries.starts, entries.lengths,
-                                               entries.longest)
-    return attention(q, *entries.attention_inputs())
 
 
 class Attention(nn.Module):
@@ -152,14 +137,19 @@ class Attention(nn.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def attend(self, q: Tensor, parts: LayerEntries | list[tuple]) -> Tensor:
-        """q: (B, H, T, D) over parts, the keys and values it reads: a KVCache's layer (one pass,
-        cache_attention), or one (keys, values[, key_mask]) per group of KV heads, in head order (see
-        Block.forward) -> the attention output (B, T, d), after o_proj."""
+        """q: (B, H, T, D) over parts, the keys and values it reads: a KVCache's layer, read in one pass
+        whatever the per-head lengths (on CUDA, one new token over an uneven layer goes to
+        laprox_triton.varlen_decode, which reads the packed buffers in place), or one (keys, values[,
+        key_mask]) per group of KV heads, in head order (Block.forward) -> (B, T, d), after o_proj."""
         B, _, T, _ = q.shape
-        if isinstance(parts, LayerEntries):
-            y = cache_attention(q, parts)
-        else:
+        if not isinstance(parts, LayerEntries):
             y = torch.cat([attention(qg, *part) for qg, part in zip(q.chunk(len(parts), 1), parts)], 1)
+        elif q.is_cuda and T == 1 and not parts.even:
+            import laprox_triton  # lazy: triton is optional on a CPU
+            y = (laprox_triton.varlen_decode(q, parts.keys, parts.values, parts.starts, parts.lengths, parts.longest)
+                 if laprox_triton.triton_available() else attention(q, *parts.attention_inputs()))
+        else:
+            y = attention(q, *parts.attention_inputs())
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -305,21 +295,6 @@ class Model(nn.Module):
         return Prefill(keys=keys, values=values, queries=queries, o_proj=o_proj, resid_norm=resid.sum(1).sqrt(),
                        out_norm=out.sum(1).sqrt(), h2o=cols if h2o else None, logits=logits, window=w,
                        resid_rows=resid, out_rows=out)
-
-
-def attention_column_sums(q: Tensor, k: Tensor, chunk: int) -> Tensor:
-    """The causal attention each key receives, summed over the queries q (1, H, t, D) of the last t
-    of the S positions of k (1, H_kv, S, D) -> (1, H, S) float32, `chunk` queries at a time. H2O's
-    score divides the sums over all queries by the S - j queries that see key j (Model.prefill)."""
-    (_, H, t, D), S = q.shape, k.shape[2]
-    kf = k.float().repeat_interleave(H // k.shape[1], dim=1)          # (1, H, S, D)
-    total = torch.zeros(1, H, S, device=q.device)
-    for a in range(0, t, chunk):
-        see = S - t + min(a + chunk, t)  # queries a.. see keys 0..see-1 at most: the rest is never computed
-        s = q[:, :, a:a + chunk].float() @ kf[:, :, :see].transpose(-1, -2) / math.sqrt(D)  # (1, H, chunk, see)
-        causal = torch.arange(see, device=q.device)[None, :] <= torch.arange(S - t + a, see, device=q.device)[:, None]
-        total[..., :see] += s.masked_fill(~causal, float("-inf")).softmax(-1).sum(2)
-    return total
 
 
 # ----------------------------------------------------------------------------- generation
