@@ -297,7 +297,7 @@ def test_markdown_marks_what_is_significant():
     assert md.count("(n=59)") == 1 and "(n=60)" not in md
     assert "### protocol: agnostic" in md and "### protocol: aware" not in md
     assert "Holm" in md
-    head, rest = md.split("without its largest stratum")  # the differences, then the same without one task
+    head, rest = md.split("without its largest task")  # the differences, then the same without one task
     lines = {line.split(" |")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("|")}
     lines.update({line.split(" |")[0].lstrip("| "): line for line in head.splitlines() if line.startswith("|")})
     assert "without qa (which contributes" in rest
