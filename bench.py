@@ -53,6 +53,7 @@ from laprox import eviction_error
 from methods import compress, select
 from checkpoint import DEFAULT_MODEL
 from checkpoint import load_model
+from model import decode_greedy
 
 OVERHEAD_METHODS = ("laprox", "snapkv", "adakv", "criticalkv", "pyramidkv", "streamingllm", "tova", "knorm",
                     "random", "h2o")

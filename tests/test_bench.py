@@ -32,6 +32,19 @@ def test_bench_writes_every_figure(tmp_path, small_model):
     assert "kernel" not in res and "decode after 300 tokens" in res["table"]
 
 
+
+def test_bench_dtypes_writes_every_figure(tmp_path, small_model):
+    """--dtypes on conftest's small model: each dtype's prefill, scoring shares, decode over the
+    full cache and at the budget, and the two attention paths (figures, not speeds)."""
+    out = tmp_path / "dtypes.json"
+    bench.main(["--dtypes", "--length", "300", "--budget", "0.2", "--window", "8", "--new-tokens", "3",
+                "--repeats", "1", "--model", str(small_model[2]), "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res) == {"float32", "bfloat16"}
+    for r in res.values():
+        assert r["n"] == 300 and r["prefill_s"] > 0 and r["laprox_share"] > 0 and r["snapkv_share"] > 0
+        assert r["decode_ms_full"] > 0 and r["decode_ms_laprox@0.2"] > 0 and r["attention"]
+
 def test_load_figures(tmp_path, monkeypatch):
     """bench_load times a first load of the default model into a fresh, empty cache, then a cached
     one, and puts LAPROX_CACHE back. load_model is a stand-in that records what it finds: the
