@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lab import memory  # noqa: E402
-from model import Config, Model  # noqa: E402
+from model import Model  # noqa: E402
 from checkpoint import check_ranges, config_from_hf  # noqa: E402
 
 

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from cache import KVCache
 from checkpoint import check_config, config_from_hf
-from model import Config, decode_greedy, generate
+from model import decode_greedy, generate
 from checkpoint import load_model
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
