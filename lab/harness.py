@@ -886,6 +886,20 @@ def share_units(units: list[Unit], length: Callable[[Unit], int], group: Group =
     return [units[i] for i in group.share([unit_cost(length(unit)) for unit in units])]
 
 
+def source_commit() -> str | None:
+    """The git commit of the code that runs, with "+dirty" when tracked files differ from it; None
+    outside a git checkout. Every row records it (evaluate), not in the fingerprint: a resume still
+    takes rows of earlier commits, and a change of the core mid-run shows in the rows."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        check=True, timeout=30).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable, row: Callable, results: Path, *,
              window: int, seed: int = 0, desc: str = "units", group: Group = SINGLE, batch: bool = True) -> list[dict]:
     """Run the cases of every unit (run_unit: one context prefill per unit) and append a row per
@@ -894,7 +908,8 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
     prompt(unit) -> (context_ids, question_ids, info): the unit's prompt split where its context
     ends (encode_split), and whatever decoding and row need (e.g. the sample). decoding(info) -> the
     unit's decode.Decoding (its answers' text: decode.answer_text with tok). row(unit, info, result)
-    -> the results line of one case (a dict). batch: see run_unit.
+    -> the results line of one case (a dict), to which evaluate adds "commit" (source_commit).
+    batch: see run_unit.
     Budgets that do not fit a unit (skipped_budgets) are skipped for every method alike and said
     once at the end, per (budget, protocol), with how many units they skipped.
 
@@ -905,6 +920,7 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
     from tqdm import tqdm
     skipped, why = Counter(), {}
     rank = f" (rank {group.rank})" if group.world > 1 else ""
+    commit = source_commit()
 
     def rows() -> Iterator[dict]:
         for unit in tqdm(units, desc=desc + rank, unit="unit"):
@@ -918,7 +934,7 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
                     counted.add(key)
                     why.setdefault(key, result.skipped)
                     continue
-                yield row(unit, info, result)
+                yield {**row(unit, info, result), "commit": commit}
     made = write_rows(results, rows(), group)
     for (budget, protocol), count in skipped.items():
         print(f"note: budget {budget:g} ({protocol}) skipped for every method on {count} of {len(units)} unit(s)"

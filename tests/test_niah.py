@@ -1,6 +1,7 @@
 """eval_niah.py: context builder, scorer, argument checks, reports, and a small end-to-end run."""
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,11 @@ def test_both_protocols_on_a_small_grid(small_run):
     argv, rows, lines, printed = small_run
     out = Path(argv[-1])
     assert len(rows) == len(lines) == 2 * 2 * 3  # cells x protocols x (full, laprox, snapkv:pool=0)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(E.__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head)  # the tests run in a git checkout (CI clones one)
     for r in map(json.loads, lines):
+        assert r["commit"] in (head, head + "+dirty")  # the code that made the row
         assert {"method", "budget", "protocol", "length", "depth", "score", "exact", "kept_fraction", "kept_of",
                 "answer", "prompt_tokens", "context_tokens", "prefill_s", "compress_s", "question_s",
                 "decode_s"} <= set(r)
