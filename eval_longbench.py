@@ -38,7 +38,6 @@ from pathlib import Path
 
 from lab.decode import Decoding, answer_text, decode_case
 from lab.distributed import Group
-from checkpoint import choose_dtype
 from lab.harness import (SINGLE, Eval, OneLineParser, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, read_rows, run_eval, run_main,
                      stats_report)
@@ -450,10 +449,9 @@ def read_predictions(path: Path, config: str) -> list[dict]:
 
 def run_config(args) -> str:
     """Hash of what changes the predictions (checkpoint, dtype, window, truncation, prompts): lines
-    of another configuration in the same predictions file are neither skipped nor scored. dtype: --dtype,
-    or the model's (check_eval_arguments resolves it; checkpoint.choose_dtype for arguments not checked yet)."""
-    dtype = args.dtype or choose_dtype(args.model, args.device)[0]
-    return fingerprint(dict(checkpoint=args.model, dtype=dtype, window=args.window, max_length=args.max_length,
+    of another configuration in the same predictions file are neither skipped nor scored. args: checked
+    (check_args resolves --dtype to the model's own when it is not given)."""
+    return fingerprint(dict(checkpoint=args.model, dtype=args.dtype, window=args.window, max_length=args.max_length,
                             prompts=DATASET2PROMPT, maxlen=DATASET2MAXLEN, protocol=OFFICIAL_RULES))
 
 

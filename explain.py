@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--haystack-offset", default="none", choices=("none", "cell"),
+    from eval_niah import HAYSTACK_OFFSETS
+    p.add_argument("--haystack-offset", default="none", choices=HAYSTACK_OFFSETS,
                    help="NIAH: the eval's --haystack-offset (cell: each cell's own seeded haystack start)")
     return p
 

@@ -346,8 +346,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torch
 
 def load_eval_tokenizer(args):
     """The tokenizer of an eval's --model without its weights (cheap: what fitting_units needs)."""
-    from checkpoint import Tokenizer, load_config
-    from checkpoint import resolve_checkpoint
+    from checkpoint import Tokenizer, load_config, resolve_checkpoint
     try:
         return Tokenizer(resolve_checkpoint(args.model), load_config(args.model))
     except Exception as e:  # a broken or unreachable checkpoint
