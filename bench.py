@@ -7,7 +7,8 @@
 2. overhead  per method, scoring + compression time relative to the prefill of the same prompt
 3. decode    ms/token and KV bytes after a long prompt: the full cache, laprox (uneven heads) and
              snapkv (even heads), each through one attention pass per layer and through the per-head
-             path it replaced (PerHeadCache); the ratios
+             path it replaced (PerHeadCache); the ratios; on a CPU, also one token's attention over the
+             compressed caches' layers, read as one masked pass, per head, and as a padded gather
 4. shared    one prefill shared by every method (what eval_niah.py does) vs one prefill each
 5. kernel    (cuda) Triton vs PyTorch LaProx scoring on a Llama-3.1-8B-shaped layer x 32 layers
 
@@ -167,6 +168,35 @@ class PerHeadCache(KVCache):
 DECODE_PATHS = {"one_pass": lambda cache: cache, "per_head": PerHeadCache.of}
 
 
+def attention_over_layers(cache: KVCache, n_heads: int, dtype, repeats: int = 20) -> dict:
+    """Where an uneven cache's decode time goes: one new token's attention over every layer of
+    `cache`, in ms (median of `repeats`), read three ways, with random queries (1, H, 1, D):
+    one_pass: the masked call over the packed buffer (LayerEntries.attention_inputs), H x C dot products
+    a layer; per_head: one call per KV head on its own rows (G x n_g each, H x C / H_kv in all);
+    padded: a gather to (H_kv, longest) with a key mask (LayerEntries.padded), H x longest."""
+    from model import attention
+    g = torch.Generator().manual_seed(0)
+    layers = [cache.read(l, 1) for l in range(cache.n_layers)]
+    q = [torch.randn(1, n_heads, 1, cache.head_dim, generator=g).to(dtype) for _ in layers]
+    G = n_heads // cache.n_kv_heads
+
+    def per_head():
+        for l, qi in enumerate(q):
+            for h in range(cache.n_kv_heads):
+                k, v = cache.head(l, h)
+                attention(qi[:, h * G:(h + 1) * G], k[None, None], v[None, None])
+
+    def padded():
+        for qi, p in zip(q, layers):
+            k, v = p.padded()
+            seen = torch.arange(k.shape[2]) < p.lengths[:, None]                    # (H_kv, longest)
+            attention(qi, k, v, seen[None, :, None])
+
+    paths = {"one_pass": lambda: [attention(qi, *p.attention_inputs()) for qi, p in zip(q, layers)],
+             "per_head": per_head, "padded": padded}
+    return {name: 1e3 * timed(fn, "cpu", repeats)[0] for name, fn in paths.items()}
+
+
 @torch.no_grad()
 def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> dict:
     """Decode ms/token and KV bytes for `new_tokens` greedy steps after the prompt `ids`: the full
@@ -194,6 +224,9 @@ def bench_decode(model, ids, budgets, window, new_tokens, repeats, device) -> di
                     cpu[path].append(time.process_time() - c)
                     if path == "one_pass":
                         logits = step_logits
+            if device == "cpu" and label != "full" and "attention_ms" not in out[label]:
+                out[label]["attention_ms"] = attention_over_layers(caches["one_pass"], model.config.n_heads,
+                                                                   prefill.keys[0].dtype)
             del caches
         r = out[label]
         for path in DECODE_PATHS:
@@ -221,6 +254,10 @@ def decode_table(d: dict) -> list[str]:
                    if "one_pass_cpu_ms_per_token" in r else "")
             lines.append(f"  {label:12s} {r['one_pass_ms_per_token']:7.2f} ms  per head {r['per_head_ms_per_token']:7.2f} ms "
                          f"({r['per_head_vs_one_pass']:.2f}x){cpu}  {r['kv_bytes'] / 2**20:7.1f} MiB{extra}")
+            if "attention_ms" in r:
+                a = r["attention_ms"]
+                lines.append(f"  {'':12s} of which one token's attention, all layers: one pass {a['one_pass']:.2f} ms, "
+                             f"per head {a['per_head']:.2f} ms, padded gather {a['padded']:.2f} ms")
     return lines
 
 

@@ -27,6 +27,10 @@ def test_bench_writes_every_figure(tmp_path, small_model):
         assert 0 < d[f"snapkv@{b}"]["bytes_ratio"] < 1
     for label in ("full", "laprox@0.2", "snapkv@0.5"):  # both decoding paths timed, each row
         assert d[label]["one_pass_ms_per_token"] > 0 and d[label]["per_head_ms_per_token"] > 0
+    for label in ("laprox@0.2", "snapkv@0.5"):  # where a compressed step's attention goes, three ways
+        assert sorted(d[label]["attention_ms"]) == ["one_pass", "padded", "per_head"]
+        assert min(d[label]["attention_ms"].values()) > 0
+    assert "attention_ms" not in d["full"]
     assert d["threads"] >= 1 and "thread(s)" in res["table"]
     assert res["shared"]["ratio"] > 0 and res["shared"]["methods"] == 7
     assert "kernel" not in res and "decode after 300 tokens" in res["table"]
