@@ -452,6 +452,10 @@ def summarize_protocol(tables: dict, method: str, reference: str, baselines: lis
             entry["loss"] = {m: paired_difference(full, t, **bootstrap) for m, t in at_b.items()}
             for loss in entry["loss"].values():
                 loss["verdict"] = loss_verdict(loss, margin)
+            if method in at_b:  # the plan decomposes every loss that carries a verdict: the method's
+                parts = entry["loss_decomposition"] = decompose(full, at_b[method], **bootstrap)
+                if parts is not None:
+                    parts["without_largest"]["verdict"] = loss_verdict(parts["without_largest"], margin)
             best = best_baseline(at_b, [m for m in candidates if m in at_b], bootstrap["stratified"])
             entry["best_baseline"] = best
             if best is not None and method in at_b:
@@ -610,6 +614,11 @@ def headline_markdown(p: dict, method: str, scale: float, digits: int) -> list[s
     budgets = p["budgets"]
     rows = [[f"loss {name}"] + [format_difference(b["loss"].get(name), "loss", "gain", scale, digits) for b in budgets]
             for name in p["methods"]]
+    if any(b.get("loss_decomposition") for b in budgets):
+        rows.append([f"loss {method} without the stratum carrying the most of it"] + [
+            f"{format_difference(d['without_largest'], 'loss', 'gain', scale, digits)} (without {d['largest']}, "
+            f"which contributes {scale * d['by_stratum'][d['largest']]['mean']:+.{digits}f})"
+            if (d := b.get("loss_decomposition")) else "n/a" for b in budgets])
     rows.append(["best baseline"] + [b["best_baseline"] or "n/a" for b in budgets])
     rows.append([f"loss ratio {method} / best"] + [format_ratio(b["loss_ratio"], b["best_baseline"]) for b in budgets])
     if any(b.get("loss_ratio_without_largest") for b in budgets):

@@ -489,6 +489,24 @@ def test_loss_ratio_without_the_largest_task():
     assert "(without code)" in stats.summary_markdown(summary)
 
 
+def test_the_methods_loss_is_decomposed_by_task():
+    """The plan decomposes every loss that carries a verdict: full - laprox, by task, and without the
+    task carrying most of it, with that loss's own verdict (uncorrected, as the differences')."""
+    rows = eval_rows(12)
+    rows = [dict(r, score=0.0) if r["method"] == "laprox" and r["stratum"] == "qa" else r for r in rows]
+    at = stats.summarize(rows, n_resamples=R)["protocols"]["aware"]["budgets"][0]
+    tables = stats.score_tables(stats.check_rows(rows))["aware"]
+    full, lap = tables[("full", None)], tables[("laprox", 0.05)]
+    parts = at["loss_decomposition"]
+    assert parts == stats.decompose(full, lap, n_resamples=R) | {"without_largest": parts["without_largest"]}
+    assert sum(c["mean"] for c in parts["by_stratum"].values()) == pytest.approx(at["loss"]["laprox"]["mean"])
+    assert parts["largest"] == "qa"
+    rest = stats.paired_difference({k: v for k, v in full.items() if k[0] != "qa"},
+                                   {k: v for k, v in lap.items() if k[0] != "qa"}, n_resamples=R)
+    assert parts["without_largest"] == rest | {"verdict": stats.loss_verdict(rest)}
+    assert "laprox without the stratum carrying the most of it" in stats.summary_markdown(stats.summarize(rows, n_resamples=R))
+
+
 def test_ratio_verdicts_follow_the_plan():
     r = lambda ratio, low, high: {"ratio": ratio, "low": low, "high": high}
     assert stats.ratio_verdict(r(0.4, 0.3, 0.5)) == "holds"
