@@ -13,6 +13,7 @@
 5. kernel    (cuda) Triton vs PyTorch LaProx scoring on a Llama-3.1-8B-shaped layer x 32 layers
 
     python bench.py --decode --decode-budgets 0.05     # only figure 3
+    python bench.py --overhead --repeats 5             # only figure 2 (the analysis plan's claim 4)
 
     python bench.py --layers [--length 4000] [--budget 0.05]
 
@@ -457,10 +458,12 @@ def table(res: dict, budget: float) -> str:
         lines.append(f"  {r['n']:<6d} {r['prefill_s']:6.1f}s ({r['prefill_tok_s']:4.0f})  "
                      + " ".join(f"{100 * r[m]['ratio_to_prefill']:7.2f}%" for m in OVERHEAD_METHODS)
                      + f"  {r['laprox_vs_snapkv']:.2f}x")
-    lines += decode_table(res["decode"])
-    s = res["shared"]
-    lines.append(f"NIAH cell of {s['n']} tokens, {s['methods']} methods: shared prefill {s['shared_s']:.1f}s, "
-                 f"a prefill per method {s['per_method_s']:.1f}s: {s['ratio']:.2f}x")
+    if "decode" in res:
+        lines += decode_table(res["decode"])
+    if "shared" in res:
+        s = res["shared"]
+        lines.append(f"NIAH cell of {s['n']} tokens, {s['methods']} methods: shared prefill {s['shared_s']:.1f}s, "
+                     f"a prefill per method {s['per_method_s']:.1f}s: {s['ratio']:.2f}x")
     for r in res.get("kernel", []):
         lines.append(f"kernel n={r['n']}: Triton {r['triton_model_ms']:.1f} ms, PyTorch {r['pytorch_model_ms']:.1f} ms "
                      f"(32 layers): {r['speedup']:.2f}x")
@@ -495,6 +498,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
                     "share of it, decode over the full cache and at --budget, and one token's attention by the old "
                     "path (enable_gqa) and the new, after a --length-token prompt")
     ap.add_argument("--decode", action="store_true", help="only the decode figure (3.), after --decode-length tokens")
+    ap.add_argument("--overhead", action="store_true", help="only the overhead figures (2.) at --lengths: what the "
+                    "analysis plan's claim 4 reads (python -m lab.claims)")
     return ap
 
 
@@ -550,7 +555,7 @@ def run(a) -> dict:
         Path(a.out).write_text(json.dumps(res, indent=2))
         print("\n".join(decode_table(res["decode"])))
         return res
-    if not a.skip_load:
+    if not a.skip_load and not a.overhead:
         step("load time (first conversion, then cached)")
         res["load"] = bench_load(a.model)
     hay = haystack_ids(tok, read_haystack(), max(lengths + [a.decode_length, a.niah_length]) + 100)
@@ -560,6 +565,8 @@ def run(a) -> dict:
         step(f"scoring overhead at {n} tokens")
         res["overhead"].append(bench_overhead(model, prompt_ids(tok, hay, n, a.device), a.budget, a.window,
                                               a.repeats, a.device))
+    if a.overhead:
+        return finish(res, a)
     step(f"decode after {a.decode_length} tokens")
     res["decode"] = bench_decode(model, prompt_ids(tok, hay, a.decode_length, a.device), decode_budgets, a.window,
                                  a.new_tokens, a.repeats, a.device)
@@ -569,6 +576,11 @@ def run(a) -> dict:
     if a.device.startswith("cuda"):
         step("Triton vs PyTorch scoring")
         res["kernel"] = bench_kernel(kernel_lengths, a.repeats)
+    return finish(res, a)
+
+
+def finish(res: dict, a) -> dict:
+    """Write the figures to --out and print the table."""
     res["table"] = table(res, a.budget)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(res["table"])

@@ -8,6 +8,16 @@ import pytest
 import bench
 
 
+def test_overhead_only(tmp_path, small_model, capsys):
+    """--overhead: figure 2 alone, what lab/claims.py reads for claim 4 (and nothing else is timed)."""
+    out = tmp_path / "bench.json"
+    res = bench.main(["--overhead", "--lengths", "300", "--budget", "0.2", "--window", "8", "--repeats", "1",
+                      "--model", str(small_model[2]), "--out", str(out)])
+    assert json.loads(out.read_text()) == res and [r["n"] for r in res["overhead"]] == [300]
+    assert "decode" not in res and "shared" not in res and "load" not in res
+    assert res["overhead"][0]["laprox"]["ratio_to_prefill"] > 0 and "laprox/snapkv" in capsys.readouterr().out
+
+
 def test_bench_writes_every_figure(tmp_path, small_model):
     """On conftest's small model (figures, not speeds, are checked)."""
     out = tmp_path / "bench.json"
