@@ -608,7 +608,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     out = Path(args.out or Path("results") / "longbench" / model_name).expanduser()
     pred_path = out / "predictions.jsonl"
     config = run_config(args)
-    cases = make_cases(methods, budgets, protocols)
+    cases = make_cases(methods, budgets, protocols, agnostic_budgets=args.agnostic_budgets)
 
     def units(done):
         todo = [Unit((task, s["index"]), todo, s) for task, s in work

@@ -403,7 +403,8 @@ def format_table(table: dict, budgets: list[float], fmt: str = "{:.3f}") -> str:
              "|---|" + "---|" * len(budgets)]
     for m in names:
         label = "full (no eviction)" if m == "full" else m
-        lines.append(f"| {label} | " + " | ".join(fmt.format(table[m][str(b)]) for b in budgets) + " |")
+        cells = (table[m][str(b)] for b in budgets)  # nan: a case the grid did not run (--agnostic-budget)
+        lines.append(f"| {label} | " + " | ".join("n/a" if v != v else fmt.format(v) for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -531,7 +532,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     model_name, config = meta["model"], meta["config"]
     out = Path(args.out or Path("results") / "niah" / model_name).expanduser()
     results = out / "results.jsonl"
-    cases = make_cases(methods, budgets, protocols)
+    cases = make_cases(methods, budgets, protocols, agnostic_budgets=args.agnostic_budgets)
 
     def units(done):  # the cells with cases still to run (harness.fitting_units drops the budgets too small)
         return [Unit((l, d), todo) for l in lengths for d in depths

@@ -747,7 +747,7 @@ def run(args, model=None, tok=None, group: Group = SINGLE) -> list[dict]:
     model_name = meta["model"]
     out = Path(args.out or Path("results") / "ruler" / model_name).expanduser()
     results = out / "results.jsonl"
-    cases = make_cases(methods, budgets, protocols)
+    cases = make_cases(methods, budgets, protocols, agnostic_budgets=args.agnostic_budgets)
     indices = list(range(args.samples))
     longest_answer = max(max_new_tokens(t) for t in tasks)
 

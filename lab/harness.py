@@ -259,6 +259,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, budget_help: str, out_help: s
     p.add_argument("--protocol", default="aware",
                    help="comma list of aware (compress with the question in the prompt, the paper's setting) "
                         "and agnostic (compress the context, then add the question)")
+    p.add_argument("--agnostic-budget", default=None,
+                   help="the agnostic protocol's budgets, a comma list among --budget (default: all of them), e.g. "
+                        "--budget 0.01,0.05,0.2 --protocol aware,agnostic --agnostic-budget 0.05")
     p.add_argument("--model", default=None,
                    help=f"checkpoint folder, hub id, or an embedded model: {', '.join(EMBEDDED)} (default: the "
                         f"embedded {DEFAULT_MODEL_NAME})")
@@ -286,6 +289,16 @@ def check_eval_arguments(args, tokens: bool = False, group: Group = SINGLE) -> t
     methods = parse_methods(args.methods)
     budgets = parse_budgets(args.budget, tokens)
     protocols = parse_protocols(args.protocol)
+    args.agnostic_budgets = None
+    if getattr(args, "agnostic_budget", None) is not None:
+        if "agnostic" not in protocols:
+            raise ValueError(f"--agnostic-budget {args.agnostic_budget} without agnostic in --protocol "
+                             f"{args.protocol}; add it (--protocol aware,agnostic) or drop --agnostic-budget")
+        args.agnostic_budgets = parse_budgets(args.agnostic_budget, tokens)
+        extra = [b for b in args.agnostic_budgets if b not in budgets]
+        if extra:
+            raise ValueError(f"--agnostic-budget {args.agnostic_budget}: {', '.join(map(str, extra))} not among "
+                             f"--budget {args.budget}; the agnostic budgets are a subset of --budget")
     if args.window < 1:
         raise ValueError(f"--window must be >= 1, got {args.window}")
     device, devices = placement(args, group)
@@ -646,14 +659,16 @@ class Case:
 
 
 def make_cases(methods: dict[str, tuple[str, dict]], budgets: list, protocols: list[str],
-               full_budget: float | int = 1.0) -> list[Case]:
+               full_budget: float | int = 1.0, agnostic_budgets: list | None = None) -> list[Case]:
     """Every (method, budget, protocol) case: methods maps a label to its parsed (name, flags);
-    "full" keeps everything, so it runs once per protocol, under `full_budget`."""
+    "full" keeps everything, so it runs once per protocol, under `full_budget`. agnostic_budgets:
+    the agnostic protocol's budgets, when fewer than `budgets` (--agnostic-budget)."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r}; known: {', '.join(PROTOCOLS)}")
+    of = {p: agnostic_budgets if p == "agnostic" and agnostic_budgets is not None else budgets for p in protocols}
     return [Case(label, name, dict(flags), b, p) for p in protocols for label, (name, flags) in methods.items()
-            for b in ([full_budget] if name == "full" else budgets)]
+            for b in ([full_budget] if name == "full" else of[p])]
 
 
 @dataclass

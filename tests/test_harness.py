@@ -249,6 +249,29 @@ def test_run_unit_prefills_once_and_asks_h2o_only_when_needed(tiny):
     assert model.calls == [(40, False, True), (30, False, False)]
 
 
+def test_agnostic_budgets_are_a_subset():
+    """--agnostic-budget: the plan's 1.5B grids (1/5/20% aware, 5% agnostic) in one run and one summary."""
+    methods = {"full": ("full", {}), "laprox": ("laprox", {})}
+    cases = Hn.make_cases(methods, [0.01, 0.05, 0.2], ["aware", "agnostic"], agnostic_budgets=[0.05])
+    assert [(c.method, c.budget, c.protocol) for c in cases] == [
+        ("full", 1.0, "aware"), ("laprox", 0.01, "aware"), ("laprox", 0.05, "aware"), ("laprox", 0.2, "aware"),
+        ("full", 1.0, "agnostic"), ("laprox", 0.05, "agnostic")]
+    assert cases == [c for c in Hn.make_cases(methods, [0.01, 0.05, 0.2], ["aware", "agnostic"])
+                     if c.protocol == "aware" or c.budget in (1.0, 0.05)]
+    import eval_ruler
+    parse = eval_ruler.build_parser().parse_args
+    args = parse(["--budget", "0.05,0.2", "--protocol", "aware,agnostic", "--agnostic-budget", "0.05"])
+    Hn.check_eval_arguments(args)
+    assert args.agnostic_budgets == [0.05]
+    args = parse(["--budget", "0.05,0.2", "--protocol", "aware,agnostic"])
+    Hn.check_eval_arguments(args)
+    assert args.agnostic_budgets is None
+    with pytest.raises(ValueError, match="0.01 not among --budget 0.05,0.2"):
+        Hn.check_eval_arguments(parse(["--budget", "0.05,0.2", "--protocol", "agnostic", "--agnostic-budget", "0.01"]))
+    with pytest.raises(ValueError, match="without agnostic in --protocol aware"):
+        Hn.check_eval_arguments(parse(["--budget", "0.05", "--agnostic-budget", "0.05"]))
+
+
 def test_argument_errors(tiny):
     with pytest.raises(ValueError, match="expected a comma list of aware, agnostic"):
         Hn.parse_protocols("aware,blind")

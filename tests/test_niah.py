@@ -254,6 +254,24 @@ def test_both_protocols_on_a_small_grid(small_run):
     assert "full (no eviction)" in printed and "protocol agnostic" in printed
 
 
+def test_agnostic_budget_runs_a_subset_and_reports_it(small_model, small_run, tmp_path):
+    """--agnostic-budget 0.2 of --budget 0.1,0.2: the agnostic 0.1 cases never run, the tables say n/a
+    there, and the rows of the cases that run are the small run's (one prefill a cell, as before)."""
+    import shutil
+    argv, _, lines, _ = small_run
+    out = tmp_path / "niah"
+    shutil.copytree(argv[-1], out)
+    grid = [a for a in argv[:-2] if a != "0.2"]
+    at = grid.index("--budget")
+    grid[at + 1:at + 1] = ["0.1,0.2"]
+    model, tok, _ = small_model
+    rows = E.run(E.build_parser().parse_args(grid + ["--agnostic-budget", "0.2", "--out", str(out)]), model, tok)
+    assert {(r["budget"], r["protocol"]) for r in rows} == {(0.1, "aware")}   # 0.2 resumed; no agnostic 0.1
+    md = (out / "summary.md").read_text()
+    agnostic = md[md.index("## score (agnostic)"):].split("\n\n")[1]
+    assert "| laprox | n/a | " in agnostic
+
+
 def test_aware_rows_are_what_the_path_before_the_protocols_gave(small_model, small_run):
     """Today's path, written out: one-shot tokenization of the prompt text, one prefill, compress, decode."""
     import torch
