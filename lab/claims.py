@@ -178,8 +178,23 @@ def ruler_cell(summary: dict, claim, protocol: str) -> str:
     if isinstance(extra, tuple) and extra[0] != verdict:     # claims 1 and 3: (verdict without, task)
         text += f", carried by one task ({extra[1]}: {extra[0]} without it)"
     elif isinstance(extra, list) and extra:                  # claim 2: the tests a task carries
-        text += "; carried by one task in " + ", ".join(f"{o} at {b:g} ({s}: {v} -> {w})" for o, b, v, w, s in extra)
+        text += "; " + carried_text(extra)
     return text
+
+
+def carried_text(carried: list) -> str:
+    """'carried by one task: t in a@0.05, b@0.2 (worse -> no difference without it)', per task."""
+    parts = []
+    for task in dict.fromkeys(c[4] for c in carried):
+        mine = [c for c in carried if c[4] == task]
+        moves = {(v, w) for _, _, v, w, _ in mine}
+        if len(moves) == 1:
+            (v, w), = moves
+            tests = ", ".join(f"{o}@{b:g}" for o, b, *_ in mine) + f" ({v} -> {w} without it)"
+        else:
+            tests = ", ".join(f"{o}@{b:g} ({v} -> {w})" for o, b, v, w, _ in mine)
+        parts.append(f"{task} in {tests}")
+    return "carried by one task: " + "; ".join(parts)
 
 
 def claims_table(columns: dict[str, dict], protocol: str = "aware") -> list[str]:
@@ -201,9 +216,8 @@ def claims_table(columns: dict[str, dict], protocol: str = "aware") -> list[str]
         parts = []
         for bench, summary in (("NIAH", src.get("niah", {}).get("content")), ("RULER", src.get("ruler"))):
             if summary:
-                parts += [f"{bench} vs {name}: {text}: **{verdict}**" + (" (carried by one task in " + ", ".join(
-                    f"{b:g}: {v} -> {w} without {s}" for _, b, v, w, s in carried) + ")"
-                                                                       if carried and bench == "RULER" else "")
+                parts += [f"{bench} vs {name}: {text}: **{verdict}**"
+                          + (f" ({carried_text(carried)})" if carried and bench == "RULER" else "")
                           for name, text, verdict, carried in model_wide(summary, protocol)]  # NIAH's split: descriptive
         return "<br>".join(parts) or "not run"
 

@@ -73,7 +73,7 @@ def test_a_task_that_carries_a_verdict_is_named():
     r = [dict(x, score=0.0) if x["method"] == "laprox" and x["stratum"] == "qa" else x for x in rows(2, shifts)]
     s = stats.summarize(r, n_resamples=R)
     cell = claims.ruler_cell(s, claims.better_than_prior_work, "aware")
-    assert "**does not hold**" in cell and "carried by one task in" in cell and "(qa: worse -> " in cell
+    assert "**does not hold**" in cell and "carried by one task: qa in " in cell and "(worse -> " in cell
 
 
 def test_overhead_rule():
