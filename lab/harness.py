@@ -357,6 +357,15 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torch
         parser.exit(130, f"{parser.prog}: {interrupted}\n")
 
 
+def load_eval_config(args):
+    """The model.Config of an eval's --model without its weights (its context length, for advice)."""
+    from checkpoint import load_config
+    try:
+        return load_config(args.model)
+    except Exception as e:  # a broken or unreachable checkpoint
+        raise unloadable(args.model, e) from None
+
+
 def load_eval_tokenizer(args):
     """The tokenizer of an eval's --model without its weights (cheap: what fitting_units needs)."""
     from checkpoint import Tokenizer, load_config, resolve_checkpoint
@@ -958,21 +967,22 @@ def evaluate(model, tok, units: list[Unit], prompt: Callable, decoding: Callable
 
 def fitting_units(units: list[Unit], size: Callable[[Unit], tuple[int, int]], window: int, *,
                   length: Callable[[Unit], int] | None = None, desc: str = "units", say: bool = True,
-                  strict: bool = True) -> list[Unit]:
+                  strict: bool = True, max_length: int | None = None) -> list[Unit]:
     """The units with only the cases whose budget fits them: skipped_budgets on each unit's exact
     sizes, size(unit) -> (n prompt tokens, c context tokens), made with the tokenizer alone, so
     that this runs before the weights load. Each (budget, protocol) skipped somewhere is said once
     (say), naming the units it skips; a unit left with nothing to run is dropped. When the units
     ask for compressed cases and none fits any unit, a ValueError names why and the smallest budget
-    (and, given length(unit), the nominal length of its prompt, the smallest length) that fits;
-    strict=False (a resumed grid whose other budgets have run) only skips them."""
+    (and, given length(unit), the nominal length of its prompt, the smallest length that fits, when
+    it is within max_length, the model's context); strict=False (a resumed grid whose other budgets
+    have run) only skips them."""
     sizes = {unit.key: size(unit) for unit in units}
     skips = {unit.key: skipped_budgets(unit.cases, *sizes[unit.key], window) for unit in units}
     fit = [Unit(u.key, [c for c in u.cases if c.name == "full" or (c.budget, c.protocol) not in skips[u.key]], u.data)
            for u in units]
     compressed = lambda us: any(c.name != "full" for u in us for c in u.cases)  # noqa: E731
     if strict and compressed(units) and not compressed(fit):
-        raise ValueError(no_fit_message(units, lambda u: sizes[u.key], window, length))
+        raise ValueError(no_fit_message(units, lambda u: sizes[u.key], window, length, max_length))
     where: dict[tuple, list] = {}
     for key, skip in skips.items():
         for budget_protocol in skip:
@@ -985,7 +995,7 @@ def fitting_units(units: list[Unit], size: Callable[[Unit], tuple[int, int]], wi
 
 
 def no_fit_message(units: list[Unit], size: Callable[[Unit], tuple[int, int]], window: int,
-                   length: Callable[[Unit], int] | None) -> str:
+                   length: Callable[[Unit], int] | None, max_length: int | None = None) -> str:
     """Why no compressed case of `units` fits any of them, and what would (fitting_units' error): per
     protocol, the largest budget asked on the largest unit, against the tokens every head keeps."""
     cases = [c for u in units for c in u.cases if c.name != "full"]
@@ -1016,7 +1026,8 @@ def no_fit_message(units: list[Unit], size: Callable[[Unit], tuple[int, int]], w
             m = max(1, math.floor((need - 0.5) / budget))
             while round(budget * m) < need:
                 m += 1
-            fixes[-1] += f"{' or ' if fixes[-1] else ''}--lengths of {m + length(unit) - n}+"
+            if max_length is None or m + length(unit) - n <= max_length:  # never past the model's context
+                fixes[-1] += f"{' or ' if fixes[-1] else ''}--lengths of {m + length(unit) - n}+"
     fixes = [f for f in fixes if f]
     return (f"no compressed method fits any case: each head keeps {keep}, {window + most} tokens, but "
             f"{'; '.join(parts)}; use {' or '.join(dict.fromkeys(fixes)) or 'a longer prompt'}")
@@ -1062,8 +1073,10 @@ def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group 
         if units:
             size = ev.sizes(tok if tok is not None else group.together(lambda: load_eval_tokenizer(args)))
             ran = any(methods.get(r.get("method"), ("full",))[0] != "full" for r in before)
+            limit = model.config.max_position if model is not None else load_eval_config(args).max_position
             units = group.together(lambda: fitting_units(units, size, args.window, desc=ev.desc, say=group.is_main,
-                                                         length=ev.length if ev.length_flag else None, strict=not ran))
+                                                         length=ev.length if ev.length_flag else None, strict=not ran,
+                                                         max_length=limit))
         if units:
             mine = share_units(units, ev.length, group)
             if model is None:

@@ -372,6 +372,13 @@ def test_fitting_units_skip_what_does_not_fit_and_refuse_a_grid_where_nothing_do
     # 52 / 3960 = 0.01313 -> 0.0132 (agnostic); round(0.01 * m) >= 52 from m = 5150, + 7 not in the prompt
     assert "--budget 0.013 " in msg and "--budget 0.0132" in msg and "--lengths of 5157+" in msg
     assert math.ceil(0.0132 * 3960) >= 52 and round(0.01 * 5150) == 52 > round(0.01 * 5149)
+    # past the model's context a longer prompt is no fix: only the budget is offered then
+    with pytest.raises(ValueError) as e:
+        Hn.fitting_units(units, lambda u: size[u.key], 48, length=lambda u: size[u.key][0] + 7, max_length=5000)
+    assert "--budget 0.013 " in str(e.value) and "--lengths" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        Hn.fitting_units(units, lambda u: size[u.key], 48, length=lambda u: size[u.key][0] + 7, max_length=8192)
+    assert "--lengths of 5157+" in str(e.value)
     # a resumed grid whose other budgets ran (strict=False) only skips; a grid of "full" alone is no error
     assert Hn.fitting_units(units, lambda u: size[u.key], 48, strict=False, say=False) == [
         Hn.Unit(k, [c for c in cases if c.name == "full"]) for k in "ab"]
