@@ -166,9 +166,8 @@ def test_argument_and_length_checks():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--budget", "0.001"], "0.001 of the largest 7500-token prompt is 8 tokens a head (aware); use --budget 0.0048 "
-                            "or --lengths of 35500+"),
-    (["--budget", "0.001", "--lengths", "115", "--depths", "0"], "use --budget 0.3131 or --lengths of 35500+"),
+    (["--budget", "0.001"], "0.001 of the largest 7500-token prompt is 8 tokens a head (aware); use --budget 0.0048"),
+    (["--budget", "0.001", "--lengths", "115", "--depths", "0"], "use --budget 0.3131"),  # 35500+ > the 8192 context
     (["--budget", "0.01", "--lengths", "2000", "--protocol", "agnostic", "--methods", "full,laprox"],
      "under agnostic the budget is a fraction of the context"),
 ])
@@ -179,6 +178,7 @@ def test_a_budget_that_fits_no_cell_is_refused_before_the_weights_load(argv, wor
     monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
     err = one_line_error(E.main, argv + ["--out", str(tmp_path / "out")], words)
     assert "observation window plus 4 sinks for streamingllm" in err or "laprox" in argv[-1]
+    assert ("--lengths of" in err) == ("agnostic" in argv)  # a longer prompt only where it fits the model's context
 
 
 # ----------------------------------------------------------------------------- reports
