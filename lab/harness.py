@@ -909,16 +909,22 @@ def share_units(units: list[Unit], length: Callable[[Unit], int], group: Group =
     return [units[i] for i in group.share([unit_cost(length(unit)) for unit in units])]
 
 
-def source_commit() -> str | None:
-    """The git commit of the code that runs, with "+dirty" when tracked files differ from it; None
-    outside a git checkout. Every row records it (evaluate), not in the fingerprint: a resume still
-    takes rows of earlier commits, and a change of the core mid-run shows in the rows."""
+CODE_PATHS = ("*.py", "requirements*.txt", "data")  # what makes a row; results and docs do not
+
+
+def source_commit(root: Path | None = None) -> str | None:
+    """The git commit of the code that runs, with "+dirty" when tracked code (CODE_PATHS) differs
+    from it; None outside a git checkout. Every row records it (evaluate), not in the fingerprint: a
+    resume still takes rows of earlier commits, and a change of the core mid-run shows in the rows.
+    Rows still being written (another run's results.jsonl) do not make the code dirty."""
     import subprocess
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent  # this checkout
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
                                         check=True, timeout=30).stdout.strip()
-        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *(f":(glob)**/{p}" if p.startswith("*")
+                                                                                else p for p in CODE_PATHS))
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

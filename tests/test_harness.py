@@ -587,3 +587,26 @@ def test_help_says_each_default_once_and_lists_the_methods(script):
     assert "(default: None)" not in parser.format_help()
     methods_help = next(a.help for a in parser._actions if a.dest == "methods")
     assert all(name in methods_help for name in METHODS)
+
+
+def test_source_commit_is_dirty_for_code_not_for_rows(tmp_path):
+    """A row records the commit of the code; rows still being written by another run (a tracked
+    results.jsonl) do not make it "+dirty", a changed .py or data file does."""
+    import subprocess
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    for path, text in {"model.py": "x = 1\n", "lab/stats.py": "y = 2\n", "data/words.txt": "a\n",
+                       "docs/niah/results.jsonl": "{}\n", "README.md": "r\n"}.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert Hn.source_commit(tmp_path) == head
+    (tmp_path / "docs/niah/results.jsonl").write_text("{}\n{}\n")
+    (tmp_path / "README.md").write_text("edited\n")
+    assert Hn.source_commit(tmp_path) == head                      # rows and docs: still the code of HEAD
+    for path in ("lab/stats.py", "model.py", "data/words.txt"):
+        git("checkout", "-q", "--", ".")
+        (tmp_path / path).write_text("changed\n")
+        assert Hn.source_commit(tmp_path) == head + "+dirty", path
