@@ -43,10 +43,10 @@ def read_sources(paths: list[str]) -> dict:
         if "stats_by_metric" in data:                       # eval_niah.py (content-word recall first)
             out["niah"] = {m: s for m, s in data["stats_by_metric"].items() if s is not None}
         elif "lengths" in data:                             # eval_ruler.py: one length, the plan's 4000
-            (length,) = data["lengths"].values() if len(data["lengths"]) == 1 else (None,)
-            if length is None:
-                raise ValueError(f"{file}: RULER summary of several lengths; the plan's claims read one (4000)")
-            out["ruler"] = length["stats"]
+            lengths = list(data["lengths"].values())
+            if len(lengths) != 1:
+                raise ValueError(f"{file}: RULER summary of {len(lengths)} lengths; the plan's claims read one (4000)")
+            out["ruler"] = lengths[0]["stats"]
         elif "overhead" in data:                            # bench.py
             out["bench"] = data["overhead"]
         else:
