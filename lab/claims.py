@@ -59,12 +59,6 @@ def budget_entry(summary: dict, protocol: str, budget: float) -> dict | None:
     return next((b for b in p["budgets"] if b["budget"] == budget), None) if p else None
 
 
-def ci(d: dict, digits: int = 3) -> str:
-    if d.get("low") is None:
-        return f"{d['mean']:+.{digits}f} (no CI)"
-    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
-
-
 def kept_at_5(summary: dict, protocol: str) -> tuple[str, str, str | None]:
     """Claim 1: (number, verdict, verdict without the largest stratum or None)."""
     b = budget_entry(summary, protocol, PRIMARY_BUDGET)
@@ -76,7 +70,8 @@ def kept_at_5(summary: dict, protocol: str) -> tuple[str, str, str | None]:
         verdict += ", the loss > 0" if loss["significant"] and loss["mean"] > 0 else ", the loss not significant"
     parts = b.get("loss_decomposition")
     rest = KEPT[parts["without_largest"]["verdict"]] if parts else None
-    return f"loss {ci(loss)}", verdict, rest and (rest, parts["largest"])
+    number = stats.format_ci(loss, sign=True) + ("" if loss["low"] is not None else " (no CI)")
+    return f"loss {number}", verdict, rest and (rest, parts["largest"])
 
 
 def verdict_counts(summary: dict, protocol: str, others) -> tuple[dict, list]:
@@ -96,22 +91,26 @@ def verdict_counts(summary: dict, protocol: str, others) -> tuple[dict, list]:
     return counts, carried
 
 
+def claim_verdict(counts: dict, reversible: bool = False) -> str:
+    """The plan's rule from a claim's test verdicts {verdict: count}: holds if every test is "better";
+    (claim 5 only, reversible) reversed if some are "worse" and none "better"; does not hold if any
+    is "worse" or "no difference"; otherwise not shown."""
+    if counts.get("better", 0) == sum(counts.values()):
+        return "holds"
+    if reversible and counts.get("worse") and not counts.get("better"):
+        return "reversed"
+    return "does not hold" if counts.get("worse") or counts.get("no difference") else "not shown"
+
+
 def better_than_prior_work(summary: dict, protocol: str) -> tuple[str, str, list]:
-    """Claim 2: holds if every baseline x budget test is "better"; does not hold if any is "worse" or
-    "no difference"; otherwise not shown."""
+    """Claim 2 over every baseline x budget test (claim_verdict)."""
     counts, carried = verdict_counts(summary, protocol, BASELINES)
     n = sum(counts.values())
     if not n:
         return "n/a", "not run", []
     words = ("better", "worse", "no difference", "not significant")
     text = ", ".join(f"{counts.get(w, 0)} {w}" for w in words) + f" of {n}"
-    if counts.get("better", 0) == n:
-        verdict = "holds"
-    elif counts.get("worse") or counts.get("no difference"):
-        verdict = "does not hold"
-    else:
-        verdict = "not shown"
-    return text, verdict, carried
+    return text, claim_verdict(counts), carried
 
 
 def loss_ratio_at_5(summary: dict, protocol: str) -> tuple[str, str, tuple | None]:
@@ -120,9 +119,7 @@ def loss_ratio_at_5(summary: dict, protocol: str) -> tuple[str, str, tuple | Non
     if b is None or not b.get("loss_ratio"):
         return "n/a", "not run", None
     r = b["loss_ratio"]
-    number = "n/a" if r["ratio"] is None else (
-        f"{r['ratio']:.2f}" + (f" [{r['low']:.2f}, {r['high'] if r['high'] is None else format(r['high'], '.2f')}]"
-                               if r["low"] is not None else " (no CI)"))
+    number = "n/a" if r["ratio"] is None else stats.ratio_text(r, b["best_baseline"])
     w = b.get("loss_ratio_without_largest")
     return f"{number} vs {b['best_baseline']}", r["verdict"], (stats.ratio_verdict(w), w["stratum"]) if w else None
 
@@ -139,8 +136,7 @@ def overhead(rows: list[dict] | None) -> tuple[str, str]:
 
 
 def model_wide(summary: dict, protocol: str) -> list[tuple[str, str, str, list]]:
-    """Claim 5, per comparison: holds if "better" at every budget; reversed if "worse" at some and
-    "better" at none; does not hold if any "no difference" or "worse"; otherwise not shown."""
+    """Claim 5, per comparison over every budget (claim_verdict, which may read "reversed")."""
     out = []
     for name, other in SELECTIONS.items():
         counts, carried = verdict_counts(summary, protocol, [other])
@@ -148,16 +144,8 @@ def model_wide(summary: dict, protocol: str) -> list[tuple[str, str, str, list]]
         if not n:
             out.append((name, "n/a", "not run", []))
             continue
-        if counts.get("better", 0) == n:
-            verdict = "holds"
-        elif counts.get("worse") and not counts.get("better"):
-            verdict = "reversed"
-        elif counts.get("worse") or counts.get("no difference"):
-            verdict = "does not hold"
-        else:
-            verdict = "not shown"
         text = ", ".join(f"{counts[w]} {w}" for w in counts) + f" of {n} budgets"
-        out.append((name, text, verdict, carried))
+        out.append((name, text, claim_verdict(counts, reversible=True), carried))
     return out
 
 

@@ -357,20 +357,13 @@ def run_main(parser: argparse.ArgumentParser, run: Callable, argv=None, *, torch
         parser.exit(130, f"{parser.prog}: {interrupted}\n")
 
 
-def load_eval_config(args):
-    """The model.Config of an eval's --model without its weights (its context length, for advice)."""
-    from checkpoint import load_config
-    try:
-        return load_config(args.model)
-    except Exception as e:  # a broken or unreachable checkpoint
-        raise unloadable(args.model, e) from None
-
-
 def load_eval_tokenizer(args):
-    """The tokenizer of an eval's --model without its weights (cheap: what fitting_units needs)."""
+    """The tokenizer and model.Config of an eval's --model without its weights (cheap: what
+    fitting_units needs: the prompts' sizes, and the context length its advice must stay within)."""
     from checkpoint import Tokenizer, load_config, resolve_checkpoint
     try:
-        return Tokenizer(resolve_checkpoint(args.model), load_config(args.model))
+        cfg = load_config(args.model)
+        return Tokenizer(resolve_checkpoint(args.model), cfg), cfg
     except Exception as e:  # a broken or unreachable checkpoint
         raise unloadable(args.model, e) from None
 
@@ -909,7 +902,7 @@ def share_units(units: list[Unit], length: Callable[[Unit], int], group: Group =
     return [units[i] for i in group.share([unit_cost(length(unit)) for unit in units])]
 
 
-CODE_PATHS = ("*.py", "requirements*.txt", "data")  # what makes a row; results and docs do not
+CODE_PATHS = (":(glob)**/*.py", ":(glob)**/requirements*.txt", "data")  # what makes a row; results, docs do not
 
 
 def source_commit(root: Path | None = None) -> str | None:
@@ -922,8 +915,7 @@ def source_commit(root: Path | None = None) -> str | None:
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
                                         check=True, timeout=30).stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *(f":(glob)**/{p}" if p.startswith("*")
-                                                                                else p for p in CODE_PATHS))
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
         return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -1077,12 +1069,14 @@ def run_eval(args, ev: Eval, methods: dict[str, tuple[str, dict]], group: Group 
         before, done = finished(ev.read, ev.key, args.resume, group, methods)
         units, new = ev.units(done), []
         if units:
-            size = ev.sizes(tok if tok is not None else group.together(lambda: load_eval_tokenizer(args)))
+            # model and tok are given together (tests) or not at all
+            sizing_tok, cfg = (tok, model.config) if model is not None else group.together(
+                lambda: load_eval_tokenizer(args))
+            size = ev.sizes(sizing_tok)
             ran = any(methods.get(r.get("method"), ("full",))[0] != "full" for r in before)
-            limit = model.config.max_position if model is not None else load_eval_config(args).max_position
             units = group.together(lambda: fitting_units(units, size, args.window, desc=ev.desc, say=group.is_main,
                                                          length=ev.length if ev.length_flag else None, strict=not ran,
-                                                         max_length=limit))
+                                                         max_length=cfg.max_position))
         if units:
             mine = share_units(units, ev.length, group)
             if model is None:

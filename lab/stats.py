@@ -539,18 +539,23 @@ def format_difference(ci: dict | None, up: str, down: str, scale: float = 1.0, d
     return f"**{text} {up if ci['mean'] > 0 else down}**{kept}"
 
 
+def ratio_text(ratio: dict, best: str | None, digits: int = 2) -> str:
+    """A loss ratio's number and CI, '0.86 [0.70, 1.07]' (ratio["ratio"] not None)."""
+    text = f"{ratio['ratio']:.{digits}f}"
+    if ratio["low"] is not None:
+        high = "inf" if ratio["high"] is None else f"{ratio['high']:.{digits}f}"
+        return text + f" [{ratio['low']:.{digits}f}, {high}]"
+    # the denominator is <= 0 in too many resamples
+    return text + f" [CI n/a: {best}'s loss <= 0 in {100 * ratio['nonpositive_fraction']:.1f}% of the resamples]"
+
+
 def format_ratio(ratio: dict | None, best: str | None, digits: int = 2) -> str:
     """The loss ratio with its CI and whether the "2x less loss" claim (ratio <= 0.5) holds."""
     if ratio is None:
         return "n/a"
     if ratio["ratio"] is None:
         return ratio["note"].replace("the best baseline", best or "the best baseline")
-    text = f"{ratio['ratio']:.{digits}f}"
-    if ratio["low"] is not None:
-        high = "inf" if ratio["high"] is None else f"{ratio['high']:.{digits}f}"
-        text += f" [{ratio['low']:.{digits}f}, {high}]"
-    else:  # the denominator is <= 0 in too many resamples
-        text += f" [CI n/a: {best}'s loss <= 0 in {100 * ratio['nonpositive_fraction']:.1f}% of the resamples]"
+    text = ratio_text(ratio, best, digits)
     if ratio["at_most_half_ci"]:
         return f"**{text} <= 0.5: 2x less loss (CI too)**"
     if ratio["at_most_half"]:

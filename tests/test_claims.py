@@ -59,7 +59,7 @@ def test_kept_and_loss_ratio_at_5_percent():
     s = summary({"laprox": -0.01, **{b: -0.2 for b in claims.BASELINES}})
     number, verdict, _ = claims.kept_at_5(s, "aware")
     b = claims.budget_entry(s, "aware", 0.05)
-    assert verdict == "holds" and number == f"loss {claims.ci(b['loss']['laprox'])}"
+    assert verdict == "holds" and number == f"loss {stats.format_ci(b['loss']['laprox'], sign=True)}"
     text, verdict, without = claims.loss_ratio_at_5(s, "aware")
     assert verdict == stats.ratio_verdict(b["loss_ratio"]) == "holds" and b["best_baseline"] in text
     assert without[0] == "holds"
