@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    from lab.harness import DTYPES
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="the eval's --dtype; default: the model's, as the evals choose it (checkpoint.choose_dtype)")
     from eval_niah import HAYSTACK_OFFSETS
     p.add_argument("--haystack-offset", default="none", choices=HAYSTACK_OFFSETS,
                    help="NIAH: the eval's --haystack-offset (cell: each cell's own seeded haystack start)")
@@ -283,11 +286,20 @@ def tabulate(done: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def model_dtype(args) -> str:
+    """The dtype explain loads the model in: --dtype, or the model's, as the evals choose it on the CPU,
+    so that a case is re-decoded as its row was made (the 1.5B's rows are bfloat16)."""
+    from checkpoint import choose_dtype
+    return choose_dtype(args.model, "cpu", getattr(args, "dtype", None))[0]
+
+
 def eval_configs(rows: list[dict], args) -> Callable[[dict], str]:
     """config(case or row) -> the fingerprint ("config") an eval row of that case has when made with the
     prompts and decoding explain rebuilds: the eval's defaults, with this run's --model, --window and
-    --seed (eval_niah.run_config, eval_ruler.run_configs); None for a RULER QA task (not rebuilt)."""
-    given = [*(["--model", args.model] if args.model else []), "--window", str(args.window), "--seed", str(args.seed)]
+    --seed and the dtype the eval resolves (eval_niah.run_config, eval_ruler.run_configs, after
+    harness.check_eval_arguments); None for a RULER QA task (not rebuilt)."""
+    given = [*(["--model", args.model] if args.model else []), "--window", str(args.window), "--seed", str(args.seed),
+             "--dtype", model_dtype(args)]
     if any("task" in r for r in rows):  # the synthetic tasks: explain rebuilds no QA sample (no --data-dir)
         import eval_ruler as R
         tasks = sorted({r["task"] for r in rows if r["task"] in R.TASKS and R.TASKS[r["task"]].kind != "qa"})
@@ -337,7 +349,7 @@ def run_failures(args) -> list[dict]:
     todo = [r for r in records if key(r) not in seen]
     print(f"{len(cases)} failing case(s) of {label} at {args.budget:g} in {results}; {len(todo)} to diagnose")
     if todo:
-        model, tok = load_checkpoint(args.model, "cpu", "float32")
+        model, tok = load_checkpoint(args.model, "cpu", model_dtype(args))
         for record in todo:
             c = record["case"]
             niah = (c["length"], c["depth"]) if "depth" in c else None
@@ -363,11 +375,19 @@ def run_failures(args) -> list[dict]:
             f"{left} left from an earlier pick (marked), reported too.\n\n" if left else "")
     (folder / "explain.md").write_text(f"# Why {label} fails at {args.budget:g} ({folder.name})\n\n"
                                        f"`python explain.py --failures {args.failures} --method {label} "
-                                       f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}`\n\n"
+                                       f"--budget {args.budget:g} --per-task {args.per_task} --cells {args.cells}"
+                                       f"{prompt_options(args)}`\n\n"
                                        + note + tabulate([dict(d, case=_case_name(d["case"]) + (
                                            "" if key(d) in wanted else " (not picked now)")) for d in held]))
     print(f"\nwrote {folder / 'explain.md'}")
     return mine
+
+
+def prompt_options(args) -> str:
+    """The options that rebuild the eval's prompts, where not explain's defaults (for explain.md's command)."""
+    default = build_parser().get_default
+    names = ("model", "window", "seed", "dtype", "haystack_offset")
+    return "".join(f" --{n.replace('_', '-')} {getattr(args, n)}" for n in names if getattr(args, n) != default(n))
 
 
 def _case_name(c: dict) -> str:
@@ -382,7 +402,7 @@ def run(args):
         return run_failures(args)
     check_case(args)
     from lab.harness import load_checkpoint
-    model, tok = load_checkpoint(args.model, "cpu", "float32")
+    model, tok = load_checkpoint(args.model, "cpu", model_dtype(args))
     return diagnose(model, tok, args, log=lambda line: print(line, flush=True))[1]
 
 

@@ -31,6 +31,32 @@ def planted_model(tmp_path):
     return model
 
 
+
+def niah_eval_config(*argv: str) -> str:
+    """The config eval_niah.py writes into its rows when run with argv: its arguments checked as the
+    eval checks them (the dtype resolved), not as explain rebuilds them."""
+    import eval_niah as N
+    from lab.harness import check_eval_arguments
+    d = N.build_parser().parse_args(list(argv))
+    check_eval_arguments(d)
+    return N.run_config(d, N.read_haystack(d.haystack))["config"]
+
+
+def test_failures_read_the_rows_of_an_eval_run_with_the_same_options():
+    """explain's config of a case is the one the eval wrote, the dtype included: the model's own
+    (float32 for SmolLM2, bfloat16 for the 1.5B on a CPU with bf16 instructions), or --dtype."""
+    import eval_ruler as R
+    from lab.harness import check_eval_arguments
+    for argv in ([], ["--model", "qwen2.5-coder-1.5b", "--haystack-offset", "cell"], ["--dtype", "bfloat16"]):
+        args = explain.build_parser().parse_args(["--failures", "x", *argv])
+        assert explain.eval_configs([dict(length=600, depth=0.5)], args)({}) == niah_eval_config(*argv)
+    for argv in ([], ["--model", "qwen2.5-coder-1.5b"]):
+        args = explain.build_parser().parse_args(["--failures", "x", *argv])
+        d = R.build_parser().parse_args(argv)
+        check_eval_arguments(d)
+        want = R.run_configs(d, ["vt"], R.read_haystack())[1]["vt"]
+        assert explain.eval_configs([dict(task="vt", index=0)], args)(dict(task="vt")) == want
+
 def test_explain_finds_the_planted_head(tmp_path):
     model = planted_model(tmp_path)
     ids = torch.randint(3, BASE["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
@@ -115,8 +141,7 @@ def test_failures_resume_only_records_of_todays_definition_and_prompts(tmp_path,
     from lab import harness
     from lab.harness import parse_method
     from methods import resolved_flags
-    d = N.build_parser().parse_args([])
-    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    config = niah_eval_config()
     flags = resolved_flags(*parse_method("laprox"))
     row = lambda n, dep, m, s, cfg=config: dict(length=n, depth=dep, method=m, budget=0.05, protocol="aware", score=s,
                                               content=s, config=cfg, method_flags=resolved_flags(*parse_method(m)))
@@ -161,8 +186,7 @@ def test_failures_report_every_record_of_todays_definitions(tmp_path, monkeypatc
     from lab import harness
     from lab.harness import parse_method
     from methods import resolved_flags
-    d = N.build_parser().parse_args([])
-    config = N.run_config(d, N.read_haystack(d.haystack))["config"]
+    config = niah_eval_config()
     flags = resolved_flags(*parse_method("laprox"))
     row = lambda n, m, s: dict(length=n, depth=0.5, method=m, budget=0.05, protocol="aware", score=s, content=s,
                                config=config, method_flags=resolved_flags(*parse_method(m)))
@@ -198,8 +222,7 @@ def test_niah_cases_rebuild_the_eval_s_haystack_offsets(default_model):
     tok = default_model[1]
     args = explain.build_parser().parse_args(["--failures", "x", "--haystack-offset", "cell", "--seed", "3"])
     rows = [dict(length=600, depth=0.5)]
-    eval_args = N.build_parser().parse_args(["--haystack-offset", "cell", "--seed", "3"])
-    assert explain.eval_configs(rows, args)({}) == N.run_config(eval_args, N.read_haystack())["config"]
+    assert explain.eval_configs(rows, args)({}) == niah_eval_config("--haystack-offset", "cell", "--seed", "3")
     text = N.read_haystack()
     case = argparse.Namespace(**{**vars(args), "niah": (600, 0.5)})
     ids, _, score, _ = explain.niah_case(tok, case)
