@@ -102,6 +102,7 @@ import random
 import re
 import string
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ from lab.decode import Decoding
 from lab.distributed import Group
 from lab.harness import (SINGLE, OneLineParser, Eval, Unit, add_eval_arguments, check_eval_arguments, encode_split,
                      fingerprint, latest, machine_line, make_cases, model_label, parse_list, read_rows, run_eval,
-                     run_main, stats_report)
+                     run_main, stats_report, unit_seconds)
 
 GENERATOR_VERSION = 2  # bump when a generator changes what it draws: old results then stop counting as done
 # (2: the prompt's ids are its one tokenization, cut at the context's end: harness.encode_split)
@@ -694,6 +695,23 @@ def task_markdown(per_task: dict, pooled: dict, methods: list[str]) -> list[str]
     return stats.markdown_table(["task"] + ["full (no eviction)" if m == "full" else m for m in names], lines)
 
 
+def cost_line(rows: list[dict], samples: int, first: int = 20) -> str:
+    """What the rows say a run of `samples` samples costs: the mean seconds of the first `first`
+    finished samples in the order the run takes them (length, index, task: sample-major), each its
+    prefill once plus its cases' compression, question and decoding (harness.unit_seconds), x samples.
+    A sample is finished when it has as many rows as the most complete one."""
+    order = list(TASKS)
+    sample = lambda r: (r["length"], r["index"], order.index(r["task"]) if r["task"] in TASKS else len(order), r["task"])
+    seconds, count = unit_seconds(rows, sample), Counter(map(sample, rows))
+    done = sorted(k for k in seconds if count[k] == max(count.values()))[:first]
+    if not done:
+        return "time: no sample finished yet"
+    mean = sum(seconds[k] for k in done) / len(done)
+    return (f"time: {mean:.0f} s a sample over the first {len(done)} finished samples (sample-major; its prefill "
+            f"once plus its cases' compression, question and decoding, as the rows timed them); {samples} samples "
+            f"at that rate: {mean * samples / 3600:.1f} thread-hours")
+
+
 def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocols, meta: dict) -> dict:
     """summary.md, summary.json and scores_<length>.png (score vs budget per method, 95% CI bars, a
     panel per protocol); returns the summary: {"meta", "lengths": {length: {"stats": stats.summarize
@@ -704,7 +722,8 @@ def write_reports(rows: list[dict], out: Path, tasks, lengths, methods, protocol
           f"prompts: {meta['prompts']}", "", machine_line(meta.get("checkpoint"), meta.get("dtype")), "",
           "Scores in [0, 1]: RULER's string_match_all (QA: string_match_part). pooled = the mean of the task means. "
           "A budget that leaves some method fewer tokens a head than its window (+ sinks) on a sample is skipped "
-          "for every method alike on that sample.", ""]
+          "for every method alike on that sample.", "",
+          cost_line(rows, len({(r["task"], r["index"], r["length"]) for r in rows})), ""]
     summary = {"meta": meta, "lengths": {}}
     for l in lengths:
         at_l = stat_rows([r for r in rows if r["length"] == l])

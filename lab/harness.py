@@ -706,6 +706,19 @@ class Result:
                     decode_s=self.decode_s, timing_shared=self.timing_shared)
 
 
+def unit_seconds(rows: list[dict], unit: Callable[[dict], tuple]) -> dict[tuple, float]:
+    """{unit(row): seconds} the work units took by their rows' own timings: the unit's shared prefill
+    once (the largest prefill_s of its cases: aware's context + continuation) plus every case's
+    compress_s, question_s and decode_s. The cost of a run to come, from the units done (the analysis
+    plan's rule on RULER's sample count reads it)."""
+    prefill, rest = {}, {}
+    for r in rows:
+        k = unit(r)
+        prefill[k] = max(prefill.get(k, 0.0), r.get("prefill_s") or 0.0)
+        rest[k] = rest.get(k, 0.0) + sum(r.get(f) or 0.0 for f in ("compress_s", "question_s", "decode_s"))
+    return {k: prefill[k] + rest[k] for k in prefill}
+
+
 # ----------------------------------------------------------------------------- running a unit
 
 def clock(device) -> float:

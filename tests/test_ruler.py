@@ -333,3 +333,31 @@ def test_a_budget_that_fits_no_sample_is_refused_before_the_weights_load(tmp_pat
     monkeypatch.setattr(harness, "load_checkpoint", lambda *a, **k: pytest.fail("the weights loaded"))
     one_line_error(R.main, ["--budget", "0.001", "--tasks", "niah_single_1", "--samples", "1", "--out", str(tmp_path)],
                    "tokens a head (aware); use --budget 0.009")
+
+
+def test_cost_line_reads_the_first_finished_samples_sample_major():
+    """The plan's sample-count rule: per finished sample its prefill once (the largest prefill_s of its
+    cases) plus every case's compress_s, question_s and decode_s; the mean of the first finished ones
+    in the run's order (length, index, task), times the samples to run. An unfinished sample is left out."""
+    import random
+
+    import eval_ruler as R
+    rng = random.Random(7)
+    tasks = list(R.TASKS)[:3]
+    rows, want = [], {}
+    for index in range(3):
+        for task in tasks:
+            n_cases = 2 if (index, task) == (0, tasks[1]) else 3          # (0, tasks[1]) is unfinished
+            cases = [dict(task=task, index=index, length=4000, prefill_s=rng.uniform(100, 900),
+                          compress_s=rng.uniform(0, 100), question_s=rng.uniform(0, 100), decode_s=rng.uniform(0, 200))
+                     for _ in range(n_cases)]
+            rows += cases
+            want[(index, task)] = (max(c["prefill_s"] for c in cases)
+                                   + sum(c["compress_s"] + c["question_s"] + c["decode_s"] for c in cases), n_cases)
+    rng.shuffle(rows)  # ranks and resumes write rows in any order
+    first = [k for k in [(i, t) for i in range(3) for t in tasks] if want[k][1] == 3][:4]
+    mean = sum(want[k][0] for k in first) / 4
+    line = R.cost_line(rows, samples=100, first=4)
+    assert f"{mean:.0f} s a sample over the first 4 finished samples" in line
+    assert f"100 samples at that rate: {mean * 100 / 3600:.1f} thread-hours" in line
+    assert R.cost_line([], samples=10) == "time: no sample finished yet"
