@@ -342,9 +342,10 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def plot_heatmap(rows: list[dict], path: Path, title: str):
-    """Score heatmap, KVCache-Factory / Kamradt layout: x = context length, y = needle depth,
-    red (0) to green (1); the mean score in the title."""
+def plot_heatmap(rows: list[dict], path: Path, title: str, metric: str = "content"):
+    """Heatmap of one metric of the rows (the primary, content-word recall, by default: METRICS),
+    KVCache-Factory / Kamradt layout: x = context length, y = needle depth, red (0) to green (1);
+    the mean over every cell shown in the title (cut cells included, unlike the summary's means)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -355,7 +356,7 @@ def plot_heatmap(rows: list[dict], path: Path, title: str):
     depths = sorted({r["depth"] for r in rows})
     grid = np.full((len(depths), len(lengths)), np.nan)
     for r in rows:
-        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["score"]
+        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r[metric]
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.5 * len(depths) + 2))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
@@ -367,8 +368,8 @@ def plot_heatmap(rows: list[dict], path: Path, title: str):
     ax.set_yticks(range(len(depths)), [f"{100 * d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")
-    ax.set_title(f"{title}: mean {mean(r['score'] for r in rows):.3f}", fontsize=10)
-    fig.colorbar(im, ax=ax, label="score")
+    ax.set_title(f"{title}: mean {mean(r[metric] for r in rows):.3f}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=METRICS[metric].removesuffix(" (primary)"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -474,3 +474,21 @@ def test_a_run_with_haystack_offsets_records_them(small_model, small_run, tmp_pa
     assert row["context_tokens"] == len(p["context_ids"]) and "content" in row and not E.in_window(row)
     default_rows = [json.loads(line) for line in small_run[2]]
     assert "haystack_offset" not in default_rows[0] and default_rows[0]["config"] != row["config"]
+
+
+def test_heatmaps_show_the_primary_metric(tmp_path, monkeypatch):
+    """The heatmaps plot content-word recall, the plan's primary metric, not all-word recall: each
+    cell's value and the title's mean are the rows' `content`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import eval_niah as N
+    rows = [dict(length=n, depth=d, score=0.9, content=c) for n, d, c in
+            ((2000, 0.0, 0.25), (2000, 0.5, 0.5), (4000, 0.0, 1.0), (4000, 0.5, 0.75))]
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda fig: seen.update(
+        texts=sorted(t.get_text() for t in fig.axes[0].texts), title=fig.axes[0].get_title()))
+    N.plot_heatmap(rows, tmp_path / "h.png", "laprox @ budget 0.05")
+    assert seen["texts"] == ["0.25", "0.50", "0.75", "1.00"] and seen["title"].endswith("mean 0.625")
+    assert (tmp_path / "h.png").is_file()
