@@ -703,7 +703,8 @@ def cost_line(rows: list[dict], samples: int, first: int = 20) -> str:
     order = list(TASKS)
     sample = lambda r: (r["length"], r["index"], order.index(r["task"]) if r["task"] in TASKS else len(order), r["task"])
     seconds, count = unit_seconds(rows, sample), Counter(map(sample, rows))
-    done = sorted(k for k in seconds if count[k] == max(count.values()))[:first]
+    cases = max(count.values(), default=0)  # a finished sample's rows
+    done = sorted(k for k in seconds if count[k] == cases)[:first]
     if not done:
         return "time: no sample finished yet"
     mean = sum(seconds[k] for k in done) / len(done)
